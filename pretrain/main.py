@@ -1,0 +1,118 @@
+"""Entry point: `deepspeed pretrain/main.py --config configs/tiny.yaml [key=value ...]`.
+
+Parse the config, join the process group, build, fit. Exit codes: 0 done, 2 invalid configuration,
+3 non-finite loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+if __name__ == "__main__" and __package__ in (None, ""):
+    # Run as a script (as the deepspeed launcher does): make `pretrain` importable from the repository
+    # and keep this directory's modules (config.py, data/, ...) from shadowing top-level packages.
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+    sys.path.insert(0, str(_here.parent))
+
+from pretrain.config import ConfigError, describe_fields, load_config  # noqa: E402
+
+EXIT_CONFIG_ERROR = 2
+EXIT_NON_FINITE = 3
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="deepspeed pretrain/main.py",
+        description="Pretrain a Llama-style decoder. Settings come from --config and dotted key=value overrides.",
+    )
+    parser.add_argument("--config", help="YAML preset, e.g. configs/tiny.yaml (default: built-in defaults)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optim.lr=3e-4 parallel.zero_stage=2")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved config, the DeepSpeed config, parameter count and FLOPs per token, then exit",
+    )
+    parser.add_argument("--world-size", type=int, help="world size assumed by --dry-run (default: $WORLD_SIZE or 1)")
+    parser.add_argument("--help-config", action="store_true", help="list every config key with its type and default")
+    # The deepspeed launcher appends --local_rank=N; we read LOCAL_RANK from the environment instead.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def is_rank_zero() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+def dry_run(cfg, world_size: int) -> None:  # type: ignore[no-untyped-def]
+    from pretrain.parallel import build_deepspeed_config, resolve_precision
+    from pretrain.train import run_summary
+
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = resolve_precision(cfg.train.precision, device)
+    summary = run_summary(cfg, world_size, precision)
+    print("# resolved config\n" + cfg.to_yaml())
+    print("# DeepSpeed config\n" + json.dumps(build_deepspeed_config(cfg, world_size, precision), indent=2))
+    print("\n# derived\n" + json.dumps(summary, indent=2))
+    print(f"\nparameters: {summary['parameters']:,}")
+    print(f"FLOPs per token (training, seq_len {cfg.train.seq_len}): {summary['flops_per_token']:,}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.help_config:
+        for key, tname, default, doc in describe_fields():
+            print(f"{key} ({tname}, default {default}): {doc}")
+        return 0
+
+    from pretrain.parallel.distributed import env_world_size
+
+    world_size = args.world_size or env_world_size()
+    try:
+        cfg = load_config(args.config, args.overrides, world_size=world_size)
+        if args.dry_run:
+            if is_rank_zero():
+                dry_run(cfg, world_size)
+            return 0
+        from pretrain.train import check_run_dir
+
+        check_run_dir(cfg)
+    except ConfigError as e:
+        if is_rank_zero():
+            print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+
+    from deepspeed.utils import logger as ds_logger
+
+    from pretrain.parallel import init_distributed
+    from pretrain.train import NonFiniteLossError, build_trainer
+
+    ds_logger.setLevel(logging.WARNING)
+    # DeepSpeed still calls a torch.distributed function that torch has renamed; the warning is theirs.
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
+    dist = init_distributed()
+    try:
+        trainer = build_trainer(cfg, dist)
+        trainer.fit()
+    except ConfigError as e:
+        if dist.is_main:
+            print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    except NonFiniteLossError as e:
+        if dist.is_main:
+            print(f"error: {e}", file=sys.stderr)
+        return EXIT_NON_FINITE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

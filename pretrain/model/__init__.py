@@ -1,0 +1,6 @@
+"""The plain model: builds and runs in one process with no distributed setup."""
+
+from pretrain.model.flops import count_parameters, flops_per_token
+from pretrain.model.transformer import IGNORE_INDEX, Transformer, causal_lm_loss
+
+__all__ = ["IGNORE_INDEX", "Transformer", "causal_lm_loss", "count_parameters", "flops_per_token"]

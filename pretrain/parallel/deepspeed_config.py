@@ -1,0 +1,39 @@
+"""The one function that turns our typed config into DeepSpeed's JSON config.
+
+There is never a second, hand-edited DeepSpeed JSON: this dict is what `deepspeed.initialize` gets,
+and it is written into the run directory next to the resolved config.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pretrain.config import Config
+
+
+def build_deepspeed_config(cfg: Config, world_size: int, precision: str) -> dict[str, Any]:
+    """`precision` is the resolved one (bf16, fp16 or fp32), see `pretrain.parallel.resolve_precision`."""
+    par = cfg.parallel
+    zero: dict[str, Any] = {"stage": par.zero_stage}
+    if par.zero_stage >= 1:
+        zero.update(overlap_comm=True, contiguous_gradients=True, reduce_scatter=True)
+    if par.zero_stage == 3:
+        # Gather each layer's weights just in time; keep small ones resident.
+        zero.update(stage3_prefetch_bucket_size=5e7, stage3_param_persistence_threshold=1e5)
+    if par.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    return {
+        "train_batch_size": cfg.train.global_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum_steps(world_size),
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        # Dynamic loss scaling (loss_scale 0) starting at 2^16, as Megatron-LM does.
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        # Our optimizer is torch's AdamW, which ZeRO supports; the guard only refuses unknown classes.
+        "zero_allow_untested_optimizer": True,
+        # Our own callbacks log; DeepSpeed's per-step prints would only duplicate them.
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }

@@ -1,0 +1,160 @@
+"""Assemble a Trainer from a validated Config: data, model, engine, callbacks, run directory."""
+
+from __future__ import annotations
+
+import json
+import platform
+import random
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import pretrain
+from pretrain.config import Config, ConfigError
+from pretrain.data import DistributedBatches, PackedSamples, load_tokens
+from pretrain.model import Transformer, count_parameters, flops_per_token
+from pretrain.parallel import DistInfo, build_engine, resolve_precision
+from pretrain.train.callbacks import (
+    Callback,
+    Checkpointer,
+    ConsoleProgress,
+    Evaluator,
+    JsonlWriter,
+    Plotter,
+    TensorBoardWriter,
+    ThroughputMonitor,
+)
+from pretrain.train.mfu import peak_tflops
+from pretrain.train.trainer import Trainer
+
+RUN_OUTPUTS = ("metrics.jsonl", "tensorboard", "checkpoints", "metrics.png")
+
+
+def existing_run_outputs(run_dir: Path) -> list[str]:
+    return [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+
+
+def check_run_dir(cfg: Config) -> None:
+    """Refuse to mix a new run into a directory that already holds one, unless asked to overwrite."""
+    found = existing_run_outputs(Path(cfg.run.dir))
+    if found and not cfg.run.overwrite:
+        raise ConfigError(
+            [
+                f"run.dir {cfg.run.dir!r} already holds a run ({', '.join(found)}); nothing was changed. "
+                f"Choose a new run.dir, or pass run.overwrite=true to delete those and start fresh"
+            ]
+        )
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def code_version() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run_summary(cfg: Config, world_size: int, precision: str) -> dict[str, Any]:
+    """Derived quantities, each with the numbers it came from: printed by --dry-run, saved with the run."""
+    import deepspeed
+
+    with torch.device("meta"):
+        built = Transformer(cfg.model)
+    parameters = sum(p.numel() for p in built.parameters())  # unique tensors; tied weights count once
+    assert parameters == count_parameters(cfg.model), "parameter formula disagrees with the built model"
+    return {
+        "world_size": world_size,
+        "data_parallel_size": cfg.data_parallel_size(world_size),
+        "grad_accum_steps": cfg.grad_accum_steps(world_size),
+        "tokens_per_step": cfg.tokens_per_step,
+        "total_tokens": cfg.tokens_per_step * cfg.train.steps,
+        "precision": precision,
+        "parameters": parameters,
+        "ffn_hidden_size": cfg.model.ffn_size,
+        "flops_per_token": flops_per_token(cfg.model, cfg.train.seq_len),
+        "versions": {
+            "pretrain": pretrain.__version__,
+            "code": code_version(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "deepspeed": deepspeed.__version__,
+        },
+    }
+
+
+def _prepare_run_dir(cfg: Config, dist: DistInfo, summary: dict[str, Any], ds_config: dict[str, Any]) -> Path:
+    run_dir = Path(cfg.run.dir)
+    if dist.is_main:
+        if cfg.run.overwrite:
+            for name in existing_run_outputs(run_dir):
+                target = run_dir / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+        (run_dir / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    torch.distributed.barrier()
+    return run_dir
+
+
+def build_trainer(cfg: Config, dist: DistInfo) -> Trainer:
+    if cfg.parallel.tp > 1 or cfg.parallel.pp > 1:
+        raise ConfigError(
+            [
+                f"parallel.tp={cfg.parallel.tp} parallel.pp={cfg.parallel.pp}: the layout is valid, but tensor and "
+                f"pipeline parallelism are not implemented yet (they land with the 3D-parallelism issue); "
+                f"use parallel.tp=1 parallel.pp=1 with ZeRO (parallel.zero_stage) for now"
+            ]
+        )
+    precision = resolve_precision(cfg.train.precision, dist.device)
+    train_tokens, val_tokens, tokenizer_vocab = load_tokens(cfg.data)
+    if tokenizer_vocab > cfg.model.vocab_size:
+        raise ConfigError(
+            [
+                f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocabulary "
+                f"({tokenizer_vocab}) for data.source={cfg.data.source}; set model.vocab_size >= {tokenizer_vocab}"
+            ]
+        )
+    seed_everything(cfg.seed)  # same initial weights on every rank
+    model = Transformer(cfg.model).to(dist.device)
+    engine, ds_config = build_engine(cfg, model, dist.world_size, precision)
+    summary = run_summary(cfg, dist.world_size, precision)
+    run_dir = _prepare_run_dir(cfg, dist, summary, ds_config)
+
+    dp_rank, dp_size = dist.rank, dist.world_size
+    t = cfg.train
+    train_batches = DistributedBatches(
+        PackedSamples(train_tokens, t.seq_len), cfg.seed, t.global_batch_size, t.micro_batch_size, dp_rank, dp_size
+    )
+    val_samples = PackedSamples(val_tokens, t.seq_len)
+    val_batches = None
+    if t.eval_interval > 0 and len(val_samples) > 0:
+        val_batches = DistributedBatches(
+            val_samples, cfg.seed, t.global_batch_size, t.micro_batch_size, dp_rank, dp_size, shuffle=False
+        )
+
+    peak = peak_tflops(dist.device, precision, cfg.logging.peak_tflops)
+    callbacks: list[Callback] = [
+        ThroughputMonitor(cfg.logging.interval, summary["flops_per_token"], peak, dist.world_size),
+        Evaluator(t.eval_interval),
+        Checkpointer(run_dir / "checkpoints", cfg.checkpoint.interval, cfg.checkpoint.save_final),
+    ]
+    if dist.is_main:
+        callbacks += [ConsoleProgress(), JsonlWriter(run_dir / "metrics.jsonl")]
+        if cfg.logging.tensorboard:
+            callbacks.append(TensorBoardWriter(run_dir / "tensorboard"))
+        if cfg.logging.plot:
+            callbacks.append(Plotter(run_dir))
+    return Trainer(cfg, engine, train_batches, val_batches, dist, callbacks)

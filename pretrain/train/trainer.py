@@ -1,0 +1,119 @@
+"""The training loop. Side concerns (metrics, evaluation, checkpoints, sinks) are callbacks."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pretrain.config import Config
+from pretrain.data import DistributedBatches
+from pretrain.data.loader import Batch
+from pretrain.parallel import DistInfo, all_reduce_mean
+from pretrain.train.callbacks import Callback
+
+
+class NonFiniteLossError(RuntimeError):
+    def __init__(self, step: int, value: float):
+        self.step, self.value = step, value
+        super().__init__(
+            f"the training loss became {value} at step {step}; stopping before anything is saved from it. "
+            f"Lower optim.lr, raise schedule.warmup_steps, set optim.grad_clip, or use train.precision=bf16 "
+            f"instead of fp16"
+        )
+
+
+@dataclass
+class TrainState:
+    """What the loop itself must carry across a restart (the engine and the data loader hold the rest)."""
+
+    step: int = 0
+    tokens_seen: int = 0
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: Config,
+        engine: Any,
+        train_batches: DistributedBatches,
+        val_batches: DistributedBatches | None,
+        dist: DistInfo,
+        callbacks: list[Callback],
+    ):
+        self.cfg, self.engine, self.dist = cfg, engine, dist
+        self.train_batches, self.val_batches = train_batches, val_batches
+        self.callbacks = callbacks
+        self.state = TrainState()
+        self.last_lr = 0.0
+        self._pending: list[tuple[int, torch.Tensor]] = []  # (step, local loss) not yet reduced over ranks
+        self._reduced: list[tuple[int, float]] = []  # reduced, not yet taken by the metrics
+
+    def fit(self) -> None:
+        self._emit("on_train_start")
+        while self.state.step < self.cfg.train.steps:
+            loss = self.train_step(self.train_batches.next_step())
+            self.state.step += 1
+            self.state.tokens_seen += self.cfg.tokens_per_step
+            self._pending.append((self.state.step, loss))
+            self._emit("on_step_end")
+        self._emit("on_train_end")
+
+    def train_step(self, micro_batches: list[Batch]) -> torch.Tensor:
+        """One optimizer step over this rank's micro-batches; returns their mean loss (on device, no sync)."""
+        self.last_lr = self.engine.get_lr()[0]
+        losses = []
+        for tokens, labels in micro_batches:
+            loss = self.engine(tokens.to(self.dist.device), labels.to(self.dist.device))
+            self.engine.backward(loss)
+            self.engine.step()  # DeepSpeed applies the update only at the accumulation boundary
+            losses.append(loss.detach())
+        return torch.stack(losses).mean()
+
+    def check_losses(self) -> None:
+        """Reduce every pending step's loss over data-parallel ranks (one collective, one host sync)
+        and raise NonFiniteLossError naming the first bad step. Cheap to call again."""
+        if not self._pending:
+            return
+        steps = [step for step, _ in self._pending]
+        values = all_reduce_mean(torch.stack([loss.float() for _, loss in self._pending])).tolist()
+        self._pending.clear()
+        for step, value in zip(steps, values, strict=True):
+            if not math.isfinite(value):
+                raise NonFiniteLossError(step, value)
+        self._reduced.extend(zip(steps, values, strict=True))
+
+    def take_losses(self) -> list[tuple[int, float]]:
+        """(step, loss averaged over data-parallel ranks) for every step since the last call."""
+        self.check_losses()
+        losses, self._reduced = self._reduced, []
+        return losses
+
+    def grad_norm(self) -> float | None:
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation loss over train.eval_batches global batches, the same samples every time."""
+        assert self.val_batches is not None
+        self.engine.eval()
+        self.val_batches.consumed_samples = 0
+        losses = []
+        for _ in range(self.cfg.train.eval_batches):
+            for tokens, labels in self.val_batches.next_step():
+                losses.append(self.engine(tokens.to(self.dist.device), labels.to(self.dist.device)).float())
+        self.engine.train()
+        return float(all_reduce_mean(torch.stack(losses).mean()))
+
+    def log(self, record: dict[str, Any]) -> None:
+        self._emit("on_log", record)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.state.step, "tokens_seen": self.state.tokens_seen, "data": self.train_batches.state_dict()}
+
+    def _emit(self, hook: str, *args: Any) -> None:
+        for callback in self.callbacks:
+            getattr(callback, hook)(self, *args)
