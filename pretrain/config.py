@@ -438,11 +438,6 @@ def validate(cfg: Config, world_size: int | None = None) -> list[str]:
         p.append(f"schedule.kind must be one of {', '.join(SCHEDULES)}, got {s.kind!r}{hint}")
     if s.warmup_steps < 0:
         p.append(f"schedule.warmup_steps must be >= 0, got {s.warmup_steps}")
-    elif t.steps > 0 and s.warmup_steps > t.steps:
-        p.append(
-            f"schedule.warmup_steps ({s.warmup_steps}) exceeds train.steps ({t.steps}); "
-            f"lower it, e.g. schedule.warmup_steps={max(t.steps // 10, 1)}"
-        )
     if not 0.0 <= s.min_lr_ratio <= 1.0:
         p.append(f"schedule.min_lr_ratio must be in [0, 1], got {s.min_lr_ratio}")
     if not 0.0 < s.decay_fraction <= 1.0:

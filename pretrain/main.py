@@ -10,7 +10,6 @@ import argparse
 import json
 import logging
 import sys
-import warnings
 from pathlib import Path
 
 if __name__ == "__main__" and __package__ in (None, ""):
@@ -97,8 +96,6 @@ def main(argv: list[str] | None = None) -> int:
     from pretrain.train import NonFiniteLossError, build_trainer
 
     ds_logger.setLevel(logging.WARNING)
-    # DeepSpeed still calls a torch.distributed function that torch has renamed; the warning is theirs.
-    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
     dist = init_distributed()
     try:
         trainer = build_trainer(cfg, dist)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +53,8 @@ def init_distributed() -> DistInfo:
         if "OMP_NUM_THREADS" not in os.environ:
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+    # DeepSpeed still calls torch.distributed functions that torch has renamed; those warnings are theirs.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed.c10d_logger")
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), auto_mpi_discovery=False)
     return DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), device)

@@ -25,6 +25,12 @@ class NonFiniteLossError(RuntimeError):
         )
 
 
+def gradient_norm(module: torch.nn.Module) -> torch.Tensor:
+    """L2 norm over every parameter's .grad (whole, unsharded gradients)."""
+    grads = [p.grad.detach().float() for p in module.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+
 @dataclass
 class TrainState:
     """What the loop itself must carry across a restart (the engine and the data loader hold the rest)."""
@@ -50,6 +56,12 @@ class Trainer:
         self.last_lr = 0.0
         self._pending: list[tuple[int, torch.Tensor]] = []  # (step, local loss) not yet reduced over ranks
         self._reduced: list[tuple[int, float]] = []  # reduced, not yet taken by the metrics
+        # DeepSpeed reports the global gradient norm except for fp32 without ZeRO, where it clips
+        # (if asked) but drops the norm; there the gradients are whole and all-reduced, so we measure it.
+        self._measure_grad_norm = not (
+            engine.zero_optimization_stage() or engine.bfloat16_enabled() or engine.fp16_enabled()
+        )
+        self._grad_norm: torch.Tensor | None = None
 
     def fit(self) -> None:
         self._emit("on_train_start")
@@ -65,9 +77,11 @@ class Trainer:
         """One optimizer step over this rank's micro-batches; returns their mean loss (on device, no sync)."""
         self.last_lr = self.engine.get_lr()[0]
         losses = []
-        for tokens, labels in micro_batches:
+        for index, (tokens, labels) in enumerate(micro_batches):
             loss = self.engine(tokens.to(self.dist.device), labels.to(self.dist.device))
             self.engine.backward(loss)
+            if index == len(micro_batches) - 1 and self._measure_grad_norm:
+                self._grad_norm = gradient_norm(self.engine.module)
             self.engine.step()  # DeepSpeed applies the update only at the accumulation boundary
             losses.append(loss.detach())
         return torch.stack(losses).mean()
@@ -92,7 +106,7 @@ class Trainer:
         return losses
 
     def grad_norm(self) -> float | None:
-        norm = self.engine.get_global_grad_norm()
+        norm = self._grad_norm if self._measure_grad_norm else self.engine.get_global_grad_norm()
         return None if norm is None else float(norm)
 
     @torch.no_grad()

@@ -1,0 +1,111 @@
+"""Small training runs shared by the multi-process tests (importable by spawned processes)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A ~60k-parameter model on short sequences: a handful of steps takes a second or two on CPU.
+SMALL = [
+    "model.hidden_size=64",
+    "model.num_layers=2",
+    "model.num_heads=4",
+    "model.num_kv_heads=2",
+    "model.ffn_hidden_size=128",
+    "train.seq_len=64",
+    "train.global_batch_size=8",
+    "train.micro_batch_size=2",
+    "train.steps=6",
+    "train.eval_interval=0",
+    "schedule.warmup_steps=2",
+    "optim.lr=3e-3",
+    "logging.interval=1",
+    "logging.tensorboard=false",
+    "logging.plot=false",
+    "checkpoint.interval=0",
+    "checkpoint.save_final=false",
+]
+
+
+def train_and_read_metrics(overrides: list[str], run_dir: str) -> list[dict[str, Any]]:
+    """Build the real trainer from configs/tiny.yaml + SMALL + overrides, fit, return metrics.jsonl records."""
+    import torch.distributed as dist
+
+    from pretrain.config import load_config
+    from pretrain.parallel import init_distributed
+    from pretrain.train import build_trainer
+
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml", [*SMALL, *overrides, f"run.dir={run_dir}"], world_size=dist.get_world_size()
+    )
+    build_trainer(cfg, init_distributed()).fit()
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if dist.get_rank() == 0 else []
+
+
+def step_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in records if "loss" in r]
+
+
+def overfit_one_batch(steps: int) -> list[float]:
+    """Train the small model through the DeepSpeed engine on one fixed batch; return its losses."""
+    import torch
+
+    from pretrain.config import load_config
+    from pretrain.data import PackedSamples, load_tokens
+    from pretrain.model import Transformer
+    from pretrain.parallel import build_engine
+
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml",
+        [*SMALL, f"train.steps={steps}", "train.micro_batch_size=8", "schedule.kind=constant", "optim.weight_decay=0"],
+        world_size=1,
+    )
+    train_tokens, _, _ = load_tokens(cfg.data)
+    samples = PackedSamples(train_tokens, cfg.train.seq_len)
+    rows = torch.from_numpy(np.stack([samples[i] for i in range(8)]).astype(np.int64))
+    torch.manual_seed(0)
+    engine, _ = build_engine(cfg, Transformer(cfg.model), world_size=1, precision="fp32")
+    losses = []
+    for _ in range(steps):
+        loss = engine(rows[:, :-1], rows[:, 1:])
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    return losses
+
+
+def train_with_weights_poisoned_on_rank0(run_dir: str, poison_after_step: int) -> dict[str, Any]:
+    """Simulate a numerical blow-up on one rank: NaN into a weight after `poison_after_step` steps."""
+    import torch
+    import torch.distributed as dist
+
+    from pretrain.config import load_config
+    from pretrain.parallel import init_distributed
+    from pretrain.train import NonFiniteLossError, build_trainer
+    from pretrain.train.callbacks import Callback
+
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml",
+        [*SMALL, "train.steps=8", "logging.interval=100", "checkpoint.interval=2", f"run.dir={run_dir}"],
+        world_size=dist.get_world_size(),
+    )
+    trainer = build_trainer(cfg, init_distributed())
+
+    class Poison(Callback):
+        def on_step_end(self, trainer: Any) -> None:
+            if trainer.state.step == poison_after_step and dist.get_rank() == 0:
+                with torch.no_grad():
+                    trainer.engine.module.head.norm.weight.fill_(float("nan"))
+
+    trainer.callbacks.insert(0, Poison())
+    try:
+        trainer.fit()
+    except NonFiniteLossError as e:
+        return {"step": e.step, "message": str(e), "completed": trainer.state.step}
+    return {"step": None}

@@ -1,0 +1,148 @@
+"""Strict config loading: the messages users see for the mistakes they make."""
+
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, TINY
+
+from pretrain.config import Config, ConfigError, all_keys, describe_fields, load_config
+
+
+def problems(overrides, world_size=2, path=TINY):
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides, world_size=world_size)
+    return info.value.problems
+
+
+def test_tiny_preset_loads_with_overrides():
+    cfg = load_config(TINY, ["train.steps=70", "optim.lr=1e-3", "parallel.zero_stage=3"], world_size=2)
+    assert (cfg.train.steps, cfg.optim.lr, cfg.parallel.zero_stage) == (70, 1e-3, 3)
+    assert isinstance(cfg.optim.lr, float)
+    assert cfg.grad_accum_steps(2) == 16 // (4 * 2)
+
+
+def test_unknown_key_names_it_and_suggests_the_closest():
+    assert problems(["optim.lrr=1"]) == ["unknown key 'optim.lrr'; did you mean 'optim.lr'?"]
+
+
+def test_key_in_the_wrong_section_points_to_where_it_lives():
+    assert problems(["train.lr=1"]) == ["unknown key 'train.lr'; it exists as 'optim.lr'"]
+
+
+def test_unknown_section_lists_valid_ones():
+    (message,) = problems(["trian.steps=3"])
+    assert message == "unknown key 'trian'; did you mean 'train'?"
+
+
+def test_wrong_types_are_named_with_the_value():
+    assert problems(["train.steps=abc"]) == ["train.steps: expected an integer, got 'abc'"]
+    assert problems(["optim.lr=fast"]) == ["optim.lr: expected a number, got 'fast'"]
+    assert problems(["logging.tensorboard=maybe"]) == ["logging.tensorboard: expected true or false, got 'maybe'"]
+
+
+def test_scientific_notation_is_a_float_even_where_yaml_reads_a_string(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("optim:\n  lr: 3e-4\n")  # YAML 1.1 reads 3e-4 (no dot) as a string
+    assert load_config(preset).optim.lr == 3e-4
+
+
+def test_every_problem_is_reported_at_once():
+    found = problems(["optim.lrr=1", "train.steps=abc", "model.num_kv_heads=3", "schedule.kind=cosin"])
+    assert found == [
+        "unknown key 'optim.lrr'; did you mean 'optim.lr'?",
+        "train.steps: expected an integer, got 'abc'",
+        "model.num_heads (4) must be divisible by model.num_kv_heads (3) for grouped-query attention",
+        "schedule.kind must be one of cosine, wsd, constant, got 'cosin'; did you mean 'cosine'?",
+    ]
+
+
+def test_impossible_values():
+    found = problems(["optim.lr=-1", "train.seq_len=0", "parallel.zero_stage=4", "optim.beta2=1.5"])
+    assert "optim.lr must be positive, got -1.0" in found
+    assert "train.seq_len must be positive, got 0" in found
+    assert "parallel.zero_stage must be 0, 1, 2 or 3, got 4" in found
+    assert "optim.beta2 must be in [0, 1), got 1.5" in found
+
+
+def test_global_batch_not_divisible_by_micro_batch_times_dp():
+    # 2 ranks x micro 4 = 8 sequences per round; 20 is not a multiple
+    assert problems(["train.global_batch_size=20"]) == [
+        "train.global_batch_size (20) is not divisible by train.micro_batch_size (4) x data-parallel size (2) = 8, "
+        "so gradient accumulation cannot be derived; use a global batch of 16 or 24, or another micro batch"
+    ]
+
+
+def test_explicit_accumulation_that_disagrees_names_all_numbers():
+    assert problems(["train.grad_accum_steps=4"]) == [
+        "train.global_batch_size (16) != train.micro_batch_size (4) x train.grad_accum_steps (4) x "
+        "data-parallel size (2) = 32; set train.grad_accum_steps=null to derive it"
+    ]
+    assert load_config(TINY, ["train.grad_accum_steps=2"], world_size=2).grad_accum_steps(2) == 2
+
+
+def test_layout_rules():
+    assert problems(["parallel.tp=3"], world_size=6) == [
+        "model.num_heads (4) must be divisible by parallel.tp (3)",
+        "model.num_kv_heads (2) must be divisible by parallel.tp (3)",
+    ]
+    (message,) = problems(["parallel.pp=2", "parallel.zero_stage=3"], world_size=4)
+    assert "cannot be combined with pipeline parallelism" in message and "parallel.zero_stage=1" in message
+    assert problems(["parallel.pp=8"], world_size=8) == [
+        "parallel.pp (8) exceeds model.num_layers (4); each stage needs a layer"
+    ]
+    (message,) = problems(["parallel.tp=2"], world_size=3)
+    assert message.startswith("world size 3 is not divisible by parallel.tp x parallel.pp = 2 x 1 = 2")
+    # A valid 3D layout passes validation: 8 ranks = dp 2 x tp 2 x pp 2
+    cfg = load_config(TINY, ["parallel.tp=2", "parallel.pp=2"], world_size=8)
+    assert cfg.data_parallel_size(8) == 2 and cfg.grad_accum_steps(8) == 2
+
+
+def test_missing_preset_lists_the_available_ones():
+    (message,) = problems([], path=REPO / "configs" / "nope.yaml")
+    assert "does not exist" in message and "tiny.yaml" in message
+
+
+def test_malformed_override():
+    assert problems(["optim.lr"]) == ["override 'optim.lr' is not of the form key=value (for example optim.lr=3e-4)"]
+
+
+def test_every_field_is_documented():
+    rows = describe_fields()
+    assert [key for key, *_ in rows] == all_keys()
+    undocumented = [key for key, _, _, doc in rows if not doc]
+    assert not undocumented
+    for key in ("run.dir", "train.steps", "train.global_batch_size", "train.micro_batch_size", "train.seq_len",
+                "optim.lr", "parallel.zero_stage", "parallel.tp", "parallel.pp", "checkpoint.interval",
+                "logging.interval", "seed"):  # fmt: skip
+        assert key in all_keys()
+
+
+def test_resolved_yaml_loads_back_to_the_same_config(tmp_path):
+    cfg = load_config(TINY, ["optim.lr=1e-3", "model.num_kv_heads=null"])
+    saved = tmp_path / "config.yaml"
+    saved.write_text(cfg.to_yaml())
+    assert load_config(saved) == cfg
+    assert load_config(None) == Config()
+
+
+def run_main(*args):
+    return subprocess.run(
+        [sys.executable, str(REPO / "pretrain" / "main.py"), *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_cli_misspelled_key_exits_nonzero_and_suggests():
+    result = run_main("--config", str(TINY), "optim.lrr=1")
+    assert result.returncode == 2
+    assert "unknown key 'optim.lrr'; did you mean 'optim.lr'?" in result.stderr
+
+
+def test_cli_dry_run_prints_config_deepspeed_config_and_counts():
+    result = run_main("--config", str(TINY), "--dry-run", "--world-size", "2", "parallel.zero_stage=2")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "# resolved config" in out and "zero_stage: 2" in out
+    assert '"train_batch_size": 16' in out and '"gradient_accumulation_steps": 2' in out and '"stage": 2' in out
+    assert "parameters: 820,352" in out  # matches the hand count in test_model.py
+    assert "FLOPs per token (training, seq_len 256): 6,242,304" in out

@@ -1,0 +1,112 @@
+"""The product as a user runs it: the deepspeed launcher, the run directory, errors and exit codes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, TINY
+from runs import overfit_one_batch, train_with_weights_poisoned_on_rank0
+
+from pretrain.testing import run_distributed
+
+pytestmark = pytest.mark.slow
+
+
+def launch(*args, timeout=600):
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def deepspeed_launcher() -> str:
+    return os.path.join(os.path.dirname(sys.executable), "deepspeed")
+
+
+@pytest.fixture(scope="module")
+def launched_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("launched") / "run"
+    result = launch(
+        deepspeed_launcher(), "--num_gpus", "2", "--master_port", str(_port()), "pretrain/main.py",
+        "--config", str(TINY), "train.steps=30", "logging.interval=5", "train.eval_interval=15",
+        "checkpoint.interval=15", f"run.dir={run_dir}",
+    )  # fmt: skip
+    return result, run_dir
+
+
+def _port() -> int:
+    from pretrain.parallel.distributed import free_port
+
+    return free_port()
+
+
+def test_deepspeed_launcher_trains_two_cpu_processes(launched_run):
+    result, run_dir = launched_run
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == [1, 5, 10, 15, 20, 25, 30]
+    for record in train:
+        assert {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu", "tokens_seen"} <= record.keys()
+        assert record["mfu"] is None  # no GPU: n/a, never a guess
+        assert record["tokens_seen"] == record["step"] * 16 * 256
+    assert train[-1]["loss"] < train[0]["loss"] - 1.5  # from ~ln(320) = 5.8 to below 4.3
+    val = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in val] == [15, 30] and val[1]["val_loss"] < val[0]["val_loss"]
+    assert "MFU n/a" in result.stdout and "ETA" in result.stdout and "tok/s" in result.stdout
+
+
+def test_run_directory_holds_config_deepspeed_config_events_plot_and_checkpoints(launched_run):
+    result, run_dir = launched_run
+    assert result.returncode == 0
+    from pretrain.config import load_config
+
+    saved = load_config(run_dir / "config.yaml")
+    assert saved.train.steps == 30 and saved.run.dir == str(run_dir)
+    ds_config = json.loads((run_dir / "deepspeed_config.json").read_text())
+    assert ds_config["train_batch_size"] == 16 and ds_config["gradient_accumulation_steps"] == 2
+    assert ds_config["zero_optimization"]["stage"] == 1
+    assert json.loads((run_dir / "run_summary.json").read_text())["parameters"] == 820_352
+    assert any(p.name.startswith("events.out.tfevents") for p in (run_dir / "tensorboard").iterdir())
+    assert (run_dir / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    checkpoints = run_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["step00000015", "step00000030"]
+    assert (checkpoints / "latest").read_text() == "step00000030"
+    files = {p.name for p in (checkpoints / "step00000030").iterdir()}
+    assert "mp_rank_00_model_states.pt" in files
+    assert sum(name.endswith("optim_states.pt") for name in files) == 2  # ZeRO-1: one optimizer shard per rank
+
+
+def test_reusing_a_run_dir_is_refused_and_changes_nothing(launched_run):
+    _, run_dir = launched_run
+    before = (run_dir / "metrics.jsonl").read_bytes()
+    result = launch(sys.executable, "pretrain/main.py", "--config", str(TINY), f"run.dir={run_dir}")
+    assert result.returncode == 2
+    assert "already holds a run" in result.stderr and "run.overwrite=true" in result.stderr
+    assert (run_dir / "metrics.jsonl").read_bytes() == before
+
+
+def test_non_finite_loss_stops_every_rank_naming_the_step_and_saves_nothing_after(tmp_path):
+    # Rank 0's weights go NaN after step 3; its step-4 loss is NaN, rank 1's is not. The loss is
+    # averaged over ranks before the check, so both ranks stop at the same step, before the
+    # step-4 checkpoint is written.
+    results = run_distributed(train_with_weights_poisoned_on_rank0, 2, str(tmp_path), 3)
+    for result in results:
+        assert result["step"] == 4 and result["completed"] == 4
+        assert result["message"].startswith("the training loss became nan at step 4")
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()) == ["step00000002"]
+
+
+def test_overfitting_one_batch_drives_the_loss_down():
+    (losses,) = run_distributed(overfit_one_batch, 1, 150)
+    assert losses[0] > 5.0  # ~ln(320) at init
+    assert losses[-1] < 0.5, losses[::10]
+
+
+def test_plot_command_writes_a_png(launched_run, tmp_path):
+    _, run_dir = launched_run
+    result = launch(sys.executable, "-m", "pretrain.plot", str(run_dir), "--output", str(tmp_path / "p.png"))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    missing = launch(sys.executable, "-m", "pretrain.plot", str(tmp_path / "nothing"))
+    assert missing.returncode == 1 and "metrics.jsonl does not exist" in missing.stderr
