@@ -28,7 +28,9 @@ class ConfigError(ValueError):
     def __init__(self, problems: list[str]):
         self.problems = problems
         lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"invalid configuration ({len(problems)} problem{'s' * (len(problems) > 1)}):\n{lines}")
+        super().__init__(
+            f"invalid configuration ({len(problems)} problem{'s' * (len(problems) > 1)}):\n{lines}"
+        )
 
 
 def _doc(text: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
@@ -42,7 +44,9 @@ def _doc(text: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
 class ModelConfig:
     """Shape of the Llama-style decoder."""
 
-    vocab_size: int = _doc("Rows of the embedding and output layer; at least the tokenizer's vocabulary.", 32000)
+    vocab_size: int = _doc(
+        "Rows of the embedding and output layer; at least the tokenizer's vocabulary.", 32000
+    )
     hidden_size: int = _doc("Width of the residual stream (d_model).", 768)
     num_layers: int = _doc("Number of decoder blocks.", 12)
     num_heads: int = _doc("Attention (query) heads.", 12)
@@ -82,7 +86,9 @@ class ModelConfig:
 class ParallelConfig:
     """How the model is spread over processes. World size = data-parallel x tp x pp."""
 
-    zero_stage: int = _doc("DeepSpeed ZeRO stage: 0 (plain DP), 1 (optimizer states), 2 (+gradients), 3 (+weights).", 1)
+    zero_stage: int = _doc(
+        "DeepSpeed ZeRO stage: 0 (plain DP), 1 (optimizer states), 2 (+gradients), 3 (+weights).", 1
+    )
     tp: int = _doc("Tensor-parallel degree (model.num_heads and num_kv_heads must be divisible by it).", 1)
     pp: int = _doc("Pipeline-parallel degree (at most model.num_layers; needs zero_stage 0 or 1).", 1)
     offload_optimizer: bool = _doc("Keep optimizer states in CPU memory (ZeRO stage >= 1).", False)
@@ -171,7 +177,9 @@ class LoggingConfig:
 class RunConfig:
     """Where the run writes everything."""
 
-    dir: str = _doc("Run directory: config, metrics, TensorBoard, plots and checkpoints go here.", "runs/default")
+    dir: str = _doc(
+        "Run directory: config, metrics, TensorBoard, plots and checkpoints go here.", "runs/default"
+    )
     overwrite: bool = _doc(
         "Start fresh in a run.dir that already holds a run, deleting its metrics, TensorBoard events and checkpoints.",
         False,
@@ -201,7 +209,9 @@ class Config:
     def grad_accum_steps(self, world_size: int) -> int:
         if self.train.grad_accum_steps is not None:
             return self.train.grad_accum_steps
-        return self.train.global_batch_size // (self.train.micro_batch_size * self.data_parallel_size(world_size))
+        return self.train.global_batch_size // (
+            self.train.micro_batch_size * self.data_parallel_size(world_size)
+        )
 
     @property
     def tokens_per_step(self) -> int:
@@ -215,7 +225,9 @@ class Config:
 # Loading
 
 
-def load_config(path: str | Path | None, overrides: Sequence[str] = (), world_size: int | None = None) -> Config:
+def load_config(
+    path: str | Path | None, overrides: Sequence[str] = (), world_size: int | None = None
+) -> Config:
     """Read a YAML preset, apply dotted overrides, and return a validated `Config`.
 
     `world_size` enables the checks that need it (batch arithmetic, layout); None skips them.
@@ -225,14 +237,20 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = (), world_si
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            presets = sorted(p.name for p in Path(__file__).resolve().parent.parent.joinpath("configs").glob("*.yaml"))
-            raise ConfigError([f"config file {str(path)!r} does not exist (presets in configs/: {', '.join(presets)})"])
+            presets = sorted(
+                p.name for p in Path(__file__).resolve().parent.parent.joinpath("configs").glob("*.yaml")
+            )
+            raise ConfigError(
+                [f"config file {str(path)!r} does not exist (presets in configs/: {', '.join(presets)})"]
+            )
         try:
             raw = _plain(OmegaConf.load(path))
         except (OmegaConfBaseException, ValueError) as e:
             raise ConfigError([f"{path}: cannot parse YAML: {e}"]) from e
         if not isinstance(raw, dict):
-            raise ConfigError([f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}"])
+            raise ConfigError(
+                [f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}"]
+            )
     for item in overrides:
         if "=" not in item or item.startswith("="):
             problems.append(f"override {item!r} is not of the form key=value (for example optim.lr=3e-4)")
@@ -407,7 +425,9 @@ def validate(cfg: Config, world_size: int | None = None) -> list[str]:
                 p.append(f"model.{name} ({heads}) must be divisible by parallel.tp ({par.tp})")
     if par.pp > 1:
         if m.num_layers < par.pp:
-            p.append(f"parallel.pp ({par.pp}) exceeds model.num_layers ({m.num_layers}); each stage needs a layer")
+            p.append(
+                f"parallel.pp ({par.pp}) exceeds model.num_layers ({m.num_layers}); each stage needs a layer"
+            )
         if par.zero_stage >= 2:
             p.append(
                 f"parallel.zero_stage={par.zero_stage} cannot be combined with pipeline parallelism "
@@ -510,5 +530,15 @@ def describe_fields(cls: type = Config, prefix: str = "") -> list[tuple[str, str
             continue
         tname = " | ".join(a.__name__ for a in typing.get_args(ftype)) or ftype.__name__
         value = getattr(default, f.name)
-        rows.append((f"{prefix}{f.name}", tname.replace("NoneType", "null"), repr(value), f.metadata.get("doc", "")))
+        rows.append(
+            (f"{prefix}{f.name}", tname.replace("NoneType", "null"), repr(value), f.metadata.get("doc", ""))
+        )
     return rows
+
+
+def reference_markdown() -> str:
+    """The README's config reference table."""
+    lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    for key, tname, default, doc in describe_fields():
+        lines.append(f"| `{key}` | {tname} | `{default}` | {doc.replace('|', '/')} |")
+    return "\n".join(lines)

@@ -19,7 +19,7 @@ if __name__ == "__main__" and __package__ in (None, ""):
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
     sys.path.insert(0, str(_here.parent))
 
-from pretrain.config import ConfigError, describe_fields, load_config  # noqa: E402
+from pretrain.config import Config, ConfigError, describe_fields, load_config
 
 EXIT_CONFIG_ERROR = 2
 EXIT_NON_FINITE = 3
@@ -31,14 +31,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Pretrain a Llama-style decoder. Settings come from --config and dotted key=value overrides.",
     )
     parser.add_argument("--config", help="YAML preset, e.g. configs/tiny.yaml (default: built-in defaults)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optim.lr=3e-4 parallel.zero_stage=2")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="e.g. optim.lr=3e-4 parallel.zero_stage=2"
+    )
     parser.add_argument(
         "--dry-run",
         action="store_true",
         help="print the resolved config, the DeepSpeed config, parameter count and FLOPs per token, then exit",
     )
-    parser.add_argument("--world-size", type=int, help="world size assumed by --dry-run (default: $WORLD_SIZE or 1)")
-    parser.add_argument("--help-config", action="store_true", help="list every config key with its type and default")
+    parser.add_argument(
+        "--world-size", type=int, help="world size assumed by --dry-run (default: $WORLD_SIZE or 1)"
+    )
+    parser.add_argument(
+        "--help-config", action="store_true", help="list every config key with its type and default"
+    )
     # The deepspeed launcher appends --local_rank=N; we read LOCAL_RANK from the environment instead.
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -50,11 +56,11 @@ def is_rank_zero() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def dry_run(cfg, world_size: int) -> None:  # type: ignore[no-untyped-def]
+def dry_run(cfg: Config, world_size: int) -> None:
+    import torch
+
     from pretrain.parallel import build_deepspeed_config, resolve_precision
     from pretrain.train import run_summary
-
-    import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = resolve_precision(cfg.train.precision, device)

@@ -11,7 +11,9 @@ from pathlib import Path
 def read_metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; is {run_dir} a run directory (run.dir) of a started run?")
+        raise FileNotFoundError(
+            f"{path} does not exist; is {run_dir} a run directory (run.dir) of a started run?"
+        )
     records = []
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if line.strip():

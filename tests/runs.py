@@ -41,7 +41,9 @@ def train_and_read_metrics(overrides: list[str], run_dir: str) -> list[dict[str,
     from pretrain.train import build_trainer
 
     cfg = load_config(
-        REPO / "configs" / "tiny.yaml", [*SMALL, *overrides, f"run.dir={run_dir}"], world_size=dist.get_world_size()
+        REPO / "configs" / "tiny.yaml",
+        [*SMALL, *overrides, f"run.dir={run_dir}"],
+        world_size=dist.get_world_size(),
     )
     build_trainer(cfg, init_distributed()).fit()
     path = Path(run_dir) / "metrics.jsonl"
@@ -63,7 +65,13 @@ def overfit_one_batch(steps: int) -> list[float]:
 
     cfg = load_config(
         REPO / "configs" / "tiny.yaml",
-        [*SMALL, f"train.steps={steps}", "train.micro_batch_size=8", "schedule.kind=constant", "optim.weight_decay=0"],
+        [
+            *SMALL,
+            f"train.steps={steps}",
+            "train.micro_batch_size=8",
+            "schedule.kind=constant",
+            "optim.weight_decay=0",
+        ],
         world_size=1,
     )
     train_tokens, _, _ = load_tokens(cfg.data)

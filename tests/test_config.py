@@ -38,7 +38,9 @@ def test_unknown_section_lists_valid_ones():
 def test_wrong_types_are_named_with_the_value():
     assert problems(["train.steps=abc"]) == ["train.steps: expected an integer, got 'abc'"]
     assert problems(["optim.lr=fast"]) == ["optim.lr: expected a number, got 'fast'"]
-    assert problems(["logging.tensorboard=maybe"]) == ["logging.tensorboard: expected true or false, got 'maybe'"]
+    assert problems(["logging.tensorboard=maybe"]) == [
+        "logging.tensorboard: expected true or false, got 'maybe'"
+    ]
 
 
 def test_scientific_notation_is_a_float_even_where_yaml_reads_a_string(tmp_path):
@@ -104,7 +106,9 @@ def test_missing_preset_lists_the_available_ones():
 
 
 def test_malformed_override():
-    assert problems(["optim.lr"]) == ["override 'optim.lr' is not of the form key=value (for example optim.lr=3e-4)"]
+    assert problems(["optim.lr"]) == [
+        "override 'optim.lr' is not of the form key=value (for example optim.lr=3e-4)"
+    ]
 
 
 def test_every_field_is_documented():
@@ -128,7 +132,10 @@ def test_resolved_yaml_loads_back_to_the_same_config(tmp_path):
 
 def run_main(*args):
     return subprocess.run(
-        [sys.executable, str(REPO / "pretrain" / "main.py"), *args], capture_output=True, text=True, timeout=120
+        [sys.executable, str(REPO / "pretrain" / "main.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -143,6 +150,17 @@ def test_cli_dry_run_prints_config_deepspeed_config_and_counts():
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "# resolved config" in out and "zero_stage: 2" in out
-    assert '"train_batch_size": 16' in out and '"gradient_accumulation_steps": 2' in out and '"stage": 2' in out
+    assert (
+        '"train_batch_size": 16' in out and '"gradient_accumulation_steps": 2' in out and '"stage": 2' in out
+    )
     assert "parameters: 820,352" in out  # matches the hand count in test_model.py
     assert "FLOPs per token (training, seq_len 256): 6,242,304" in out
+
+
+def test_readme_config_reference_is_current():
+    from pretrain.config import reference_markdown
+
+    readme = (REPO / "README.md").read_text()
+    assert reference_markdown() in readme, (
+        "regenerate the README table from pretrain.config.reference_markdown()"
+    )

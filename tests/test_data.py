@@ -8,14 +8,18 @@ from pretrain.data.builtin import stdlib_documents, stdlib_tokens
 
 
 def test_stdlib_corpus_is_real_text_split_by_document(tmp_path):
-    for name, text in {"a.py": "def f():\n    return 1\n", "b/c.py": '"""doc"""\n', "test/t.py": "x=1\n"}.items():
+    for name, text in {
+        "a.py": "def f():\n    return 1\n",
+        "b/c.py": '"""doc"""\n',
+        "test/t.py": "x=1\n",
+    }.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
     assert [p.relative_to(tmp_path).as_posix() for p in stdlib_documents(tmp_path)] == ["a.py", "b/c.py"]
     train, val = stdlib_tokens(0.0, tmp_path)
     assert len(val) == 0
     tok = ByteTokenizer()
-    expected = tok.encode("def f():\n    return 1\n") + [tok.eod_id] + tok.encode('"""doc"""\n') + [tok.eod_id]
+    expected = [*tok.encode("def f():\n    return 1\n"), tok.eod_id, *tok.encode('"""doc"""\n'), tok.eod_id]
     assert train.tolist() == expected
     train, val = stdlib_tokens(0.999999, tmp_path)  # (almost) everything held out
     assert len(train) == 0 and len(val) == len(expected)

@@ -74,7 +74,9 @@ def test_run_directory_holds_config_deepspeed_config_events_plot_and_checkpoints
     assert (checkpoints / "latest").read_text() == "step00000030"
     files = {p.name for p in (checkpoints / "step00000030").iterdir()}
     assert "mp_rank_00_model_states.pt" in files
-    assert sum(name.endswith("optim_states.pt") for name in files) == 2  # ZeRO-1: one optimizer shard per rank
+    assert (
+        sum(name.endswith("optim_states.pt") for name in files) == 2
+    )  # ZeRO-1: one optimizer shard per rank
 
 
 def test_reusing_a_run_dir_is_refused_and_changes_nothing(launched_run):

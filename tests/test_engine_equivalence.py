@@ -29,7 +29,9 @@ def test_zero_stage_on_two_ranks_matches_one_process(stage, reference, tmp_path)
     assert [r["step"] for r in records] == [r["step"] for r in reference] == [1, 2, 3, 4, 5, 6]
     for ours, ref in zip(records, reference, strict=True):
         assert ours["loss"] == pytest.approx(ref["loss"], rel=RTOL), f"loss at step {ref['step']}"
-        assert ours["grad_norm"] == pytest.approx(ref["grad_norm"], rel=RTOL), f"grad norm at step {ref['step']}"
+        assert ours["grad_norm"] == pytest.approx(ref["grad_norm"], rel=RTOL), (
+            f"grad norm at step {ref['step']}"
+        )
         assert ours["lr"] == ref["lr"]
     assert records[-1]["loss"] < records[0]["loss"]
 

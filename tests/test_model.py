@@ -7,7 +7,9 @@ from pretrain.config import ModelConfig
 from pretrain.model import Transformer, count_parameters, flops_per_token
 from pretrain.model.flops import matmul_parameters
 
-TINY = ModelConfig(vocab_size=320, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, ffn_hidden_size=352)
+TINY = ModelConfig(
+    vocab_size=320, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, ffn_hidden_size=352
+)
 
 
 def built_parameters(cfg: ModelConfig) -> int:
@@ -51,7 +53,9 @@ def test_derived_ffn_width_follows_llama_rule():
 
 
 def test_flops_per_token_by_hand():
-    cfg = ModelConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=128)
+    cfg = ModelConfig(
+        vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=128
+    )
     # per block matmul weights: q 64*64 = 4096; k, v 2 * 64*32 = 4096; o 4096; SwiGLU 3*64*128 = 24,576 -> 36,864
     # 2 blocks = 73,728; head 64*256 = 16,384 -> 90,112 matmul weights; forward 2 * 90,112 = 180,224
     # attention at T = 32: 2 (QK^T, AV) * 2 flops * 2 layers * 32 * 4 heads * 16 = 16,384

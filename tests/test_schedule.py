@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import pytest
@@ -22,7 +23,7 @@ def test_warmup_is_linear_and_reaches_peak():
 def test_cosine_decays_monotonically_to_the_minimum_at_the_last_step():
     lrs = curve("cosine")
     assert lrs[10] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))
     assert lrs[-1] == pytest.approx(0.1)
     middle = 10 + (99 - 10) / 2  # half-way through the decay the cosine is at the mean of peak and floor
     assert LRSchedule(ScheduleConfig(warmup_steps=10, min_lr_ratio=0.1), 100)(middle) == pytest.approx(0.55)
@@ -33,7 +34,7 @@ def test_wsd_is_flat_then_decays_linearly_over_the_last_fraction():
     assert lrs[10:80] == pytest.approx([1.0] * 70)
     assert lrs[-1] == pytest.approx(0.1)
     decay = lrs[79:]
-    steps = [a - b for a, b in zip(decay, decay[1:], strict=False)]
+    steps = [a - b for a, b in itertools.pairwise(decay)]
     assert steps == pytest.approx([0.9 / 20] * 20)
 
 

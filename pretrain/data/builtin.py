@@ -43,7 +43,9 @@ def stdlib_tokens(validation_fraction: float, root: Path | None = None) -> tuple
     root = root or Path(sysconfig.get_paths()["stdlib"])
     docs = stdlib_documents(root)
     if not docs:
-        raise FileNotFoundError(f"no Python source files found under {root}; set data.source to another corpus")
+        raise FileNotFoundError(
+            f"no Python source files found under {root}; set data.source to another corpus"
+        )
     eod = np.array([ByteTokenizer.eod_id], dtype=np.uint16)
     train: list[np.ndarray] = []
     val: list[np.ndarray] = []

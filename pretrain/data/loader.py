@@ -39,7 +39,10 @@ class GlobalOrder:
     def __getitem__(self, global_index: int) -> int:
         epoch, position = divmod(global_index, self.num_samples)
         if self.shuffle and epoch != self._epoch:
-            self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+            self._epoch, self._perm = (
+                epoch,
+                np.random.default_rng([self.seed, epoch]).permutation(self.num_samples),
+            )
         return int(self._perm[position])
 
 

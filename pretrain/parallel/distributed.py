@@ -56,7 +56,9 @@ def init_distributed() -> DistInfo:
     # DeepSpeed still calls torch.distributed functions that torch has renamed; those warnings are theirs.
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed.c10d_logger")
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), auto_mpi_discovery=False)
+        deepspeed.init_distributed(
+            dist_backend=accelerator.communication_backend_name(), auto_mpi_discovery=False
+        )
     return DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), device)
 
 

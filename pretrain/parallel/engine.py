@@ -23,14 +23,17 @@ def resolve_precision(requested: str, device: torch.device) -> str:
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Decay matrices (linear and embedding weights); leave vectors (norm scales, biases) alone."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for param in model.parameters():
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_engine(cfg: Config, model: nn.Module, world_size: int, precision: str) -> tuple[Any, dict[str, Any]]:
+def build_engine(
+    cfg: Config, model: nn.Module, world_size: int, precision: str
+) -> tuple[Any, dict[str, Any]]:
     """Wrap `model` in a DeepSpeed engine; returns the engine and the DeepSpeed config it was given."""
     import deepspeed
 

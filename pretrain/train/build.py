@@ -59,7 +59,11 @@ def seed_everything(seed: int) -> None:
 def code_version() -> str:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
         )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
@@ -136,7 +140,12 @@ def build_trainer(cfg: Config, dist: DistInfo) -> Trainer:
     dp_rank, dp_size = dist.rank, dist.world_size
     t = cfg.train
     train_batches = DistributedBatches(
-        PackedSamples(train_tokens, t.seq_len), cfg.seed, t.global_batch_size, t.micro_batch_size, dp_rank, dp_size
+        PackedSamples(train_tokens, t.seq_len),
+        cfg.seed,
+        t.global_batch_size,
+        t.micro_batch_size,
+        dp_rank,
+        dp_size,
     )
     val_samples = PackedSamples(val_tokens, t.seq_len)
     val_batches = None

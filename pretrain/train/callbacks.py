@@ -65,7 +65,9 @@ class ThroughputMonitor(Callback):
             "lr": trainer.last_lr,
             "grad_norm": trainer.grad_norm(),
             "tokens_per_sec": tokens_per_sec,
-            "mfu": None if self.peak_flops is None else self.flops_per_token * tokens_per_sec / self.peak_flops,
+            "mfu": None
+            if self.peak_flops is None
+            else self.flops_per_token * tokens_per_sec / self.peak_flops,
             "tokens_seen": trainer.state.tokens_seen,
             "step_time_s": step_time,
             "elapsed_s": now - self._start,
@@ -82,7 +84,9 @@ class Evaluator(Callback):
         self.interval = interval
 
     def on_step_end(self, trainer: Trainer) -> None:
-        if trainer.val_batches is None or not _due(trainer.state.step, self.interval, trainer.cfg.train.steps):
+        if trainer.val_batches is None or not _due(
+            trainer.state.step, self.interval, trainer.cfg.train.steps
+        ):
             return
         loss = trainer.evaluate()
         trainer.log({"step": trainer.state.step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))})
@@ -101,15 +105,17 @@ class Checkpointer(Callback):
 
     def on_step_end(self, trainer: Trainer) -> None:
         step = trainer.state.step
-        if self.interval > 0 and step % self.interval == 0:
-            self.save(trainer)
-        elif step == trainer.cfg.train.steps and self.save_final:
+        if (self.interval > 0 and step % self.interval == 0) or (
+            step == trainer.cfg.train.steps and self.save_final
+        ):
             self.save(trainer)
 
     def save(self, trainer: Trainer) -> None:
         trainer.check_losses()  # raises before saving if the model went non-finite
         step = trainer.state.step
-        trainer.engine.save_checkpoint(str(self.directory), tag=f"step{step:08d}", client_state=trainer.state_dict())
+        trainer.engine.save_checkpoint(
+            str(self.directory), tag=f"step{step:08d}", client_state=trainer.state_dict()
+        )
         self.saved_step = step
         trainer.log({"step": step, "checkpoint": str(self.directory / f"step{step:08d}")})
 
@@ -144,7 +150,7 @@ class TensorBoardWriter(Callback):
 
 
 def format_duration(seconds: float) -> str:
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
@@ -180,7 +186,10 @@ class ConsoleProgress(Callback):
                 flush=True,
             )
         elif "val_loss" in record:
-            print(f"{head} | validation loss {record['val_loss']:.4f} | perplexity {record['val_ppl']:.2f}", flush=True)
+            print(
+                f"{head} | validation loss {record['val_loss']:.4f} | perplexity {record['val_ppl']:.2f}",
+                flush=True,
+            )
         elif "checkpoint" in record:
             print(f"{head} | saved checkpoint {record['checkpoint']}", flush=True)
 

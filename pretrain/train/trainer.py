@@ -126,7 +126,11 @@ class Trainer:
         self._emit("on_log", record)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.state.step, "tokens_seen": self.state.tokens_seen, "data": self.train_batches.state_dict()}
+        return {
+            "step": self.state.step,
+            "tokens_seen": self.state.tokens_seen,
+            "data": self.train_batches.state_dict(),
+        }
 
     def _emit(self, hook: str, *args: Any) -> None:
         for callback in self.callbacks:
