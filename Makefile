@@ -11,7 +11,7 @@ setup:
 	python3 -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(if $(TORCH),$(BIN)/python -m pip install --quiet '$(TORCH)')
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,mpi]'
 	@echo "set up: activate with '. $(BIN)/activate'"
 
 # The tiny preset on the built-in corpus (the Python standard library's source), 2 processes.

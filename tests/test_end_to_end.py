@@ -112,3 +112,26 @@ def test_plot_command_writes_a_png(launched_run, tmp_path):
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
     missing = launch(sys.executable, "-m", "pretrain.plot", str(tmp_path / "nothing"))
     assert missing.returncode == 1 and "metrics.jsonl does not exist" in missing.stderr
+
+
+def test_mpirun_launch_matches_the_deepspeed_launcher(launched_run, tmp_path):
+    """`mpirun -np 2 python pretrain/main.py` (mpi4py path) trains the same numbers as the deepspeed
+    launcher: steps 1-10 lie in the warmup, which does not depend on train.steps."""
+    pytest.importorskip("mpi4py")
+    _, reference_dir = launched_run
+    mpirun = os.path.join(os.path.dirname(sys.executable), "mpirun")
+    env_port = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_port())}
+    result = subprocess.run(
+        [mpirun, "-np", "2", sys.executable, "pretrain/main.py", "--config", str(TINY), "train.steps=10",
+         "logging.interval=5", "checkpoint.save_final=false", f"run.dir={tmp_path}"],
+        cwd=REPO, env={**os.environ, **env_port, "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "on 2 process(es)" in result.stdout
+
+    def losses(run_dir):
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in records if "loss" in r and r["step"] <= 10}
+
+    assert losses(tmp_path) == losses(reference_dir)

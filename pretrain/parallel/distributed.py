@@ -29,17 +29,51 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# World-size variables of the launchers we read, in order: torch/deepspeed, Open MPI, MPICH/Intel MPI (PMI).
+_WORLD_SIZE_VARS = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+
+
 def env_world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    for var in _WORLD_SIZE_VARS:
+        if var in os.environ:
+            return int(os.environ[var])
+    return 1
+
+
+def launched_by_mpi() -> bool:
+    return "RANK" not in os.environ and any(var in os.environ for var in _WORLD_SIZE_VARS[1:])
+
+
+def set_env_from_mpi() -> None:
+    """Under `mpirun`, derive the torch.distributed environment through mpi4py (imported only here).
+    The rendezvous is rank 0's host (MASTER_ADDR overrides it) on MASTER_PORT or 29500."""
+    import socket
+
+    from mpi4py import MPI
+
+    world = MPI.COMM_WORLD
+    local_rank = world.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
+    local_size = world.Split_type(MPI.COMM_TYPE_SHARED).Get_size()
+    master = os.environ.get("MASTER_ADDR") or world.bcast(socket.getfqdn() if world.Get_rank() == 0 else None)
+    os.environ.update(
+        RANK=str(world.Get_rank()),
+        WORLD_SIZE=str(world.Get_size()),
+        LOCAL_RANK=str(local_rank),
+        LOCAL_WORLD_SIZE=str(local_size),
+        MASTER_ADDR=master,
+        MASTER_PORT=os.environ.get("MASTER_PORT", "29500"),
+    )
 
 
 def init_distributed() -> DistInfo:
-    """Join the process group described by the launcher's environment (deepspeed, torchrun, our
-    `launch/`); a plain `python pretrain/main.py` becomes a world of one on loopback."""
+    """Join the process group described by the launcher's environment (deepspeed, torchrun, mpirun);
+    a plain `python pretrain/main.py` becomes a world of one on loopback."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    if "RANK" not in os.environ:
+    if launched_by_mpi():
+        set_env_from_mpi()
+    elif "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
