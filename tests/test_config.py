@@ -4,8 +4,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, TINY
 
+from conftest import REPO, TINY
 from pretrain.config import Config, ConfigError, all_keys, describe_fields, load_config
 
 

@@ -6,10 +6,10 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, TINY
-from runs import overfit_one_batch, train_with_weights_poisoned_on_rank0
 
+from conftest import REPO, TINY
 from pretrain.testing import run_distributed
+from training_runs import overfit_one_batch, train_with_weights_poisoned_on_rank0
 
 pytestmark = pytest.mark.slow
 

@@ -123,6 +123,14 @@ def build_trainer(cfg: Config, dist: DistInfo) -> Trainer:
             ]
         )
     precision = resolve_precision(cfg.train.precision, dist.device)
+    if precision == "bf16" and cfg.parallel.zero_stage == 0 and cfg.parallel.pp == 1:
+        raise ConfigError(
+            [
+                "bf16 with parallel.zero_stage=0: DeepSpeed then accumulates and all-reduces gradients in bf16 "
+                "(measured here: 1.5% loss drift from fp32 within 6 steps, against 0.02% with ZeRO-1). "
+                "Use parallel.zero_stage=1 (on one process it costs no extra memory), or train.precision=fp32"
+            ]
+        )
     train_tokens, val_tokens, tokenizer_vocab = load_tokens(cfg.data)
     if tokenizer_vocab > cfg.model.vocab_size:
         raise ConfigError(

@@ -114,7 +114,7 @@ class Trainer:
         """Mean validation loss over train.eval_batches global batches, the same samples every time."""
         assert self.val_batches is not None
         self.engine.eval()
-        self.val_batches.consumed_samples = 0
+        self.val_batches.load_state_dict({"consumed_samples": 0})
         losses = []
         for _ in range(self.cfg.train.eval_batches):
             for tokens, labels in self.val_batches.next_step():
