@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import types
 import typing
@@ -94,18 +95,25 @@ class ParallelConfig:
     offload_optimizer: bool = _doc("Keep optimizer states in CPU memory (ZeRO stage >= 1).", False)
 
 
-DATA_SOURCES = ("python-stdlib",)
-
-
 @dataclass
 class DataConfig:
     """Where the training tokens come from."""
 
-    source: str = _doc(
-        "Token source. 'python-stdlib': the Python standard library's own source (byte-level), present on every machine.",
-        "python-stdlib",
+    paths: list[str] = _doc(
+        "Prepared datasets (folders written by `python -m pretrain.data prepare`, local or fsspec URLs). "
+        "Empty: the built-in corpus, the Python standard library's own source read as bytes.",
+        default_factory=list,
     )
-    validation_fraction: float = _doc("Fraction of documents held out for validation loss.", 0.02)
+    weights: list[float] | None = _doc(
+        "Blend weights, one per path (normalised); null weights each dataset by its token count.", None
+    )
+    validation_fraction: float = _doc("Fraction of each dataset held out for validation loss.", 0.02)
+    verify_checksums: bool = _doc(
+        "Check every shard's sha256 against its manifest before training (reads all data once).", False
+    )
+    cache_dir: str | None = _doc(
+        "Local cache for remote (fsspec URL) datasets; null: $PRETRAIN_CACHE or ~/.cache/pretrain.", None
+    )
 
 
 @dataclass
@@ -344,6 +352,13 @@ def _coerce(value: Any, ftype: Any) -> Any:
         if value is None and type(None) in args:
             return None
         (ftype,) = [a for a in args if a is not type(None)]
+    if typing.get_origin(ftype) is list:
+        (item_type,) = typing.get_args(ftype)
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            value = [value]  # data.paths=shards/web means a list of one
+        if not isinstance(value, list | tuple):
+            raise TypeError(f"expected a list, got {value!r}")
+        return [_coerce(item, item_type) for item in value]
     if ftype is bool:
         if isinstance(value, bool):
             return value
@@ -437,8 +452,17 @@ def validate(cfg: Config, world_size: int | None = None) -> list[str]:
     if par.offload_optimizer and par.zero_stage == 0:
         p.append("parallel.offload_optimizer needs parallel.zero_stage >= 1")
 
-    if cfg.data.source not in DATA_SOURCES:
-        p.append(f"data.source must be one of {', '.join(DATA_SOURCES)}, got {cfg.data.source!r}")
+    d = cfg.data
+    if d.weights is not None:
+        if len(d.weights) != len(d.paths):
+            p.append(
+                f"data.weights has {len(d.weights)} entries but data.paths has {len(d.paths)}; give one weight per "
+                f"path, or data.weights=null to weight by token count"
+            )
+        if any(w < 0 for w in d.weights) or not sum(d.weights) > 0:
+            p.append(f"data.weights must be >= 0 with a positive sum, got {d.weights}")
+    if len(set(d.paths)) != len(d.paths):
+        p.append(f"data.paths lists a dataset twice: {d.paths}; use data.weights to sample one more often")
     if not 0.0 <= cfg.data.validation_fraction < 1.0:
         p.append(f"data.validation_fraction must be in [0, 1), got {cfg.data.validation_fraction}")
 
@@ -518,6 +542,14 @@ def _validate_layout(cfg: Config, world_size: int) -> list[str]:
     return []
 
 
+def _type_name(ftype: Any) -> str:
+    if typing.get_origin(ftype) is list:
+        return f"list[{_type_name(typing.get_args(ftype)[0])}]"
+    if typing.get_origin(ftype) in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(ftype))
+    return "null" if ftype is type(None) else ftype.__name__
+
+
 def describe_fields(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str, str]]:
     """(key, type, default, doc) for every leaf: the config reference in README and `--help-config`."""
     rows = []
@@ -528,11 +560,9 @@ def describe_fields(cls: type = Config, prefix: str = "") -> list[tuple[str, str
         if dataclasses.is_dataclass(ftype):
             rows.extend(describe_fields(ftype, f"{prefix}{f.name}."))  # type: ignore[arg-type]
             continue
-        tname = " | ".join(a.__name__ for a in typing.get_args(ftype)) or ftype.__name__
+        tname = _type_name(ftype)
         value = getattr(default, f.name)
-        rows.append(
-            (f"{prefix}{f.name}", tname.replace("NoneType", "null"), repr(value), f.metadata.get("doc", ""))
-        )
+        rows.append((f"{prefix}{f.name}", tname, json.dumps(value), f.metadata.get("doc", "")))
     return rows
 
 
@@ -540,5 +570,5 @@ def reference_markdown() -> str:
     """The README's config reference table."""
     lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
     for key, tname, default, doc in describe_fields():
-        lines.append(f"| `{key}` | {tname} | `{default}` | {doc.replace('|', '/')} |")
+        lines.append(f"| `{key}` | {tname.replace(' | ', ' or ')} | `{default}` | {doc.replace('|', '/')} |")
     return "\n".join(lines)

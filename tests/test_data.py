@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pretrain.data import ByteTokenizer, DistributedBatches, PackedSamples
+from pretrain.data import ByteTokenizer, DistributedBatches, PackedSamples, TokenStream
 from pretrain.data.builtin import stdlib_documents, stdlib_tokens
 
 
@@ -66,7 +66,7 @@ def test_order_is_seeded_covers_every_sample_per_epoch_and_resumes_exactly():
     a = DistributedBatches(samples, 1, 10, 10, 0, 1)
     first_epoch = []
     for _ in range(10):
-        first_epoch += a.step_sample_ids(a.consumed_samples)[0]
+        first_epoch += [i for _, i in a.step_sample_ids(a.consumed_samples)[0]]
         a.next_step()
     assert sorted(first_epoch) == list(range(100))
     assert first_epoch != list(range(100))  # shuffled
@@ -82,3 +82,74 @@ def test_order_is_seeded_covers_every_sample_per_epoch_and_resumes_exactly():
 def test_too_little_data_is_a_clear_error():
     with pytest.raises(ValueError, match="fewer than seq_len"):
         DistributedBatches(PackedSamples(np.arange(5, dtype=np.uint16), 8), 0, 2, 1, 0, 1)
+
+
+def test_token_stream_reads_across_shard_boundaries():
+    parts = [np.arange(0, 5), np.arange(5, 7), np.arange(0), np.arange(7, 12)]
+    stream = TokenStream(parts)
+    assert len(stream) == 12
+    for start in range(12):
+        for stop in range(start + 1, 13):
+            assert stream.read(start, stop).tolist() == list(range(start, stop))
+    samples = PackedSamples(stream, seq_len=3, start=2, stop=11)
+    assert len(samples) == 2 and samples[1].tolist() == [5, 6, 7, 8]
+    with pytest.raises(IndexError):
+        samples[2]
+
+
+def blended(weights, sizes=(50, 30, 20), dp_size=1, global_batch=10, seed=3):
+    datasets = [
+        PackedSamples(np.arange(4 * n + 1, dtype=np.uint16) + 1000 * d, 4) for d, n in enumerate(sizes)
+    ]
+    return [DistributedBatches(datasets, seed, global_batch, 10 // dp_size, r, dp_size, weights=weights)
+            for r in range(dp_size)]  # fmt: skip
+
+
+def test_blend_shares_stay_within_one_percent_of_the_weights():
+    weights = [0.6, 0.3, 0.1]
+    (loader,) = blended(weights, global_batch=100)
+    for steps in (10, 50, 200):  # 1,000 to 20,000 samples, many epochs of the small datasets
+        while loader.consumed_samples < steps * 100:
+            loader.next_step()
+        shares = np.array(loader.consumed_per_dataset()) / loader.consumed_samples
+        assert np.abs(shares - weights).max() < 0.01, shares
+    # and within every window of 1,000 samples, not only on average
+    ids = loader.schedule.datasets(0, 20_000)
+    for start in range(0, 20_000, 1_000):
+        window = np.bincount(ids[start : start + 1_000], minlength=3) / 1_000
+        assert np.abs(window - weights).max() < 0.01, (start, window)
+
+
+def test_blend_counters_agree_with_a_plain_count():
+    (loader,) = blended([0.5, 0.25, 0.25])
+    schedule = loader.schedule
+    ids = schedule.datasets(0, 200_000)  # crosses several cached blocks
+    for start in (0, 1, 65_535, 65_536, 131_073, 199_990):
+        expected = np.bincount(ids[:start], minlength=3)
+        assert schedule.counts_before(start).tolist() == expected.tolist()
+    got_ids, counters = schedule.locate(131_000, 131_100)
+    for offset, (d, k) in enumerate(zip(got_ids, counters, strict=True)):
+        assert d == ids[131_000 + offset] and k == (ids[: 131_000 + offset] == d).sum()
+
+
+def trained_rows(loaders, steps):
+    rows = []
+    for _ in range(steps):
+        step_rows = []
+        for loader in loaders:
+            step_rows += [tuple(r) for inputs, _ in loader.next_step() for r in inputs[:, :1].tolist()]
+        rows.append(sorted(step_rows))
+    return rows
+
+
+@pytest.mark.parametrize("dp_sizes", [(1, 2), (2, 1), (2, 5), (5, 1)])
+def test_resume_on_another_dp_size_continues_without_repeat_or_gap(dp_sizes):
+    """Train k steps on one DP size, resume on another: the same samples as an uninterrupted run."""
+    before, after = dp_sizes
+    uninterrupted = trained_rows(blended([0.5, 0.3, 0.2], dp_size=1), 12)
+    first = blended([0.5, 0.3, 0.2], dp_size=before)
+    head = trained_rows(first, 5)
+    resumed = blended([0.5, 0.3, 0.2], dp_size=after)
+    for loader in resumed:
+        loader.load_state_dict(first[0].state_dict())
+    assert head + trained_rows(resumed, 7) == uninterrupted

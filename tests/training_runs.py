@@ -59,7 +59,7 @@ def overfit_one_batch(steps: int) -> list[float]:
     import torch
 
     from pretrain.config import load_config
-    from pretrain.data import PackedSamples, load_tokens
+    from pretrain.data import load_training_data
     from pretrain.model import Transformer
     from pretrain.parallel import build_engine
 
@@ -74,8 +74,7 @@ def overfit_one_batch(steps: int) -> list[float]:
         ],
         world_size=1,
     )
-    train_tokens, _, _ = load_tokens(cfg.data)
-    samples = PackedSamples(train_tokens, cfg.train.seq_len)
+    samples = load_training_data(cfg.data, cfg.train.seq_len).train[0]
     rows = torch.from_numpy(np.stack([samples[i] for i in range(8)]).astype(np.int64))
     torch.manual_seed(0)
     engine, _ = build_engine(cfg, Transformer(cfg.model), world_size=1, precision="fp32")

@@ -1,19 +1,77 @@
-"""Token sources and the deterministic, rank-independent batch order."""
+"""Token sources, the shard format, and the deterministic, rank-independent batch order."""
 
 from __future__ import annotations
 
-import numpy as np
+from dataclasses import dataclass
+from pathlib import Path
 
 from pretrain.config import DataConfig
 from pretrain.data.builtin import ByteTokenizer, stdlib_tokens
-from pretrain.data.loader import DistributedBatches, GlobalOrder, PackedSamples
+from pretrain.data.loader import BlendSchedule, DistributedBatches, GlobalOrder, PackedSamples, TokenStream
 
-__all__ = ["ByteTokenizer", "DistributedBatches", "GlobalOrder", "PackedSamples", "load_tokens"]
+__all__ = [
+    "BlendSchedule",
+    "ByteTokenizer",
+    "DataError",
+    "DistributedBatches",
+    "GlobalOrder",
+    "PackedSamples",
+    "TokenStream",
+    "TrainingData",
+    "load_training_data",
+]
+
+BUILTIN_NAME = "python-stdlib"
 
 
-def load_tokens(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, int]:
-    """(train tokens, validation tokens, tokenizer vocabulary size) for the configured source."""
-    if cfg.source == "python-stdlib":
+class DataError(ValueError):
+    """A dataset that cannot be trained on; the message names it and the fix."""
+
+
+@dataclass
+class TrainingData:
+    names: list[str]
+    train: list[PackedSamples]
+    validation: list[PackedSamples]
+    weights: list[float] | None
+    vocab_size: int  # of the tokenizer the data was made with
+    eod_id: int
+    tokenizer_hash: str | None  # None for the built-in byte-level corpus
+
+
+def load_training_data(cfg: DataConfig, seq_len: int) -> TrainingData:
+    """Open every configured dataset (or the built-in corpus) and split off its validation tail."""
+    if not cfg.paths:
         train, val = stdlib_tokens(cfg.validation_fraction)
-        return train, val, ByteTokenizer.vocab_size
-    raise ValueError(f"data.source {cfg.source!r} is unknown; the built-in source is 'python-stdlib'")
+        return TrainingData(
+            [BUILTIN_NAME],
+            [PackedSamples(train, seq_len)],
+            [PackedSamples(val, seq_len)],
+            None,
+            ByteTokenizer.vocab_size,
+            ByteTokenizer.eod_id,
+            None,
+        )
+    from pretrain.data.shards import open_dataset
+
+    opened = [open_dataset(path, cfg, seq_len) for path in cfg.paths]
+    hashes = {d.tokenizer_hash for d in opened}
+    if len(hashes) > 1:
+        listing = "; ".join(f"{d.name}: {d.tokenizer_hash[:12]}" for d in opened)
+        raise DataError(
+            f"the datasets in data.paths were tokenized with different tokenizers ({listing}); "
+            f"prepare them all with the same tokenizer"
+        )
+    return TrainingData(
+        [d.name for d in opened],
+        [d.train for d in opened],
+        [d.validation for d in opened],
+        cfg.weights,
+        max(d.vocab_size for d in opened),
+        opened[0].eod_id,
+        opened[0].tokenizer_hash,
+    )
+
+
+def dataset_name(path: str) -> str:
+    return Path(path.rstrip("/")).name or path

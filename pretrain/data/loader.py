@@ -1,49 +1,134 @@
-"""Packed samples in a global order that depends on (seed, data, seq_len) only, split over ranks.
+"""Packed samples, blended over datasets, in a global order that depends on (seed, data, seq_len) only.
 
-A sample is seq_len + 1 consecutive tokens of the concatenated documents (packing across document
-boundaries), giving inputs [:-1] and next-token labels [1:]. Global sample g of the run is sample
-perm_e[g mod N] of epoch e = g div N, where perm_e is a permutation seeded by (seed, e). A step
-consumes the next global_batch_size global samples; data-parallel rank r takes the r-th slice of
-each micro-batch round. So the samples a step trains on never depend on the number of ranks, and
-the loader's whole state is the count of consumed samples.
+A dataset is one token stream (its documents, each ending with EOD, concatenated across shards).
+A sample is seq_len + 1 consecutive tokens of it (packing across document boundaries), giving
+inputs [:-1] and next-token labels [1:].
+
+Global sample g of the run comes from dataset d(g) of the blend (a low-discrepancy sequence over the
+normalised weights, so every dataset's share of any window of a few hundred samples is within about
+1% of its weight), and is that dataset's k-th sample, k = how many earlier samples came from d. The
+k-th sample of a dataset with N samples is perm_e[k mod N] of epoch e = k div N, a permutation seeded
+by (seed, d, e): every epoch reshuffles. A step consumes the next global_batch_size global samples;
+data-parallel rank r takes the r-th slice of each micro-batch round. So what a step trains on never
+depends on the number of ranks, and the loader's whole state is the count of consumed samples.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
+# 1/phi: consecutive multiples modulo 1 are the most evenly spread sequence there is (Weyl/Kronecker).
+_GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
+
+
+class TokenStream:
+    """Arrays (shards) read as one sequence of tokens without copying them together."""
+
+    def __init__(self, parts: Sequence[np.ndarray]):
+        self.parts = [p for p in parts if len(p)]
+        self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        first = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        pieces = []
+        while start < stop:
+            part = self.parts[first]
+            local = start - int(self.offsets[first])
+            piece = part[local : local + (stop - start)]
+            pieces.append(piece)
+            start += len(piece)
+            first += 1
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
 
 class PackedSamples:
-    def __init__(self, tokens: np.ndarray, seq_len: int):
-        self.tokens, self.seq_len = tokens, seq_len
-        self.num_samples = max(0, (len(tokens) - 1) // seq_len)
+    """Samples of seq_len + 1 tokens from the window [start, stop) of a stream."""
+
+    def __init__(
+        self, stream: TokenStream | np.ndarray, seq_len: int, start: int = 0, stop: int | None = None
+    ):
+        self.stream = stream if isinstance(stream, TokenStream) else TokenStream([stream])
+        self.seq_len, self.start = seq_len, start
+        stop = len(self.stream) if stop is None else stop
+        self.num_samples = max(0, (stop - start - 1) // seq_len)
 
     def __len__(self) -> int:
         return self.num_samples
 
     def __getitem__(self, index: int) -> np.ndarray:
-        start = index * self.seq_len
-        return self.tokens[start : start + self.seq_len + 1]
+        if not 0 <= index < self.num_samples:
+            raise IndexError(index)
+        begin = self.start + index * self.seq_len
+        return self.stream.read(begin, begin + self.seq_len + 1)
 
 
 class GlobalOrder:
-    """Global sample index -> sample id, reshuffled every epoch."""
+    """A dataset's sample index k -> sample id, reshuffled every epoch."""
 
-    def __init__(self, num_samples: int, seed: int, shuffle: bool = True):
-        self.num_samples, self.seed, self.shuffle = num_samples, seed, shuffle
+    def __init__(self, num_samples: int, seed: int | Sequence[int], shuffle: bool = True):
+        self.num_samples, self.shuffle = num_samples, shuffle
+        self.seed = [seed] if isinstance(seed, int) else list(seed)
         self._epoch, self._perm = -1, np.arange(num_samples)
 
-    def __getitem__(self, global_index: int) -> int:
-        epoch, position = divmod(global_index, self.num_samples)
+    def __getitem__(self, index: int) -> int:
+        epoch, position = divmod(index, self.num_samples)
         if self.shuffle and epoch != self._epoch:
-            self._epoch, self._perm = (
-                epoch,
-                np.random.default_rng([self.seed, epoch]).permutation(self.num_samples),
-            )
+            rng = np.random.default_rng([*self.seed, epoch])
+            dtype = np.uint32 if self.num_samples < 2**32 else np.int64  # half the memory for big datasets
+            self._epoch, self._perm = epoch, rng.permutation(self.num_samples).astype(dtype)
         return int(self._perm[position])
+
+
+class BlendSchedule:
+    """Global sample index -> (dataset, that dataset's sample counter), deterministic from (weights, seed)."""
+
+    BLOCK = 1 << 16
+
+    def __init__(self, weights: Sequence[float], seed: int):
+        w = np.asarray(weights, dtype=np.float64)
+        self.bounds = np.cumsum(w / w.sum())
+        self.bounds[-1] = 1.0  # no sample may fall past the last dataset through rounding
+        self.phase = float(np.random.default_rng([seed, 0x5EED]).random())
+        self._counts_at_block: list[np.ndarray] = [np.zeros(len(w), dtype=np.int64)]
+
+    def datasets(self, start: int, stop: int) -> np.ndarray:
+        u = (self.phase + np.arange(start, stop, dtype=np.float64) * _GOLDEN) % 1.0
+        return np.searchsorted(self.bounds, u, side="right").clip(max=len(self.bounds) - 1)
+
+    def counts_before(self, index: int) -> np.ndarray:
+        """How many of the global samples [0, index) each dataset has supplied."""
+        if len(self.bounds) == 1:
+            return np.array([index], dtype=np.int64)
+        block = index // self.BLOCK
+        while len(self._counts_at_block) <= block:  # extend the cache of block-boundary counts
+            b = len(self._counts_at_block) - 1
+            ids = self.datasets(b * self.BLOCK, (b + 1) * self.BLOCK)
+            self._counts_at_block.append(
+                self._counts_at_block[b] + np.bincount(ids, minlength=len(self.bounds))
+            )
+        base = block * self.BLOCK
+        ids = self.datasets(base, index)
+        return self._counts_at_block[block] + np.bincount(ids, minlength=len(self.bounds))
+
+    def locate(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """(dataset, per-dataset counter) for every global sample in [start, stop)."""
+        if len(self.bounds) == 1:
+            return np.zeros(stop - start, dtype=np.int64), np.arange(start, stop, dtype=np.int64)
+        ids = self.datasets(start, stop)
+        counters = np.empty(len(ids), dtype=np.int64)
+        before = self.counts_before(start)
+        for d in range(len(self.bounds)):
+            mask = ids == d
+            counters[mask] = before[d] + np.arange(int(mask.sum()))
+        return ids, counters
 
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -54,21 +139,26 @@ class DistributedBatches:
 
     def __init__(
         self,
-        samples: PackedSamples,
+        datasets: PackedSamples | Sequence[PackedSamples],
         seed: int,
         global_batch_size: int,
         micro_batch_size: int,
         dp_rank: int,
         dp_size: int,
         shuffle: bool = True,
+        weights: Sequence[float] | None = None,
     ):
-        if len(samples) == 0:
-            raise ValueError(
-                f"the data holds fewer than seq_len + 1 = {samples.seq_len + 1} tokens; "
-                f"use more data or a shorter train.seq_len"
-            )
-        self.samples = samples
-        self.order = GlobalOrder(len(samples), seed, shuffle)
+        self.datasets = [datasets] if isinstance(datasets, PackedSamples) else list(datasets)
+        for index, samples in enumerate(self.datasets):
+            if len(samples) == 0:
+                raise ValueError(
+                    f"dataset {index} holds fewer than seq_len + 1 = {samples.seq_len + 1} tokens; "
+                    f"use more data or a shorter train.seq_len"
+                )
+        if weights is None:
+            weights = [float(len(s)) for s in self.datasets]
+        self.schedule = BlendSchedule(weights, seed)
+        self.orders = [GlobalOrder(len(s), [seed, d], shuffle) for d, s in enumerate(self.datasets)]
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.consumed_samples = 0
@@ -77,22 +167,33 @@ class DistributedBatches:
     def accumulation_steps(self) -> int:
         return self.global_batch_size // (self.micro_batch_size * self.dp_size)
 
-    def step_sample_ids(self, step_start: int) -> list[list[int]]:
-        """This rank's sample ids per micro-batch for the step starting at global index `step_start`."""
+    def step_sample_ids(self, step_start: int) -> list[list[tuple[int, int]]]:
+        """This rank's (dataset, sample id) per micro-batch for the step starting at global index `step_start`."""
+        ids, counters = self.schedule.locate(step_start, step_start + self.global_batch_size)
         round_size = self.micro_batch_size * self.dp_size
-        ids = []
+        out = []
         for micro in range(self.accumulation_steps):
-            first = step_start + micro * round_size + self.dp_rank * self.micro_batch_size
-            ids.append([self.order[g] for g in range(first, first + self.micro_batch_size)])
-        return ids
+            first = micro * round_size + self.dp_rank * self.micro_batch_size
+            out.append(
+                [
+                    (int(ids[i]), self.orders[ids[i]][int(counters[i])])
+                    for i in range(first, first + self.micro_batch_size)
+                ]
+            )
+        return out
 
     def next_step(self) -> list[Batch]:
         batches = []
         for ids in self.step_sample_ids(self.consumed_samples):
-            rows = torch.from_numpy(np.stack([self.samples[i] for i in ids]).astype(np.int64))
-            batches.append((rows[:, :-1], rows[:, 1:]))
+            rows = np.stack([self.datasets[d][i] for d, i in ids]).astype(np.int64)
+            tensor = torch.from_numpy(rows)
+            batches.append((tensor[:, :-1], tensor[:, 1:]))
         self.consumed_samples += self.global_batch_size
         return batches
+
+    def consumed_per_dataset(self) -> list[int]:
+        """Samples each dataset has supplied to the run so far (over all ranks)."""
+        return [int(c) for c in self.schedule.counts_before(self.consumed_samples)]
 
     def state_dict(self) -> dict[str, Any]:
         return {"consumed_samples": self.consumed_samples}

@@ -15,7 +15,7 @@ import torch
 
 import pretrain
 from pretrain.config import Config, ConfigError
-from pretrain.data import DistributedBatches, PackedSamples, load_tokens
+from pretrain.data import DistributedBatches, load_training_data
 from pretrain.model import Transformer, count_parameters, flops_per_token
 from pretrain.parallel import DistInfo, build_engine, resolve_precision
 from pretrain.train.callbacks import (
@@ -131,40 +131,39 @@ def build_trainer(cfg: Config, dist: DistInfo) -> Trainer:
                 "Use parallel.zero_stage=1 (on one process it costs no extra memory), or train.precision=fp32"
             ]
         )
-    train_tokens, val_tokens, tokenizer_vocab = load_tokens(cfg.data)
-    if tokenizer_vocab > cfg.model.vocab_size:
+    data = load_training_data(cfg.data, cfg.train.seq_len)
+    if data.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
             [
-                f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocabulary "
-                f"({tokenizer_vocab}) for data.source={cfg.data.source}; set model.vocab_size >= {tokenizer_vocab}"
+                f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the vocabulary of the tokenizer the data "
+                f"was made with ({data.vocab_size}, datasets {', '.join(data.names)}); "
+                f"set model.vocab_size >= {data.vocab_size}"
             ]
         )
     seed_everything(cfg.seed)  # same initial weights on every rank
     model = Transformer(cfg.model).to(dist.device)
     engine, ds_config = build_engine(cfg, model, dist.world_size, precision)
     summary = run_summary(cfg, dist.world_size, precision)
+    summary["data"] = {"datasets": data.names, "tokenizer_hash": data.tokenizer_hash, "eod_id": data.eod_id}
     run_dir = _prepare_run_dir(cfg, dist, summary, ds_config)
 
     dp_rank, dp_size = dist.rank, dist.world_size
     t = cfg.train
     train_batches = DistributedBatches(
-        PackedSamples(train_tokens, t.seq_len),
-        cfg.seed,
-        t.global_batch_size,
-        t.micro_batch_size,
-        dp_rank,
-        dp_size,
+        data.train, cfg.seed, t.global_batch_size, t.micro_batch_size, dp_rank, dp_size, weights=data.weights
     )
-    val_samples = PackedSamples(val_tokens, t.seq_len)
     val_batches = None
-    if t.eval_interval > 0 and len(val_samples) > 0:
+    if t.eval_interval > 0 and all(len(v) > 0 for v in data.validation):
         val_batches = DistributedBatches(
-            val_samples, cfg.seed, t.global_batch_size, t.micro_batch_size, dp_rank, dp_size, shuffle=False
-        )
+            data.validation, cfg.seed, t.global_batch_size, t.micro_batch_size, dp_rank, dp_size,
+            shuffle=False, weights=data.weights,
+        )  # fmt: skip
 
     peak = peak_tflops(dist.device, precision, cfg.logging.peak_tflops)
     callbacks: list[Callback] = [
-        ThroughputMonitor(cfg.logging.interval, summary["flops_per_token"], peak, dist.world_size),
+        ThroughputMonitor(
+            cfg.logging.interval, summary["flops_per_token"], peak, dist.world_size, data.names
+        ),
         Evaluator(t.eval_interval),
         Checkpointer(run_dir / "checkpoints", cfg.checkpoint.interval, cfg.checkpoint.save_final),
     ]

@@ -39,8 +39,15 @@ class ThroughputMonitor(Callback):
     """Every logging.interval steps (and at steps 1 and last): loss averaged over the interval and over
     data-parallel ranks, LR, grad norm, tokens/s, MFU and ETA."""
 
-    def __init__(self, interval: int, flops_per_token: int, peak_tflops: float | None, world_size: int):
-        self.interval, self.flops_per_token = interval, flops_per_token
+    def __init__(
+        self,
+        interval: int,
+        flops_per_token: int,
+        peak_tflops: float | None,
+        world_size: int,
+        datasets: list[str],
+    ):
+        self.interval, self.flops_per_token, self.datasets = interval, flops_per_token, datasets
         self.peak_flops = None if peak_tflops is None else peak_tflops * 1e12 * world_size
         self._since: float = 0.0
         self._since_step = 0
@@ -59,7 +66,7 @@ class ThroughputMonitor(Callback):
         steps = step - self._since_step
         step_time = (now - self._since) / steps
         tokens_per_sec = trainer.cfg.tokens_per_step / step_time
-        record = {
+        record: dict[str, Any] = {
             "step": step,
             "loss": sum(v for _, v in losses) / len(losses),
             "lr": trainer.last_lr,
@@ -73,6 +80,11 @@ class ThroughputMonitor(Callback):
             "elapsed_s": now - self._start,
             "eta_s": step_time * (last - step),
         }
+        if len(self.datasets) > 1:  # realised blend: each dataset's share of all samples so far
+            consumed = trainer.train_batches.consumed_per_dataset()
+            record["data_share"] = {
+                n: c / sum(consumed) for n, c in zip(self.datasets, consumed, strict=True)
+            }
         self._since, self._since_step = now, step
         trainer.log(record)
 

@@ -1,0 +1,50 @@
+"""Open a prepared dataset (manifest + Megatron-format shards) as train and validation samples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pretrain.config import DataConfig
+from pretrain.data.loader import PackedSamples, TokenStream
+
+
+@dataclass
+class OpenedDataset:
+    name: str
+    train: PackedSamples
+    validation: PackedSamples
+    vocab_size: int
+    eod_id: int
+    tokenizer_hash: str
+
+
+def open_dataset(path: str, cfg: DataConfig, seq_len: int) -> OpenedDataset:
+    """Validate the dataset at `path` against its manifest (sizes always, sha256 if asked), memory-map
+    its shards, and hold out its last validation_fraction of tokens for validation."""
+    from pretrain.data.indexed import IndexedDataset
+    from pretrain.data.manifest import load_manifest, verify
+    from pretrain.data.remote import is_remote, localize
+
+    local = localize(path, Path(cfg.cache_dir) if cfg.cache_dir else None) if is_remote(path) else Path(path)
+    manifest = load_manifest(local)
+    verify(local, checksums=cfg.verify_checksums)
+    shards = [IndexedDataset(local / shard.prefix) for shard in manifest.shards]
+    stream = TokenStream([shard.tokens for shard in shards])
+    total = len(stream)
+    cut = total - round(cfg.validation_fraction * total)
+    train = PackedSamples(stream, seq_len, 0, cut)
+    if len(train) == 0:
+        raise ValueError(
+            f"dataset {path} holds {total} tokens, fewer than one training sample of seq_len + 1 = {seq_len + 1} "
+            f"after holding out data.validation_fraction={cfg.validation_fraction}; add data or shorten train.seq_len"
+        )
+    name = Path(path.rstrip("/")).name or path
+    return OpenedDataset(
+        name,
+        train,
+        PackedSamples(stream, seq_len, cut, total),
+        manifest.vocab_size,
+        manifest.eod_id,
+        manifest.tokenizer_hash,
+    )
