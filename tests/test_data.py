@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from pretrain.data import ByteTokenizer, DistributedBatches, PackedSamples, TokenStream
 from pretrain.data.builtin import stdlib_documents, stdlib_tokens
@@ -153,3 +154,14 @@ def test_resume_on_another_dp_size_continues_without_repeat_or_gap(dp_sizes):
     for loader in resumed:
         loader.load_state_dict(first[0].state_dict())
     assert head + trained_rows(resumed, 7) == uninterrupted
+
+
+def test_positions_restart_after_each_end_of_document():
+    from pretrain.data.loader import document_positions
+
+    eod = 9
+    tokens = torch.tensor([[5, 6, eod, 7, 8, 8, eod, eod, 1], [eod, 1, 2, 3, 4, 5, 6, 7, 8]])
+    assert document_positions(tokens, eod).tolist() == [
+        [0, 1, 2, 0, 1, 2, 3, 0, 0],
+        [0, 0, 1, 2, 3, 4, 5, 6, 7],
+    ]

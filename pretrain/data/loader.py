@@ -200,3 +200,17 @@ class DistributedBatches:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.consumed_samples = int(state["consumed_samples"])
+
+
+def document_positions(tokens: torch.Tensor, eod_id: int) -> torch.Tensor:
+    """Position ids that restart after every end-of-document token, for models that reset positions
+    (or build block-diagonal attention masks) per packed document. (batch, seq) -> (batch, seq)."""
+    seq = tokens.shape[-1]
+    index = torch.arange(seq, device=tokens.device).expand_as(tokens)
+    # a document starts at 0 and right after each EOD; carry the latest start forward
+    starts = torch.where(
+        torch.nn.functional.pad(tokens[..., :-1] == eod_id, (1, 0), value=True),
+        index,
+        torch.zeros_like(index),
+    )
+    return index - torch.cummax(starts, dim=-1).values
