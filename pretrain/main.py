@@ -1,7 +1,7 @@
 """Entry point: `deepspeed pretrain/main.py --config configs/tiny.yaml [key=value ...]`.
 
 Parse the config, join the process group, build, fit. Exit codes: 0 done, 2 invalid configuration,
-3 non-finite loss.
+3 non-finite loss, 4 unusable data (missing, corrupt or mismatched datasets).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pretrain.config import Config, ConfigError, describe_fields, load_config
 
 EXIT_CONFIG_ERROR = 2
 EXIT_NON_FINITE = 3
+EXIT_DATA_ERROR = 4
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -98,7 +99,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from deepspeed.utils import logger as ds_logger
 
+    from pretrain.data import DataError
+    from pretrain.data.indexed import ShardError
     from pretrain.parallel import init_distributed
+    from pretrain.parallel.distributed import PeerFailure
     from pretrain.train import NonFiniteLossError, build_trainer
 
     ds_logger.setLevel(logging.WARNING)
@@ -114,6 +118,11 @@ def main(argv: list[str] | None = None) -> int:
         if dist.is_main:
             print(f"error: {e}", file=sys.stderr)
         return EXIT_NON_FINITE
+    except PeerFailure:
+        return EXIT_DATA_ERROR
+    except (DataError, ShardError, OSError) as e:
+        print(f"error (rank {dist.rank}): {e}", file=sys.stderr)
+        return EXIT_DATA_ERROR
     return 0
 
 

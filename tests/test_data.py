@@ -6,6 +6,7 @@ import torch
 
 from pretrain.data import ByteTokenizer, DistributedBatches, PackedSamples, TokenStream
 from pretrain.data.builtin import stdlib_documents, stdlib_tokens
+from pretrain.data.errors import DataError
 
 
 def test_stdlib_corpus_is_real_text_split_by_document(tmp_path):
@@ -81,7 +82,7 @@ def test_order_is_seeded_covers_every_sample_per_epoch_and_resumes_exactly():
 
 
 def test_too_little_data_is_a_clear_error():
-    with pytest.raises(ValueError, match="fewer than seq_len"):
+    with pytest.raises(DataError, match="fewer than seq_len"):
         DistributedBatches(PackedSamples(np.arange(5, dtype=np.uint16), 8), 0, 2, 1, 0, 1)
 
 

@@ -116,3 +116,22 @@ def train_with_weights_poisoned_on_rank0(run_dir: str, poison_after_step: int) -
     except NonFiniteLossError as e:
         return {"step": e.step, "message": str(e), "completed": trainer.state.step}
     return {"step": None}
+
+
+def fail_on_rank(bad_rank: int) -> str:
+    """all_ranks_succeed with one failing rank: what each rank sees."""
+    import torch.distributed as dist
+
+    from pretrain.parallel.distributed import PeerFailure, all_ranks_succeed
+
+    def work() -> str:
+        if dist.get_rank() == bad_rank:
+            raise FileNotFoundError("shard-00003.bin is missing")
+        return "ok"
+
+    try:
+        return all_ranks_succeed(work)
+    except PeerFailure:
+        return "peer failure"
+    except FileNotFoundError as e:
+        return f"own error: {e}"

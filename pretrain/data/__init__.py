@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pretrain.config import DataConfig
 from pretrain.data.builtin import ByteTokenizer, stdlib_tokens
+from pretrain.data.errors import DataError
 from pretrain.data.loader import BlendSchedule, DistributedBatches, GlobalOrder, PackedSamples, TokenStream
 
 __all__ = [
@@ -22,10 +23,6 @@ __all__ = [
 ]
 
 BUILTIN_NAME = "python-stdlib"
-
-
-class DataError(ValueError):
-    """A dataset that cannot be trained on; the message names it and the fix."""
 
 
 @dataclass

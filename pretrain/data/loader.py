@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from pretrain.data.errors import DataError
+
 # 1/phi: consecutive multiples modulo 1 are the most evenly spread sequence there is (Weyl/Kronecker).
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 
@@ -151,7 +153,7 @@ class DistributedBatches:
         self.datasets = [datasets] if isinstance(datasets, PackedSamples) else list(datasets)
         for index, samples in enumerate(self.datasets):
             if len(samples) == 0:
-                raise ValueError(
+                raise DataError(
                     f"dataset {index} holds fewer than seq_len + 1 = {samples.seq_len + 1} tokens; "
                     f"use more data or a shorter train.seq_len"
                 )

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pretrain.config import DataConfig
+from pretrain.data.errors import DataError
 from pretrain.data.loader import PackedSamples, TokenStream
 
 
@@ -35,7 +36,7 @@ def open_dataset(path: str, cfg: DataConfig, seq_len: int) -> OpenedDataset:
     cut = total - round(cfg.validation_fraction * total)
     train = PackedSamples(stream, seq_len, 0, cut)
     if len(train) == 0:
-        raise ValueError(
+        raise DataError(
             f"dataset {path} holds {total} tokens, fewer than one training sample of seq_len + 1 = {seq_len + 1} "
             f"after holding out data.validation_fraction={cfg.validation_fraction}; add data or shorten train.seq_len"
         )

@@ -5,10 +5,14 @@ from __future__ import annotations
 import os
 import socket
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -103,3 +107,33 @@ def all_reduce_mean(values: torch.Tensor, group: dist.ProcessGroup | None = None
         dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
         out /= dist.get_world_size(group)
     return out
+
+
+class PeerFailure(RuntimeError):
+    """Raised on ranks that succeeded when another rank failed the same collective step."""
+
+
+def all_ranks_succeed(fn: Callable[[], T]) -> T:
+    """Run `fn` on every rank and agree on the outcome (one all-reduce): if any rank raised, every
+    rank raises (the failing ones their own error, the others PeerFailure), instead of the healthy
+    ranks hanging in the next collective until a timeout hides the real error."""
+    error: BaseException | None = None
+    result: T | None = None
+    try:
+        result = fn()
+    except Exception as e:
+        error = e
+    flag = torch.tensor([1.0 if error else 0.0], device=_collective_device())
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if error is not None:
+        raise error
+    if flag.item() > 0:
+        raise PeerFailure("another rank failed (its error is printed by that rank); stopping here too")
+    return result  # type: ignore[return-value]
+
+
+def _collective_device() -> torch.device:
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

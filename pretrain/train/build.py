@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import random
@@ -18,6 +19,7 @@ from pretrain.config import Config, ConfigError
 from pretrain.data import DistributedBatches, load_training_data
 from pretrain.model import Transformer, count_parameters, flops_per_token
 from pretrain.parallel import DistInfo, build_engine, resolve_precision
+from pretrain.parallel.distributed import all_ranks_succeed
 from pretrain.train.callbacks import (
     Callback,
     Checkpointer,
@@ -131,7 +133,9 @@ def build_trainer(cfg: Config, dist: DistInfo) -> Trainer:
                 "Use parallel.zero_stage=1 (on one process it costs no extra memory), or train.precision=fp32"
             ]
         )
-    data = load_training_data(cfg.data, cfg.train.seq_len)
+    # Checksums are read once (rank 0); sizes and headers on every rank, which maps the shards anyway.
+    data_cfg = dataclasses.replace(cfg.data, verify_checksums=cfg.data.verify_checksums and dist.is_main)
+    data = all_ranks_succeed(lambda: load_training_data(data_cfg, cfg.train.seq_len))
     if data.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
             [
