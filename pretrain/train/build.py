@@ -169,7 +169,12 @@ def build_trainer(cfg: Config, dist: DistInfo) -> Trainer:
             cfg.logging.interval, summary["flops_per_token"], peak, dist.world_size, data.names
         ),
         Evaluator(t.eval_interval),
-        Checkpointer(run_dir / "checkpoints", cfg.checkpoint.interval, cfg.checkpoint.save_final),
+        Checkpointer(
+            run_dir / "checkpoints",
+            cfg.checkpoint.interval,
+            cfg.checkpoint.save_final,
+            {"config": cfg.to_yaml(), "data": summary["data"], "code": summary["versions"]["code"]},
+        ),
     ]
     if dist.is_main:
         callbacks += [ConsoleProgress(), JsonlWriter(run_dir / "metrics.jsonl")]

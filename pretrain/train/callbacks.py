@@ -111,8 +111,9 @@ class Checkpointer(Callback):
     so a model that has gone non-finite is never saved.
     """
 
-    def __init__(self, directory: Path, interval: int, save_final: bool):
+    def __init__(self, directory: Path, interval: int, save_final: bool, provenance: dict[str, Any]):
         self.directory, self.interval, self.save_final = directory, interval, save_final
+        self.provenance = provenance  # tokenizer hash, datasets, config: what the weights came from
         self.saved_step = -1
 
     def on_step_end(self, trainer: Trainer) -> None:
