@@ -100,7 +100,6 @@ def main(argv: list[str] | None = None) -> int:
     from deepspeed.utils import logger as ds_logger
 
     from pretrain.data import DataError
-    from pretrain.data.indexed import ShardError
     from pretrain.parallel import init_distributed
     from pretrain.parallel.distributed import PeerFailure
     from pretrain.train import NonFiniteLossError, build_trainer
@@ -120,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_NON_FINITE
     except PeerFailure:
         return EXIT_DATA_ERROR
-    except (DataError, ShardError, OSError) as e:
+    except (DataError, OSError) as e:
         print(f"error (rank {dist.rank}): {e}", file=sys.stderr)
         return EXIT_DATA_ERROR
     return 0

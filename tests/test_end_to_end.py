@@ -128,7 +128,7 @@ def test_mpirun_launch_matches_the_deepspeed_launcher(launched_run, tmp_path):
         timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "on 2 process(es)" in result.stdout
+    assert "x data-parallel 2" in result.stdout
 
     def losses(run_dir):
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -177,7 +177,7 @@ def build_trainer(cfg: Config, dist: DistInfo) -> Trainer:
         ),
     ]
     if dist.is_main:
-        callbacks += [ConsoleProgress(), JsonlWriter(run_dir / "metrics.jsonl")]
+        callbacks += [ConsoleProgress(summary), JsonlWriter(run_dir / "metrics.jsonl")]
         if cfg.logging.tensorboard:
             callbacks.append(TensorBoardWriter(run_dir / "tensorboard"))
         if cfg.logging.plot:

@@ -179,11 +179,19 @@ def _si(value: float) -> str:
 class ConsoleProgress(Callback):
     """One line per record: step, loss, LR, grad norm, tokens/s, MFU, ETA."""
 
+    def __init__(self, summary: dict[str, Any]):
+        self.summary = summary
+
     def on_train_start(self, trainer: Trainer) -> None:
-        cfg = trainer.cfg
+        cfg, s = trainer.cfg, self.summary
         print(
-            f"training {cfg.train.steps} steps of {cfg.train.global_batch_size} x {cfg.train.seq_len} tokens "
-            f"on {trainer.dist.world_size} process(es); writing to {cfg.run.dir}",
+            f"model: {s['parameters']:,} parameters, {s['flops_per_token']:,} FLOPs/token; precision {s['precision']}\n"
+            f"batch: {cfg.train.global_batch_size} sequences x {cfg.train.seq_len} tokens = {s['tokens_per_step']:,} "
+            f"tokens/step = micro {cfg.train.micro_batch_size} x accumulation {s['grad_accum_steps']} x "
+            f"data-parallel {s['data_parallel_size']}\n"
+            f"schedule: {cfg.train.steps} steps, {s['total_tokens']:,} tokens; {cfg.schedule.kind} LR {cfg.optim.lr:g} "
+            f"after {cfg.schedule.warmup_steps} warmup steps\n"
+            f"data: {', '.join(s['data']['datasets'])}; writing to {cfg.run.dir}",
             flush=True,
         )
 
