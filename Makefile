@@ -14,11 +14,19 @@ setup:
 	$(BIN)/python -m pip install --quiet -e '.[dev,mpi]'
 	@echo "set up: activate with '. $(BIN)/activate'"
 
-# The tiny preset on the built-in corpus (the Python standard library's source), 2 processes.
-# run.overwrite=true: running the quickstart again replaces its previous run.
+# The whole path on the built-in corpus (the Python standard library's source): train a BPE tokenizer,
+# prepare Megatron-format shards, inspect them, and train the tiny preset on them with 2 processes.
+# Re-running reuses the prepared shards; run.overwrite=true replaces the previous training run.
+QUICKSTART_DATA := runs/quickstart-data
 quickstart:
+	$(BIN)/python -m pretrain.data export-stdlib --output $(QUICKSTART_DATA)/stdlib.jsonl
+	$(BIN)/python -m pretrain.data train-tokenizer --input $(QUICKSTART_DATA)/stdlib.jsonl --vocab-size 4096 \
+		--output $(QUICKSTART_DATA)/tokenizer
+	$(BIN)/python -m pretrain.data prepare --input $(QUICKSTART_DATA)/stdlib.jsonl \
+		--tokenizer $(QUICKSTART_DATA)/tokenizer --output $(QUICKSTART_DATA)/stdlib
+	$(BIN)/python -m pretrain.data inspect $(QUICKSTART_DATA)/stdlib
 	PATH=$(CURDIR)/$(BIN):$$PATH deepspeed --num_gpus 2 pretrain/main.py --config configs/tiny.yaml \
-		run.dir=runs/quickstart run.overwrite=true
+		data.paths='[$(QUICKSTART_DATA)/stdlib]' model.vocab_size=4096 run.dir=runs/quickstart run.overwrite=true
 
 lint:
 	$(BIN)/ruff check .

@@ -24,12 +24,11 @@ def open_dataset(path: str, cfg: DataConfig, seq_len: int) -> OpenedDataset:
     """Validate the dataset at `path` against its manifest (sizes always, sha256 if asked), memory-map
     its shards, and hold out its last validation_fraction of tokens for validation."""
     from pretrain.data.indexed import IndexedDataset
-    from pretrain.data.manifest import load_manifest, verify
+    from pretrain.data.manifest import verify
     from pretrain.data.remote import is_remote, localize
 
     local = localize(path, Path(cfg.cache_dir) if cfg.cache_dir else None) if is_remote(path) else Path(path)
-    manifest = load_manifest(local)
-    verify(local, checksums=cfg.verify_checksums)
+    manifest = verify(local, checksums=cfg.verify_checksums)
     shards = [IndexedDataset(local / shard.prefix) for shard in manifest.shards]
     stream = TokenStream([shard.tokens for shard in shards])
     total = len(stream)

@@ -1,0 +1,130 @@
+"""`python -m pretrain.data COMMAND`: train-tokenizer, prepare, inspect, export-stdlib."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def _texts(inputs: list[str], text_field: str) -> Iterator[str]:
+    from pretrain.data.prepare import read_documents, resolve_inputs
+
+    for source in resolve_inputs(inputs):
+        yield from read_documents(source, text_field)
+
+
+def cmd_train_tokenizer(args: argparse.Namespace) -> None:
+    from pretrain.data.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer(_texts(args.input, args.text_field), args.vocab_size, args.output)
+    print(
+        f"{args.output}: vocabulary {tokenizer.vocab_size}, end-of-document id {tokenizer.eod_id}, hash {tokenizer.content_hash[:16]}"
+    )
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from pretrain.data.prepare import manifest_summary, prepare
+
+    manifest = prepare(
+        args.input, args.tokenizer, args.output, args.text_field, args.workers, args.shard_tokens,
+        args.shard_index, args.num_shards,
+    )  # fmt: skip
+    if manifest is None:
+        print(
+            f"part {args.shard_index} of {args.num_shards} done; manifest.json follows when every part is done"
+        )
+    else:
+        print(json.dumps(manifest_summary(manifest), indent=2))
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from pretrain.data.indexed import IndexedDataset
+    from pretrain.data.manifest import verify
+    from pretrain.data.tokenizer import load_tokenizer
+
+    folder = Path(args.dataset)
+    manifest = verify(folder, checksums=not args.no_checksums)
+    print(
+        f"dataset {folder}: {manifest.num_tokens:,} tokens in {manifest.num_documents:,} documents, {len(manifest.shards)} shards ({manifest.dtype})"
+    )
+    print(
+        f"tokenizer {manifest.tokenizer_hash[:16]} (vocabulary {manifest.vocab_size}, end-of-document {manifest.eod_id}); source {manifest.source}"
+    )
+    for shard in manifest.shards:
+        print(
+            f"  {shard.prefix}: {shard.num_tokens:,} tokens, {shard.num_documents:,} documents, sha256 {shard.bin_sha256[:16]}"
+        )
+    print("checksums: " + ("skipped" if args.no_checksums else "all match the manifest"))
+    tokenizer_path = manifest.source.get("tokenizer")
+    if tokenizer_path and Path(tokenizer_path).exists():
+        first = IndexedDataset(folder / manifest.shards[0].prefix).document(0)
+        text = load_tokenizer(tokenizer_path).decode(first.tolist())
+        print(f"first document ({len(first)} tokens):\n{text[:600]}")
+
+
+def cmd_export_stdlib(args: argparse.Namespace) -> None:
+    from pretrain.data.builtin import stdlib_documents
+
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(output.name + ".tmp")
+    with tmp.open("w") as f:
+        for path in stdlib_documents():
+            text = path.read_bytes().decode("utf-8", errors="replace")
+            f.write(json.dumps({"text": text, "path": path.name}) + "\n")
+    os.replace(tmp, output)
+    print(f"{output}: {len(stdlib_documents())} documents from the Python standard library")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pretrain.data", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer")
+    p.add_argument("--input", nargs="+", required=True, help="files or globs (jsonl, json, parquet, txt)")
+    p.add_argument("--vocab-size", type=int, required=True)
+    p.add_argument(
+        "--output", required=True, help="folder for tokenizer.json (a Hugging Face tokenizer folder)"
+    )
+    p.add_argument("--text-field", default="text")
+    p.set_defaults(run=cmd_train_tokenizer)
+
+    p = commands.add_parser("prepare", help="tokenize text into Megatron-format shards with a manifest")
+    p.add_argument("--input", nargs="+", required=True, help="files, globs, or a hub dataset name")
+    p.add_argument("--tokenizer", required=True, help="tokenizer.json or a folder holding one")
+    p.add_argument("--output", required=True, help="dataset folder")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)), help="tokenizer processes")
+    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard at most (about)")
+    p.add_argument("--shard-index", type=int, default=0, help="this array job's index (SLURM_ARRAY_TASK_ID)")
+    p.add_argument("--num-shards", type=int, default=1, help="number of array jobs")
+    p.set_defaults(run=cmd_prepare)
+
+    p = commands.add_parser("inspect", help="counts, checksums and a decoded sample of a prepared dataset")
+    p.add_argument("dataset")
+    p.add_argument("--no-checksums", action="store_true", help="skip reading every shard for its sha256")
+    p.set_defaults(run=cmd_inspect)
+
+    p = commands.add_parser(
+        "export-stdlib", help="write the built-in corpus (Python's standard library) as jsonl"
+    )
+    p.add_argument("--output", required=True)
+    p.set_defaults(run=cmd_export_stdlib)
+
+    args = parser.parse_args(argv)
+    from pretrain.data.errors import DataError
+
+    try:
+        args.run(args)
+    except (DataError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

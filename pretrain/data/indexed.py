@@ -1,0 +1,164 @@
+"""The Megatron-LM memory-mapped indexed dataset: `PREFIX.bin` (tokens) + `PREFIX.idx` (index).
+
+Byte for byte the layout of Megatron-LM's `megatron/core/datasets/indexed_dataset.py`, so shards
+made here load in Megatron-LM and GPT-NeoX and theirs load here:
+
+    .idx  b"MMIDIDX\\x00\\x00"        9-byte magic
+          <Q version = 1
+          <B dtype code             1 uint8, 2 int8, 3 int16, 4 int32, 5 int64, 6 float64, 7 float32, 8 uint16
+          <Q sequence count  S
+          <Q document count  D      = len(document_indices) = number of documents + 1
+          int32[S]  sizes           tokens per sequence
+          int64[S]  pointers        byte offset of each sequence in .bin
+          int64[D]  document_indices  sequence index where each document starts, then S
+    .bin  the sequences' tokens back to back, little-endian, in the dtype above
+
+We write one sequence per document (document_indices = 0, 1, ..., S).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from pretrain.data.errors import DataError
+
+MAGIC = b"MMIDIDX\x00\x00"
+VERSION = 1
+DTYPE_CODES: dict[int, type[np.generic]] = {
+    1: np.uint8,
+    2: np.int8,
+    3: np.int16,
+    4: np.int32,
+    5: np.int64,
+    6: np.float64,
+    7: np.float32,
+    8: np.uint16,
+}
+_HEADER = struct.Struct("<9sQBQQ")
+
+
+class ShardError(DataError):
+    """A .bin/.idx pair that is missing, truncated or corrupt; names the file and the fix."""
+
+
+def dtype_code(dtype: np.dtype | type) -> int:
+    for code, candidate in DTYPE_CODES.items():
+        if np.dtype(candidate) == np.dtype(dtype):
+            return code
+    raise ValueError(f"dtype {dtype} has no code in the Megatron indexed-dataset format")
+
+
+def best_dtype(vocab_size: int) -> type[np.generic]:
+    """uint16 while every token id fits (vocabularies up to 65,536), else int32."""
+    return np.uint16 if vocab_size <= 2**16 else np.int32
+
+
+class IndexedDatasetWriter:
+    """Streams documents into PREFIX.bin; `finalize()` writes PREFIX.idx. The shard appears complete
+    (its .idx exists) only after both files are fully written, fsynced and renamed into place."""
+
+    def __init__(self, prefix: Path | str, dtype: np.dtype | type):
+        self.prefix = Path(prefix)
+        self.dtype = np.dtype(dtype)
+        self._code = dtype_code(self.dtype)
+        self._tmp_bin = self.prefix.with_name(self.prefix.name + ".bin.tmp")
+        self._bin = self._tmp_bin.open("wb")
+        self._sizes: list[int] = []
+
+    def add_document(self, tokens: np.ndarray) -> None:
+        self._bin.write(np.ascontiguousarray(tokens, dtype=self.dtype).tobytes(order="C"))
+        self._sizes.append(len(tokens))
+
+    def finalize(self) -> None:
+        self._bin.flush()
+        os.fsync(self._bin.fileno())
+        self._bin.close()
+        sizes = np.asarray(self._sizes, dtype=np.int32)
+        pointers = np.zeros(len(sizes), dtype=np.int64)
+        if len(sizes) > 1:
+            np.cumsum(sizes[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
+        documents = np.arange(len(sizes) + 1, dtype=np.int64)
+        tmp_idx = self.prefix.with_name(self.prefix.name + ".idx.tmp")
+        with tmp_idx.open("wb") as f:
+            f.write(_HEADER.pack(MAGIC, VERSION, self._code, len(sizes), len(documents)))
+            f.write(sizes.tobytes())
+            f.write(pointers.tobytes())
+            f.write(documents.tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(self._tmp_bin, Path(f"{self.prefix}.bin"))
+        os.replace(tmp_idx, Path(f"{self.prefix}.idx"))  # last: the .idx marks the shard complete
+
+
+class IndexedDataset:
+    """Read-only view of one shard; the header is checked on open, the tokens are memory-mapped lazily."""
+
+    def __init__(self, prefix: Path | str):
+        self.prefix = Path(prefix)
+        self.idx_path, self.bin_path = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
+        for path in (self.idx_path, self.bin_path):
+            if not path.is_file():
+                raise ShardError(
+                    f"{path} does not exist; re-run `python -m pretrain.data prepare` for this dataset"
+                )
+        raw = self.idx_path.read_bytes()
+        if len(raw) < _HEADER.size:
+            raise ShardError(
+                f"{self.idx_path} is truncated ({len(raw)} bytes, header alone is {_HEADER.size}); re-run prepare"
+            )
+        magic, version, code, sequences, documents = _HEADER.unpack_from(raw)
+        if magic != MAGIC:
+            raise ShardError(
+                f"{self.idx_path} is not a Megatron indexed-dataset index (magic {magic!r}); re-run prepare"
+            )
+        if version != VERSION:
+            raise ShardError(f"{self.idx_path} has index version {version}; only version {VERSION} exists")
+        if code not in DTYPE_CODES:
+            raise ShardError(
+                f"{self.idx_path} has unknown dtype code {code}; the file is corrupt, re-run prepare"
+            )
+        self.dtype = np.dtype(DTYPE_CODES[code])
+        expected = _HEADER.size + sequences * (4 + 8) + documents * 8
+        if len(raw) != expected:
+            raise ShardError(
+                f"{self.idx_path} holds {len(raw)} bytes but its header promises {expected} "
+                f"({sequences} sequences, {documents} document entries): truncated or corrupt; re-run prepare"
+            )
+        offset = _HEADER.size
+        self.sizes = np.frombuffer(raw, dtype=np.int32, count=sequences, offset=offset)
+        offset += sequences * 4
+        self.pointers = np.frombuffer(raw, dtype=np.int64, count=sequences, offset=offset)
+        offset += sequences * 8
+        self.document_indices = np.frombuffer(raw, dtype=np.int64, count=documents, offset=offset)
+        self.num_tokens = int(self.sizes.sum(dtype=np.int64))
+        bin_size = self.bin_path.stat().st_size
+        if bin_size != self.num_tokens * self.dtype.itemsize:
+            raise ShardError(
+                f"{self.bin_path} holds {bin_size} bytes but its index describes {self.num_tokens} tokens of "
+                f"{self.dtype} ({self.num_tokens * self.dtype.itemsize} bytes): truncated or corrupt; re-run prepare"
+            )
+        if sequences and (
+            self.pointers[0] != 0 or np.any(np.diff(self.pointers) != self.sizes[:-1] * self.dtype.itemsize)
+        ):
+            raise ShardError(
+                f"{self.idx_path} has pointers that do not follow its sizes: corrupt; re-run prepare"
+            )
+
+    @property
+    def num_documents(self) -> int:
+        return max(0, len(self.document_indices) - 1)
+
+    @cached_property
+    def tokens(self) -> np.ndarray:
+        if self.num_tokens == 0:
+            return np.zeros(0, dtype=self.dtype)
+        return np.memmap(self.bin_path, dtype=self.dtype, mode="r")
+
+    def document(self, index: int) -> np.ndarray:
+        start = int(self.pointers[index]) // self.dtype.itemsize
+        return self.tokens[start : start + int(self.sizes[index])]

@@ -1,0 +1,102 @@
+"""`manifest.json`: what a prepared dataset holds, and the checks that it still holds it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pretrain.data.errors import DataError
+
+FORMAT = "pretrain-megatron-shards"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class ShardRecord:
+    prefix: str  # relative to the dataset folder, without .bin/.idx
+    num_tokens: int
+    num_documents: int
+    bin_sha256: str
+    idx_sha256: str
+
+
+@dataclass
+class Manifest:
+    tokenizer_hash: str
+    vocab_size: int
+    eod_id: int
+    dtype: str
+    num_tokens: int
+    num_documents: int
+    shards: list[ShardRecord]
+    source: dict[str, Any] = field(default_factory=dict)
+    created_by: str = ""
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    def save(self, folder: Path) -> None:
+        write_json_atomically(folder / MANIFEST, asdict(self))
+
+
+def write_json_atomically(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_manifest(folder: str | Path) -> Manifest:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        hint = " (its parts are not all finished yet)" if any(Path(folder).glob("part-*")) else ""
+        raise DataError(
+            f"{path} does not exist{hint}; make the dataset with "
+            f"`python -m pretrain.data prepare --input ... --tokenizer ... --output {folder}`"
+        )
+    try:
+        raw = json.loads(path.read_text())
+        raw["shards"] = [ShardRecord(**s) for s in raw["shards"]]
+        manifest = Manifest(**raw)
+    except (ValueError, TypeError, KeyError) as e:
+        raise DataError(f"{path} is not a valid manifest ({e}); re-run prepare") from e
+    if manifest.format != FORMAT or manifest.format_version != FORMAT_VERSION:
+        raise DataError(
+            f"{path} has format {manifest.format} v{manifest.format_version}; expected {FORMAT} v{FORMAT_VERSION}"
+        )
+    return manifest
+
+
+def verify(folder: str | Path, checksums: bool = True) -> Manifest:
+    """Every shard exists, parses, and matches the manifest's counts (and sha256 if `checksums`)."""
+    from pretrain.data.indexed import IndexedDataset, ShardError
+
+    folder = Path(folder)
+    manifest = load_manifest(folder)
+    if manifest.num_tokens == 0:
+        raise DataError(f"dataset {folder} holds no tokens; prepare it from non-empty input")
+    for shard in manifest.shards:
+        opened = IndexedDataset(folder / shard.prefix)
+        if (opened.num_tokens, opened.num_documents) != (shard.num_tokens, shard.num_documents):
+            raise ShardError(
+                f"{opened.bin_path} holds {opened.num_tokens} tokens in {opened.num_documents} documents, but "
+                f"{folder / MANIFEST} records {shard.num_tokens} in {shard.num_documents}; re-run prepare"
+            )
+        if checksums:
+            for path, expected in ((opened.bin_path, shard.bin_sha256), (opened.idx_path, shard.idx_sha256)):
+                if sha256_file(path) != expected:
+                    raise ShardError(
+                        f"{path} does not match the sha256 in {folder / MANIFEST}; the file changed or is corrupt: re-run prepare"
+                    )
+    return manifest
