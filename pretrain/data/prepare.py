@@ -56,6 +56,8 @@ def read_documents(source: str, text_field: str) -> Iterator[str]:
     from datasets import load_dataset
 
     builder = _BUILDERS.get(Path(source).suffix.lower())
+    if builder and Path(source).stat().st_size == 0:
+        return  # `datasets` fails on an empty file instead of yielding nothing
     if builder:
         stream = load_dataset(builder, data_files=[source], split="train", streaming=True)
     else:

@@ -1,0 +1,175 @@
+"""text -> tokenizer -> prepare -> shards -> loader, and the mistakes users make on the way."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, TINY
+from pretrain.data.errors import DataError
+from pretrain.data.indexed import IndexedDataset, ShardError
+from pretrain.data.manifest import load_manifest, verify
+from pretrain.data.prepare import prepare
+from pretrain.data.tokenizer import load_tokenizer, train_tokenizer
+
+TEXTS = [f"def function_{i}(x):\n    return x * {i}  # doc {i}\n" * (1 + i % 5) for i in range(120)]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    for part, chunk in enumerate((TEXTS[:70], TEXTS[70:])):
+        with (root / f"part{part}.jsonl").open("w") as f:
+            for text in chunk:
+                f.write(json.dumps({"text": text, "id": part}) + "\n")
+    tokenizer = train_tokenizer(TEXTS, 400, root / "tok")
+    return root, tokenizer
+
+
+def documents(folder, tokenizer):
+    manifest = load_manifest(folder)
+    out = []
+    for shard in manifest.shards:
+        data = IndexedDataset(folder / shard.prefix)
+        out += [tokenizer.decode(data.document(i).tolist()) for i in range(data.num_documents)]
+    return out
+
+
+def test_prepared_shards_give_back_every_document_with_an_end_of_document(corpus, tmp_path):
+    root, tokenizer = corpus
+    manifest = prepare([str(root / "*.jsonl")], str(root / "tok"), tmp_path / "d", shard_tokens=2_000)
+    assert manifest is not None and len(manifest.shards) > 2  # several bounded shards
+    assert manifest.num_documents == len(TEXTS)
+    assert documents(tmp_path / "d", tokenizer) == [t + "<|eos|>" for t in TEXTS]
+    assert manifest.tokenizer_hash == tokenizer.content_hash and manifest.dtype == "uint16"
+    assert verify(tmp_path / "d").num_tokens == manifest.num_tokens
+
+
+def test_two_workers_write_the_same_bytes_as_one(corpus, tmp_path):
+    root, _ = corpus
+    one = prepare([str(root / "*.jsonl")], str(root / "tok"), tmp_path / "one", workers=1, shard_tokens=2_000)
+    two = prepare([str(root / "*.jsonl")], str(root / "tok"), tmp_path / "two", workers=2, shard_tokens=2_000)
+    assert [s.bin_sha256 for s in one.shards] == [s.bin_sha256 for s in two.shards]
+
+
+def test_array_job_parts_hold_the_same_documents_as_one_run(corpus, tmp_path):
+    root, tokenizer = corpus
+    inputs = [str(root / "*.jsonl")]
+    assert (
+        prepare(inputs, str(root / "tok"), tmp_path / "a", shard_index=1, num_shards=2) is None
+    )  # waits for part 0
+    assert not (tmp_path / "a" / "manifest.json").exists()
+    manifest = prepare(inputs, str(root / "tok"), tmp_path / "a", shard_index=0, num_shards=2)
+    assert manifest is not None and manifest.source["num_parts"] == 2
+    assert documents(tmp_path / "a", tokenizer) == [
+        t + "<|eos|>" for t in TEXTS
+    ]  # part 0 = part0.jsonl first
+
+
+def test_interrupted_prepare_resumes_without_redoing_finished_shards(corpus, tmp_path):
+    root, _ = corpus
+    args = ([str(root / "*.jsonl")], str(root / "tok"))
+    complete = prepare(*args, tmp_path / "ref", shard_tokens=2_000)
+    prepare(*args, tmp_path / "d", shard_tokens=2_000)
+    part = tmp_path / "d" / "part-00000"
+    # Simulate a crash while the third shard was being written: its record never appeared, the
+    # manifest and done marker neither, and a temporary file was left behind.
+    (part / "shard-00002.json").unlink()
+    for later in sorted(part.glob("shard-0000[3-9].*")):
+        later.unlink()
+    (part / "done.json").unlink()
+    (tmp_path / "d" / "manifest.json").unlink()
+    (part / "shard-00002.bin.tmp").write_bytes(b"half")
+    kept = {p.name: p.stat().st_mtime_ns for p in part.glob("shard-0000[01].*")}
+    resumed = prepare(*args, tmp_path / "d", shard_tokens=2_000)
+    assert {p.name: p.stat().st_mtime_ns for p in part.glob("shard-0000[01].*")} == kept  # not rewritten
+    assert [s.bin_sha256 for s in resumed.shards] == [s.bin_sha256 for s in complete.shards]
+    assert not list(part.glob("*.tmp"))
+
+
+def test_missing_text_field_lists_the_fields_present(corpus, tmp_path):
+    root, _ = corpus
+    with pytest.raises(DataError, match=r"has no field 'content' \(fields: text, id\); pass --text-field"):
+        prepare([str(root / "part0.jsonl")], str(root / "tok"), tmp_path / "d", text_field="content")
+
+
+def test_empty_input_and_unmatched_globs_are_errors(corpus, tmp_path):
+    root, _ = corpus
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match="holds no documents"):
+        prepare([str(tmp_path / "empty.jsonl")], str(root / "tok"), tmp_path / "d")
+    with pytest.raises(DataError, match="matches no file"):
+        prepare([str(tmp_path / "nothing-*.jsonl")], str(root / "tok"), tmp_path / "d")
+
+
+def test_tokenizer_without_end_of_document_is_refused(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    Tokenizer(models.WordLevel({"a": 0, "b": 1}, unk_token="a")).save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(DataError, match="has no end-of-document token"):
+        load_tokenizer(tmp_path)
+
+
+def test_trained_tokenizer_folder_loads_in_transformers(corpus):
+    transformers = pytest.importorskip("transformers")
+    root, tokenizer = corpus
+    hf = transformers.AutoTokenizer.from_pretrained(root / "tok")
+    assert hf(TEXTS[3], add_special_tokens=False)["input_ids"] == tokenizer.encode_batch([TEXTS[3]])[0]
+    assert hf.eos_token_id == tokenizer.eod_id
+
+
+def test_checksum_mismatch_names_the_shard(corpus, tmp_path):
+    root, _ = corpus
+    manifest = prepare([str(root / "part0.jsonl")], str(root / "tok"), tmp_path / "d")
+    bin_path = tmp_path / "d" / f"{manifest.shards[0].prefix}.bin"
+    data = bytearray(bin_path.read_bytes())
+    data[10] ^= 0xFF  # same size, different content: only the checksum can tell
+    bin_path.write_bytes(bytes(data))
+    verify(tmp_path / "d", checksums=False)
+    with pytest.raises(ShardError, match=r"shard-00000\.bin does not match the sha256"):
+        verify(tmp_path / "d")
+
+
+def run_cli(*args):
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    return subprocess.run(
+        [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_cli_commands_and_a_vocabulary_that_does_not_fit_the_model(corpus, tmp_path):
+    root, tokenizer = corpus
+    result = run_cli("-m", "pretrain.data", "prepare", "--input", str(root / "*.jsonl"), "--tokenizer",
+                     str(root / "tok"), "--output", str(tmp_path / "d"), "--workers", "1")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "docs/s" in result.stderr and "tokens/s" in result.stderr
+    inspected = run_cli("-m", "pretrain.data", "inspect", str(tmp_path / "d"))
+    assert inspected.returncode == 0, inspected.stderr
+    manifest = load_manifest(tmp_path / "d")
+    assert f"{manifest.num_tokens:,} tokens in {len(TEXTS)} documents" in inspected.stdout
+    assert "checksums: all match the manifest" in inspected.stdout and "def function_0" in inspected.stdout
+    missing = run_cli("-m", "pretrain.data", "inspect", str(tmp_path / "nothing"))
+    assert missing.returncode == 1 and "manifest.json does not exist" in missing.stderr
+    small = run_cli("pretrain/main.py", "--config", str(TINY), f"data.paths=[{tmp_path / 'd'}]",
+                    "model.vocab_size=300", f"run.dir={tmp_path / 'run'}")  # fmt: skip
+    assert small.returncode == 2
+    assert f"set model.vocab_size >= {tokenizer.vocab_size}" in small.stderr
+
+
+@pytest.mark.slow
+def test_two_ranks_train_on_a_blend_of_prepared_datasets(corpus, tmp_path):
+    from pretrain.testing import run_distributed
+    from training_runs import step_records, train_and_read_metrics
+
+    root, tokenizer = corpus
+    for name in ("code", "more"):
+        prepare([str(root / f"part{int(name == 'more')}.jsonl")], str(root / "tok"), tmp_path / name)
+    overrides = [f"data.paths=[{tmp_path / 'code'},{tmp_path / 'more'}]", "data.weights=[0.75,0.25]",
+                 f"model.vocab_size={tokenizer.vocab_size}", "train.seq_len=32", "data.verify_checksums=true"]  # fmt: skip
+    records, _ = run_distributed(train_and_read_metrics, 2, overrides, str(tmp_path / "run"))
+    records = step_records(records)
+    assert len(records) == 6 and records[-1]["loss"] < records[0]["loss"]
+    shares = records[-1]["data_share"]
+    assert set(shares) == {"code", "more"} and shares["code"] == pytest.approx(0.75, abs=0.05)
