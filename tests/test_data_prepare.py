@@ -173,3 +173,19 @@ def test_two_ranks_train_on_a_blend_of_prepared_datasets(corpus, tmp_path):
     assert len(records) == 6 and records[-1]["loss"] < records[0]["loss"]
     shares = records[-1]["data_share"]
     assert set(shares) == {"code", "more"} and shares["code"] == pytest.approx(0.75, abs=0.05)
+
+
+def test_loader_samples_over_shards_read_back_the_documents_in_order(corpus, tmp_path):
+    from pretrain.config import DataConfig
+    from pretrain.data.shards import open_dataset
+
+    root, tokenizer = corpus
+    prepare([str(root / "*.jsonl")], str(root / "tok"), tmp_path / "d", shard_tokens=1_500)
+    opened = open_dataset(str(tmp_path / "d"), DataConfig(validation_fraction=0.0), seq_len=50)
+    samples = opened.train
+    tokens = [*samples[0].tolist()] + [t for i in range(1, len(samples)) for t in samples[i][1:].tolist()]
+    text = tokenizer.decode(tokens)  # packed samples overlap by one token and cross shard boundaries
+    expected = "".join(t + "<|eos|>" for t in TEXTS)
+    assert (
+        len(tokens) == 1 + 50 * len(samples) and expected.startswith(text) and len(text) > 0.9 * len(expected)
+    )
