@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from pretrain.data.indexed import IndexedDataset, IndexedDatasetWriter
 
+from pretrain.data.indexed import IndexedDataset, IndexedDatasetWriter
 from pretrain.data.loader import DistributedBatches, PackedSamples, TokenStream
 
 
