@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from pretrain.config import DataConfig
 from pretrain.data.builtin import ByteTokenizer, stdlib_tokens
@@ -68,7 +67,3 @@ def load_training_data(cfg: DataConfig, seq_len: int) -> TrainingData:
         opened[0].eod_id,
         opened[0].tokenizer_hash,
     )
-
-
-def dataset_name(path: str) -> str:
-    return Path(path.rstrip("/")).name or path
