@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import struct
+from array import array
 from functools import cached_property
 from pathlib import Path
 
@@ -46,7 +47,7 @@ class ShardError(DataError):
     """A .bin/.idx pair that is missing, truncated or corrupt; names the file and the fix."""
 
 
-def dtype_code(dtype: np.dtype | type) -> int:
+def dtype_code(dtype: np.dtype | type | str) -> int:
     for code, candidate in DTYPE_CODES.items():
         if np.dtype(candidate) == np.dtype(dtype):
             return code
@@ -60,39 +61,90 @@ def best_dtype(vocab_size: int) -> type[np.generic]:
 
 class IndexedDatasetWriter:
     """Streams documents into PREFIX.bin; `finalize()` writes PREFIX.idx. The shard appears complete
-    (its .idx exists) only after both files are fully written, fsynced and renamed into place."""
+    (its .idx exists) only after both files are fully written, fsynced and renamed into place.
 
-    def __init__(self, prefix: Path | str, dtype: np.dtype | type):
+    Memory stays bounded: tokens go straight to the file, only one int32 size per document is kept."""
+
+    def __init__(self, prefix: Path | str, dtype: np.dtype | type | str):
         self.prefix = Path(prefix)
         self.dtype = np.dtype(dtype)
         self._code = dtype_code(self.dtype)
         self._tmp_bin = self.prefix.with_name(self.prefix.name + ".bin.tmp")
+        self._tmp_idx = self.prefix.with_name(self.prefix.name + ".idx.tmp")
         self._bin = self._tmp_bin.open("wb")
-        self._sizes: list[int] = []
+        self._sizes = array("i")  # C int: 32 bits on every platform numpy supports
+        self.num_tokens = 0
+
+    @property
+    def num_documents(self) -> int:
+        return len(self._sizes)
 
     def add_document(self, tokens: np.ndarray) -> None:
-        self._bin.write(np.ascontiguousarray(tokens, dtype=self.dtype).tobytes(order="C"))
+        tokens = self._cast(np.asarray(tokens))
+        self._bin.write(tokens.tobytes(order="C"))
         self._sizes.append(len(tokens))
+        self.num_tokens += len(tokens)
+
+    def add_documents(self, tokens: np.ndarray, sizes: np.ndarray) -> None:
+        """Several documents at once: `tokens` back to back, `sizes[i]` tokens each (one write)."""
+        tokens = self._cast(np.asarray(tokens))
+        if int(np.sum(sizes, dtype=np.int64)) != len(tokens):
+            raise ValueError(f"sizes add up to {int(np.sum(sizes))} tokens but {len(tokens)} were given")
+        self._bin.write(tokens.tobytes(order="C"))
+        self._sizes.extend(np.asarray(sizes, dtype=np.int32).tolist())
+        self.num_tokens += len(tokens)
+
+    def _cast(self, tokens: np.ndarray) -> np.ndarray:
+        if tokens.dtype == self.dtype:
+            return np.ascontiguousarray(tokens)
+        # A silent wrap-around (70000 -> 4464 in uint16) would corrupt the data without any error.
+        info = np.iinfo(self.dtype) if self.dtype.kind in "iu" else None
+        if info is not None and tokens.size and (tokens.min() < info.min or tokens.max() > info.max):
+            raise ValueError(
+                f"{self.prefix}: token ids {tokens.min()}..{tokens.max()} do not fit {self.dtype}; "
+                f"write with a wider dtype (best_dtype(vocab_size))"
+            )
+        return np.ascontiguousarray(tokens, dtype=self.dtype)
 
     def finalize(self) -> None:
         self._bin.flush()
         os.fsync(self._bin.fileno())
         self._bin.close()
-        sizes = np.asarray(self._sizes, dtype=np.int32)
+        sizes = np.frombuffer(self._sizes, dtype=np.intc).astype(np.int32)
         pointers = np.zeros(len(sizes), dtype=np.int64)
         if len(sizes) > 1:
             np.cumsum(sizes[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
         documents = np.arange(len(sizes) + 1, dtype=np.int64)
-        tmp_idx = self.prefix.with_name(self.prefix.name + ".idx.tmp")
-        with tmp_idx.open("wb") as f:
+        with self._tmp_idx.open("wb") as f:
             f.write(_HEADER.pack(MAGIC, VERSION, self._code, len(sizes), len(documents)))
-            f.write(sizes.tobytes())
-            f.write(pointers.tobytes())
-            f.write(documents.tobytes())
+            f.write(sizes.astype("<i4").tobytes())
+            f.write(pointers.astype("<i8").tobytes())
+            f.write(documents.astype("<i8").tobytes())
             f.flush()
             os.fsync(f.fileno())
         os.replace(self._tmp_bin, Path(f"{self.prefix}.bin"))
-        os.replace(tmp_idx, Path(f"{self.prefix}.idx"))  # last: the .idx marks the shard complete
+        os.replace(self._tmp_idx, Path(f"{self.prefix}.idx"))  # last: the .idx marks the shard complete
+        _fsync_dir(self.prefix.parent)
+
+    def abort(self) -> None:
+        """Drop the unfinished shard (its temporary files); the final names were never written."""
+        self._bin.close()
+        for path in (self._tmp_bin, self._tmp_idx):
+            path.unlink(missing_ok=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the renames durable: without it a power loss can forget them after we report success."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # some platforms (Windows) cannot open folders; the renames are still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 class IndexedDataset:
@@ -117,7 +169,10 @@ class IndexedDataset:
                 f"{self.idx_path} is not a Megatron indexed-dataset index (magic {magic!r}); re-run prepare"
             )
         if version != VERSION:
-            raise ShardError(f"{self.idx_path} has index version {version}; only version {VERSION} exists")
+            raise ShardError(
+                f"{self.idx_path} has index version {version}, but only version {VERSION} exists: the file "
+                f"is corrupt or from another format; re-run prepare"
+            )
         if code not in DTYPE_CODES:
             raise ShardError(
                 f"{self.idx_path} has unknown dtype code {code}; the file is corrupt, re-run prepare"
@@ -130,11 +185,11 @@ class IndexedDataset:
                 f"({sequences} sequences, {documents} document entries): truncated or corrupt; re-run prepare"
             )
         offset = _HEADER.size
-        self.sizes = np.frombuffer(raw, dtype=np.int32, count=sequences, offset=offset)
+        self.sizes = np.frombuffer(raw, dtype="<i4", count=sequences, offset=offset)
         offset += sequences * 4
-        self.pointers = np.frombuffer(raw, dtype=np.int64, count=sequences, offset=offset)
+        self.pointers = np.frombuffer(raw, dtype="<i8", count=sequences, offset=offset)
         offset += sequences * 8
-        self.document_indices = np.frombuffer(raw, dtype=np.int64, count=documents, offset=offset)
+        self.document_indices = np.frombuffer(raw, dtype="<i8", count=documents, offset=offset)
         self.num_tokens = int(self.sizes.sum(dtype=np.int64))
         bin_size = self.bin_path.stat().st_size
         if bin_size != self.num_tokens * self.dtype.itemsize:
@@ -142,11 +197,21 @@ class IndexedDataset:
                 f"{self.bin_path} holds {bin_size} bytes but its index describes {self.num_tokens} tokens of "
                 f"{self.dtype} ({self.num_tokens * self.dtype.itemsize} bytes): truncated or corrupt; re-run prepare"
             )
-        if sequences and (
-            self.pointers[0] != 0 or np.any(np.diff(self.pointers) != self.sizes[:-1] * self.dtype.itemsize)
+        if np.any(self.sizes < 0) or (
+            sequences
+            and (
+                self.pointers[0] != 0
+                or np.any(np.diff(self.pointers) != self.sizes[:-1].astype(np.int64) * self.dtype.itemsize)
+            )
         ):
             raise ShardError(
-                f"{self.idx_path} has pointers that do not follow its sizes: corrupt; re-run prepare"
+                f"{self.idx_path} has sizes and pointers that do not agree: corrupt; re-run prepare"
+            )
+        docs = self.document_indices
+        if documents == 0 or docs[0] != 0 or docs[-1] != sequences or np.any(np.diff(docs) < 0):
+            raise ShardError(
+                f"{self.idx_path} has a document index that does not run from 0 to its {sequences} "
+                f"sequences: corrupt; re-run prepare"
             )
 
     @property
@@ -155,10 +220,17 @@ class IndexedDataset:
 
     @cached_property
     def tokens(self) -> np.ndarray:
-        if self.num_tokens == 0:
-            return np.zeros(0, dtype=self.dtype)
+        """The whole .bin as one read-only array, mapped on first use (opening a shard reads only its .idx)."""
+        if self.num_tokens == 0:  # numpy cannot map an empty file
+            empty = np.zeros(0, dtype=self.dtype)
+            empty.flags.writeable = False
+            return empty
         return np.memmap(self.bin_path, dtype=self.dtype, mode="r")
 
+    def __len__(self) -> int:
+        return len(self.sizes)
+
     def document(self, index: int) -> np.ndarray:
+        """Tokens of sequence `index` (= document `index` in shards written here)."""
         start = int(self.pointers[index]) // self.dtype.itemsize
         return self.tokens[start : start + int(self.sizes[index])]
