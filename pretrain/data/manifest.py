@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,8 +45,13 @@ class Manifest:
 
 
 def write_json_atomically(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    """Readers see the old file or the new one, never half of one. The temporary name is unique
+    across hosts: array jobs on different nodes may write the same manifest at the same moment."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with tmp.open("w") as f:
+        f.write(json.dumps(data, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -60,7 +66,9 @@ def sha256_file(path: Path) -> str:
 def load_manifest(folder: str | Path) -> Manifest:
     path = Path(folder) / MANIFEST
     if not path.is_file():
-        hint = " (its parts are not all finished yet)" if any(Path(folder).glob("part-*")) else ""
+        parts = sorted(p.parent.name for p in Path(folder).glob("part-*/part.json"))
+        done = sorted(p.parent.name for p in Path(folder).glob("part-*/done.json"))
+        hint = f" (parts finished: {done or 'none'} of those started: {parts})" if parts else ""
         raise DataError(
             f"{path} does not exist{hint}; make the dataset with "
             f"`python -m pretrain.data prepare --input ... --tokenizer ... --output {folder}`"
@@ -88,6 +96,11 @@ def verify(folder: str | Path, checksums: bool = True) -> Manifest:
         raise DataError(f"dataset {folder} holds no tokens; prepare it from non-empty input")
     for shard in manifest.shards:
         opened = IndexedDataset(folder / shard.prefix)
+        if opened.dtype.name != manifest.dtype:
+            raise ShardError(
+                f"{opened.idx_path} holds {opened.dtype} tokens but {folder / MANIFEST} says {manifest.dtype}; "
+                f"the shard is from another dataset: re-run prepare"
+            )
         if (opened.num_tokens, opened.num_documents) != (shard.num_tokens, shard.num_documents):
             raise ShardError(
                 f"{opened.bin_path} holds {opened.num_tokens} tokens in {opened.num_documents} documents, but "
