@@ -69,3 +69,57 @@ def test_broken_shards_are_named_with_the_fix(tmp_path, damage, message):
     with pytest.raises(ShardError, match=message) as info:
         IndexedDataset(tmp_path / "s")
     assert "re-run" in str(info.value) or "only version" in str(info.value)
+
+
+def test_bulk_and_single_writes_give_the_same_bytes_and_narrowing_is_checked(tmp_path):
+    write(tmp_path / "one", DOCS)
+    writer = IndexedDatasetWriter(tmp_path / "bulk", np.uint16)
+    writer.add_documents(np.concatenate(DOCS[:2]), np.array([4, 2]))
+    writer.add_document(np.asarray(DOCS[2], dtype=np.int64))
+    writer.finalize()
+    for ext in (".bin", ".idx"):
+        assert (tmp_path / f"one{ext}").read_bytes() == (tmp_path / f"bulk{ext}").read_bytes()
+    narrow = IndexedDatasetWriter(tmp_path / "narrow", np.uint16)
+    with pytest.raises(ValueError, match=r"narrow: token ids 1\.\.70000 do not fit uint16"):
+        narrow.add_document(np.array([70_000, 1]))
+    narrow.abort()
+    assert not list(tmp_path.glob("narrow*"))
+
+
+def test_tokens_are_a_read_only_map_and_an_empty_shard_loads(tmp_path):
+    write(tmp_path / "s", DOCS)
+    shard = IndexedDataset(tmp_path / "s")
+    assert isinstance(shard.tokens, np.memmap) and not shard.tokens.flags.writeable
+    assert len(shard) == 3 and shard.document_indices.tolist() == [0, 1, 2, 3]
+    write(tmp_path / "empty", [])
+    empty = IndexedDataset(tmp_path / "empty")
+    assert (empty.num_documents, empty.num_tokens, len(empty.tokens)) == (0, 0, 0)
+
+
+def test_a_corrupt_document_index_or_dtype_code_is_named(tmp_path):
+    write(tmp_path / "s", DOCS)
+    raw = bytearray((tmp_path / "s.idx").read_bytes())
+    raw[-8:] = struct.pack("<q", 7)  # the last document index entry must equal the sequence count
+    (tmp_path / "s.idx").write_bytes(bytes(raw))
+    with pytest.raises(ShardError, match=r"s\.idx has a document index .* re-run prepare"):
+        IndexedDataset(tmp_path / "s")
+    raw[-8:] = struct.pack("<q", 3)
+    raw[17] = 9  # no such dtype code
+    (tmp_path / "s.idx").write_bytes(bytes(raw))
+    with pytest.raises(ShardError, match=r"s\.idx has unknown dtype code 9"):
+        IndexedDataset(tmp_path / "s")
+
+
+def test_pointers_and_sizes_read_independently_with_numpy(tmp_path):
+    docs = [list(range(2, 2 + n)) for n in (3, 1, 5, 2)]
+    write(tmp_path / "s", docs, np.int32)
+    raw = (tmp_path / "s.idx").read_bytes()
+    header = np.frombuffer(raw, dtype=np.dtype([("magic", "S9"), ("version", "<u8"), ("code", "u1"),
+                                                ("seqs", "<u8"), ("docs", "<u8")]), count=1)[0]  # fmt: skip
+    assert (header["magic"], header["version"], header["code"], header["seqs"], header["docs"]) == (
+        b"MMIDIDX", 1, 4, 4, 5,  # numpy strips the magic's trailing NULs
+    )  # fmt: skip
+    sizes = np.frombuffer(raw, "<i4", 4, 34)
+    pointers = np.frombuffer(raw, "<i8", 4, 34 + 16)
+    bin_tokens = np.fromfile(tmp_path / "s.bin", dtype="<i4")
+    assert [bin_tokens[p // 4 : p // 4 + n].tolist() for p, n in zip(pointers, sizes, strict=True)] == docs
