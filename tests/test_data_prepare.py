@@ -189,3 +189,108 @@ def test_loader_samples_over_shards_read_back_the_documents_in_order(corpus, tmp
     assert (
         len(tokens) == 1 + 50 * len(samples) and expected.startswith(text) and len(text) > 0.9 * len(expected)
     )
+
+
+def test_one_file_over_two_array_jobs_splits_by_document_position(corpus, tmp_path):
+    root, tokenizer = corpus
+    inputs, tok = [str(root / "part0.jsonl")], str(root / "tok")
+    assert prepare(inputs, tok, tmp_path / "a", shard_index=0, num_shards=2, shard_tokens=500) is None
+    manifest = prepare(inputs, tok, tmp_path / "a", shard_index=1, num_shards=2, shard_tokens=500)
+    assert manifest is not None and manifest.source["split"] == "documents"
+    expected = [t + "<|eos|>" for t in TEXTS[:70]]
+    assert documents(tmp_path / "a", tokenizer) == expected[0::2] + expected[1::2]  # part 0, then part 1
+    assert {s.prefix.split("/")[0] for s in manifest.shards} == {"part-00000", "part-00001"}
+    assert verify(tmp_path / "a").num_documents == 70
+
+
+def test_a_finished_shard_without_its_idx_is_rewritten_and_earlier_shards_are_kept(corpus, tmp_path):
+    root, _ = corpus
+    args = ([str(root / "*.jsonl")], str(root / "tok"), tmp_path / "d")
+    complete = prepare(*args, shard_tokens=2_000)
+    part = tmp_path / "d" / "part-00000"
+    last = len(complete.shards) - 1
+    (part / f"shard-{last:05d}.idx").unlink()  # as if the crash came between the .bin and .idx renames
+    (part / "done.json").unlink()
+    kept = {
+        p.name: (p.stat().st_ino, p.stat().st_mtime_ns)
+        for p in part.glob("shard-*")
+        if f"{last:05d}" not in p.name
+    }
+    resumed = prepare(*args, shard_tokens=2_000)
+    after = {
+        p.name: (p.stat().st_ino, p.stat().st_mtime_ns)
+        for p in part.glob("shard-*")
+        if f"{last:05d}" not in p.name
+    }
+    assert after == kept
+    assert [s.bin_sha256 for s in resumed.shards] == [s.bin_sha256 for s in complete.shards]
+    again = {p.name: p.stat().st_mtime_ns for p in part.iterdir()}
+    prepare(*args, shard_tokens=2_000)  # complete: nothing is rewritten
+    assert {p.name: p.stat().st_mtime_ns for p in part.iterdir()} == again
+
+
+def test_resuming_with_other_settings_is_refused(corpus, tmp_path):
+    root, _ = corpus
+    args = ([str(root / "*.jsonl")], str(root / "tok"), tmp_path / "d")
+    prepare(*args, shard_tokens=2_000)
+    with pytest.raises(
+        DataError,
+        match=r"part-00000 was started with other settings .*shard_tokens: 2000 -> 3000.*new --output",
+    ):
+        prepare(*args, shard_tokens=3_000)
+
+
+def test_merge_names_the_parts_that_are_missing(corpus, tmp_path):
+    from pretrain.data.__main__ import main
+    from pretrain.data.prepare import merge
+
+    root, _ = corpus
+    prepare([str(root / "*.jsonl")], str(root / "tok"), tmp_path / "d", shard_index=1, num_shards=3)
+    with pytest.raises(
+        DataError, match=r"parts \[0, 2\] of 3 are not complete; .*--shard-index I --num-shards 3"
+    ):
+        merge(tmp_path / "d")
+    with pytest.raises(DataError, match=r"manifest.json does not exist \(parts finished: \['part-00001'\]"):
+        load_manifest(tmp_path / "d")
+    assert main(["merge", str(tmp_path / "d")]) == 1
+
+
+def test_a_foreign_tokenizer_folder_names_its_special_tokens(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    inner = Tokenizer(
+        models.WordLevel({"<unk>": 0, "</s>": 1, "<|endoftext|>": 2, "a": 3}, unk_token="<unk>")
+    )
+    inner.pre_tokenizer = pre_tokenizers.Whitespace()
+    inner.save(str(tmp_path / "tokenizer.json"))
+    assert load_tokenizer(tmp_path / "tokenizer.json").eod_id == 2  # guessed from common names
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "</s>"}}))
+    tokenizer = load_tokenizer(tmp_path)
+    assert (tokenizer.eod_id, tokenizer.bos_id, tokenizer.pad_id, tokenizer.vocab_size) == (1, None, None, 4)
+    assert tokenizer.encode_batch(["a b"]) == [[3, 0]]
+    with pytest.raises(DataError, match=r"no tokenizer at .*train one with"):
+        load_tokenizer(tmp_path / "nothing")
+    with pytest.raises(DataError, match="--vocab-size 100 is too small"):
+        train_tokenizer(["x"], 100, tmp_path / "small")
+
+
+def test_unreadable_records_are_named(corpus, tmp_path):
+    root, _ = corpus
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl: cannot read record 0 onwards .* valid json"):
+        prepare([str(tmp_path / "bad.jsonl")], str(root / "tok"), tmp_path / "d")
+    (tmp_path / "null.jsonl").write_text('{"text": "fine"}\n{"text": null}\n')
+    with pytest.raises(DataError, match=r"null\.jsonl: record 1 has 'text' = NoneType, not text"):
+        prepare([str(tmp_path / "null.jsonl")], str(root / "tok"), tmp_path / "e")
+
+
+def test_export_stdlib_writes_the_builtin_corpus_as_json_lines(tmp_path):
+    from pretrain.data.__main__ import main
+    from pretrain.data.builtin import stdlib_documents
+
+    assert main(["export-stdlib", "--output", str(tmp_path / "stdlib.jsonl")]) == 0
+    lines = (tmp_path / "stdlib.jsonl").read_text().splitlines()
+    paths = stdlib_documents()
+    assert len(lines) == len(paths)
+    first = json.loads(lines[0])
+    assert first["text"] == paths[0].read_text(errors="replace") and first["path"].endswith(paths[0].name)
