@@ -96,6 +96,12 @@ def _open_stream(source: str) -> Any:
 
     builder = builder_for(source)
     try:
+        if builder == "json":
+            # datasets parses 10 MB of JSON at a time by default; 1 MB keeps this process smaller at
+            # no measurable cost (a longer line is still read whole).
+            return load_dataset(
+                builder, data_files=[source], split="train", streaming=True, chunksize=1 << 20
+            )
         if builder:
             return load_dataset(builder, data_files=[source], split="train", streaming=True)
         return load_dataset(source, split="train", streaming=True)
@@ -227,28 +233,46 @@ def _encoded(
             yield encode_documents(tokenizer, batch, np.dtype(spec.dtype), spec.append_eod)
         return
     import multiprocessing as mp
+    from concurrent.futures import Future, ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     # fork starts a worker in milliseconds; spawn re-imports the package (torch included) in each.
     context = mp.get_context("fork" if sys.platform == "linux" else "spawn")
-    # One tokenizer thread per worker process: `workers` is the number of cores used. Set around the
-    # fork only, so the children inherit it and this process keeps its own setting.
-    previous = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    try:
-        pool = context.Pool(workers, _init_worker, (tokenizer_path, spec.dtype, spec.append_eod))
-    finally:
-        if previous is None:
-            del os.environ["TOKENIZERS_PARALLELISM"]
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = previous
-    with pool:
-        pending: deque[Any] = deque()
-        for batch in batches:
-            pending.append(pool.apply_async(_encode_in_worker, (batch,)))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+    # An executor, not multiprocessing.Pool: a worker killed (out of memory) makes Pool wait forever,
+    # the executor raises BrokenProcessPool.
+    executor = ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_init_worker,
+        initargs=(tokenizer_path, spec.dtype, spec.append_eod),
+    )  # fmt: skip
+    with executor:
+        # One tokenizer thread per worker process: `workers` is the number of cores used. Set around
+        # the fork only (the first submit forks every worker, before any reader thread exists here),
+        # so the children inherit it and this process keeps its own setting.
+        previous = os.environ.get("TOKENIZERS_PARALLELISM")
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        try:
+            executor.submit(int).result()
+        finally:
+            if previous is None:
+                del os.environ["TOKENIZERS_PARALLELISM"]
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = previous
+        pending: deque[Future[tuple[np.ndarray, np.ndarray]]] = deque()
+        try:
+            for batch in batches:
+                pending.append(executor.submit(_encode_in_worker, batch))
+                if len(pending) >= 2 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        except BrokenProcessPool as e:
+            raise DataError(
+                f"a tokenizer worker died ({e}); it may have run out of memory: re-run with fewer "
+                f"--workers (prepare continues after the finished shards)"
+            ) from e
+        finally:
+            for future in pending:
+                future.cancel()
 
 
 class _Progress:
