@@ -93,6 +93,8 @@ def test_missing_text_field_lists_the_fields_present(corpus, tmp_path):
     root, _ = corpus
     with pytest.raises(DataError, match=r"has no field 'content' \(fields: text, id\); pass --text-field"):
         prepare([str(root / "part0.jsonl")], str(root / "tok"), tmp_path / "d", text_field="content")
+    # Nothing was finished, so the corrected command just runs (no "other settings" refusal).
+    assert prepare([str(root / "part0.jsonl")], str(root / "tok"), tmp_path / "d").num_documents == 70
 
 
 def test_empty_input_and_unmatched_globs_are_errors(corpus, tmp_path):

@@ -325,20 +325,23 @@ def _finished_shards(part_dir: Path, spec: PartSpec) -> list[dict[str, Any]]:
 
 
 def _check_spec(part_dir: Path, spec: PartSpec) -> None:
-    """A re-run continues a part only with the settings it was started with."""
+    """A re-run continues a part only with the settings it was started with. A part with no finished
+    shard has nothing to reuse: it simply starts over (e.g. after fixing a wrong --text-field)."""
     path = part_dir / "part.json"
     if path.is_file():
         old = json.loads(path.read_text())
         changed = {k: (old.get(k), v) for k, v in asdict(spec).items() if old.get(k) != v}
-        if changed:
+        if not changed:
+            return
+        if any(part_dir.glob("shard-*.json")):
             diff = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
             raise DataError(
                 f"{part_dir} was started with other settings or input ({diff}); re-run with the original "
                 f"options, or choose a new --output (or delete {part_dir}) to start over"
             )
-    else:
-        part_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomically(path, asdict(spec))
+        (part_dir / "done.json").unlink(missing_ok=True)
+    part_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomically(path, asdict(spec))
 
 
 def prepare_part(
@@ -479,8 +482,7 @@ def merge(output: str | Path, required: bool = True) -> Manifest | None:
     shards = [ShardRecord(**r) for p in parts for r in p["shards"]]
     if sum(s.num_documents for s in shards) == 0:
         raise DataError(
-            f"the input {parts[0]['source']['inputs']} holds no documents; nothing to prepare "
-            f"(delete {output} after fixing --input)"
+            f"the input {parts[0]['source']['inputs']} holds no documents; nothing to prepare: check --input"
         )
     manifest = Manifest(
         tokenizer_hash=tokenizer["hash"],
