@@ -296,3 +296,28 @@ def test_export_stdlib_writes_the_builtin_corpus_as_json_lines(tmp_path):
     assert len(lines) == len(paths)
     first = json.loads(lines[0])
     assert first["text"] == paths[0].read_text(errors="replace") and first["path"].endswith(paths[0].name)
+
+
+def test_a_prepare_killed_mid_run_resumes_to_the_same_bytes(corpus, tmp_path):
+    import signal
+    import time
+
+    root, _ = corpus
+    big = tmp_path / "big.jsonl"
+    with big.open("w") as f:
+        for copy in range(100):
+            f.writelines(json.dumps({"text": f"# copy {copy}\n{text}"}) + "\n" for text in TEXTS)
+    tok, out = str(root / "tok"), tmp_path / "d"
+    command = [sys.executable, "-m", "pretrain.data", "prepare", "--input", str(big), "--tokenizer", tok,
+               "--output", str(out), "--workers", "2", "--shard-tokens", "5000"]  # fmt: skip
+    job = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (out / "part-00000" / "shard-00002.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.killpg(job.pid, signal.SIGKILL)  # the whole job, workers included, as SLURM does on timeout
+    job.wait()
+    assert not (out / "manifest.json").exists()  # killed before the end
+    resumed = prepare([str(big)], tok, out, workers=2, shard_tokens=5_000)
+    reference = prepare([str(big)], tok, tmp_path / "ref", shard_tokens=5_000)
+    assert [s.bin_sha256 for s in resumed.shards] == [s.bin_sha256 for s in reference.shards]
+    assert verify(out).num_documents == 100 * len(TEXTS) and len(reference.shards) > 10
