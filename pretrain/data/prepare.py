@@ -276,24 +276,27 @@ def _encoded(
 
 
 class _Progress:
-    """One carriage-return line on stderr, refreshed at most once a second."""
+    """A carriage-return line on stderr refreshed each second on a terminal; in a log file (a SLURM
+    job's), whole lines every 30 s, so the log stays readable."""
 
     def __init__(self, label: str) -> None:
         self.label = label
         self.start = self.last = time.perf_counter()
         self.documents = self.tokens = 0
+        self.tty = sys.stderr.isatty()
 
     def update(self, documents: int, tokens: int, final: bool = False) -> None:
         self.documents += documents
         self.tokens += tokens
         now = time.perf_counter()
-        if final or now - self.last >= 1.0:
+        if final or now - self.last >= (1.0 if self.tty else 30.0):
             self.last = now
             elapsed = max(now - self.start, 1e-9)
+            start = "\r" if self.tty else ""
             print(
-                f"\r{self.label}: {self.documents:,} docs, {self.tokens:,} tokens | "
+                f"{start}{self.label}: {self.documents:,} docs, {self.tokens:,} tokens | "
                 f"{self.documents / elapsed:,.0f} docs/s | {self.tokens / elapsed:,.0f} tokens/s",
-                end="\n" if final else "",
+                end="\n" if final or not self.tty else "",
                 file=sys.stderr,
                 flush=True,
             )
