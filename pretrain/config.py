@@ -66,6 +66,11 @@ class ModelConfig:
         "Std of the normal init; output projections use init_std / sqrt(2 x num_layers) (GPT-2 scaled init).",
         0.02,
     )
+    vocab_pad_multiple: int = _doc(
+        "Embedding and output rows are padded to a multiple of this x parallel.tp (aligned matmuls, even "
+        "tensor-parallel shards); padded rows stay zero, are never predicted, and are removed on export.",
+        128,
+    )
 
     @property
     def kv_heads(self) -> int:
@@ -82,6 +87,10 @@ class ModelConfig:
         raw = int(8 * self.hidden_size / 3)
         return self.ffn_multiple_of * math.ceil(raw / self.ffn_multiple_of)
 
+    def padded_vocab_size(self, tensor_parallel: int) -> int:
+        multiple = self.vocab_pad_multiple * tensor_parallel
+        return multiple * math.ceil(self.vocab_size / multiple)
+
 
 @dataclass
 class ParallelConfig:
@@ -93,6 +102,21 @@ class ParallelConfig:
     tp: int = _doc("Tensor-parallel degree (model.num_heads and num_kv_heads must be divisible by it).", 1)
     pp: int = _doc("Pipeline-parallel degree (at most model.num_layers; needs zero_stage 0 or 1).", 1)
     offload_optimizer: bool = _doc("Keep optimizer states in CPU memory (ZeRO stage >= 1).", False)
+    sequence_parallel: bool = _doc(
+        "With tp > 1, split norms and the activations between tensor-parallel regions along the sequence "
+        "(Megatron-LM sequence parallelism): activation memory / tp, same communication volume.",
+        False,
+    )
+    activation_checkpointing: str = _doc(
+        "Recompute activations in the backward pass: none; full (keep each block's input only); selective "
+        "(keep matmul and attention outputs, recompute norms, rotary and activations).",
+        "none",
+    )
+    pipeline_partition: str = _doc(
+        "How decoder blocks are split over pipeline stages: layers (equal block counts; the embedding joins "
+        "the first stage, the norm and head the last) or parameters (balance parameter counts).",
+        "layers",
+    )
 
 
 @dataclass
@@ -142,6 +166,8 @@ class ScheduleConfig:
 
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+RECOMPUTE_MODES = ("none", "full", "selective")
+PIPELINE_PARTITIONS = ("layers", "parameters")
 
 
 @dataclass
@@ -220,6 +246,10 @@ class Config:
         return self.train.global_batch_size // (
             self.train.micro_batch_size * self.data_parallel_size(world_size)
         )
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return self.model.padded_vocab_size(self.parallel.tp)
 
     @property
     def tokens_per_step(self) -> int:
@@ -434,10 +464,34 @@ def validate(cfg: Config, world_size: int | None = None) -> list[str]:
         p.append(f"parallel.zero_stage must be 0, 1, 2 or 3, got {par.zero_stage}")
     positive("parallel.tp", par.tp)
     positive("parallel.pp", par.pp)
+    positive("model.vocab_pad_multiple", m.vocab_pad_multiple)
     if par.tp > 1:
         for name, heads in (("num_heads", m.num_heads), ("num_kv_heads", m.kv_heads)):
-            if heads % par.tp:
-                p.append(f"model.{name} ({heads}) must be divisible by parallel.tp ({par.tp})")
+            if heads > 0 and heads % par.tp:
+                p.append(
+                    f"model.{name} ({heads}) must be divisible by parallel.tp ({par.tp}): each tensor-parallel "
+                    f"rank holds whole heads; use a parallel.tp that divides {heads}"
+                )
+        if m.ffn_size > 0 and m.ffn_size % par.tp:
+            p.append(
+                f"the SwiGLU width ({m.ffn_size}, model.ffn_hidden_size) must be divisible by parallel.tp "
+                f"({par.tp}); choose a width that is a multiple of {par.tp}"
+            )
+        if par.sequence_parallel and t.seq_len > 0 and t.seq_len % par.tp:
+            p.append(
+                f"train.seq_len ({t.seq_len}) must be divisible by parallel.tp ({par.tp}) with "
+                f"parallel.sequence_parallel=true (each rank holds an equal slice of the sequence)"
+            )
+    if par.activation_checkpointing not in RECOMPUTE_MODES:
+        p.append(
+            f"parallel.activation_checkpointing must be one of {', '.join(RECOMPUTE_MODES)}, "
+            f"got {par.activation_checkpointing!r}"
+        )
+    if par.pipeline_partition not in PIPELINE_PARTITIONS:
+        p.append(
+            f"parallel.pipeline_partition must be one of {', '.join(PIPELINE_PARTITIONS)}, "
+            f"got {par.pipeline_partition!r}"
+        )
     if par.pp > 1:
         if m.num_layers < par.pp:
             p.append(

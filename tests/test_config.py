@@ -84,9 +84,31 @@ def test_explicit_accumulation_that_disagrees_names_all_numbers():
 
 
 def test_layout_rules():
-    assert problems(["parallel.tp=3"], world_size=6) == [
-        "model.num_heads (4) must be divisible by parallel.tp (3)",
-        "model.num_kv_heads (2) must be divisible by parallel.tp (3)",
+    # The example: tp=3 on 4 processes. The model cannot be split three ways, and says how.
+    assert problems(["parallel.tp=3"], world_size=4) == [
+        "model.num_heads (4) must be divisible by parallel.tp (3): each tensor-parallel rank holds whole heads; "
+        "use a parallel.tp that divides 4",
+        "model.num_kv_heads (2) must be divisible by parallel.tp (3): each tensor-parallel rank holds whole heads; "
+        "use a parallel.tp that divides 2",
+        "the SwiGLU width (352, model.ffn_hidden_size) must be divisible by parallel.tp (3); choose a width "
+        "that is a multiple of 3",
+    ]
+    # A model that splits three ways still needs a world size that does.
+    (message,) = problems(["parallel.tp=3", "model.num_heads=6", "model.num_kv_heads=3", "model.hidden_size=192",
+                           "model.ffn_hidden_size=384"], world_size=4)  # fmt: skip
+    assert message == (
+        "world size 4 is not divisible by parallel.tp x parallel.pp = 3 x 1 = 3; launch a multiple of 3 "
+        "processes or change the layout"
+    )
+    assert problems(
+        ["parallel.tp=2", "parallel.sequence_parallel=true", "train.seq_len=255"], world_size=2
+    ) == [
+        "train.seq_len (255) must be divisible by parallel.tp (2) with parallel.sequence_parallel=true (each rank "
+        "holds an equal slice of the sequence)"
+    ]
+    assert problems(["parallel.activation_checkpointing=ful", "parallel.pipeline_partition=even"]) == [
+        "parallel.activation_checkpointing must be one of none, full, selective, got 'ful'",
+        "parallel.pipeline_partition must be one of layers, parameters, got 'even'",
     ]
     (message,) = problems(["parallel.pp=2", "parallel.zero_stage=3"], world_size=4)
     assert "cannot be combined with pipeline parallelism" in message and "parallel.zero_stage=1" in message

@@ -13,8 +13,11 @@ TINY = ModelConfig(
 
 
 def built_parameters(cfg: ModelConfig) -> int:
+    """Unique parameters of the built model, less the zero rows that pad the vocabulary."""
     with torch.device("meta"):
-        return sum(p.numel() for p in Transformer(cfg).parameters())
+        model = Transformer(cfg)
+    padding = (model.padded_vocab_size - cfg.vocab_size) * cfg.hidden_size * (1 if cfg.tie_embeddings else 2)
+    return sum(p.numel() for p in model.parameters()) - padding
 
 
 def test_tiny_parameter_count_by_hand():
@@ -29,7 +32,7 @@ def test_tied_embeddings_are_counted_once():
     tied = ModelConfig(**{**TINY.__dict__, "tie_embeddings": True})
     assert count_parameters(tied) == 820_352 - 40_960 == built_parameters(tied)
     model = Transformer(tied)
-    assert model.head.lm_head.weight is model.embedding.embed_tokens.weight
+    assert model.head.weight is model.embedding.weight
 
 
 @pytest.mark.parametrize(
@@ -100,16 +103,16 @@ def test_logits_equal_hugging_face_llama(kv_heads, tied):
     transformers = pytest.importorskip("transformers")
     cfg = ModelConfig(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=kv_heads,
                       ffn_hidden_size=96, rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=tied)  # fmt: skip
-    torch.manual_seed(0)
-    ours = Transformer(cfg).eval()
+    ours = Transformer(cfg, seed=0).eval()
     hf_config = transformers.LlamaConfig(
         vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=kv_heads, rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=tied,
         max_position_embeddings=64, attention_bias=False, mlp_bias=False,
     )  # fmt: skip
     hf = transformers.LlamaForCausalLM(hf_config).eval()
-    state = {"model.embed_tokens.weight": ours.embedding.embed_tokens.weight,
-             "model.norm.weight": ours.head.norm.weight, "lm_head.weight": ours.head.lm_head.weight}  # fmt: skip
+    # Our embedding and output rows are padded to a multiple of 128; Hugging Face holds the real 300.
+    state = {"model.embed_tokens.weight": ours.embedding.weight[:300], "model.norm.weight": ours.norm.weight,
+             "lm_head.weight": ours.head.weight[:300]}  # fmt: skip
     for i, block in enumerate(ours.blocks):
         prefix = f"model.layers.{i}."
         state[prefix + "input_layernorm.weight"] = block.attn_norm.weight
@@ -122,3 +125,36 @@ def test_logits_equal_hugging_face_llama(kv_heads, tied):
     tokens = torch.randint(0, 300, (2, 40))
     with torch.no_grad():
         torch.testing.assert_close(ours(tokens), hf(tokens).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_vocabulary_padding_changes_nothing_but_the_shapes():
+    """Padded rows start at zero, are never predicted and get no gradient: the same seed gives the same
+    logits and loss, and the same gradients on the real rows, whatever the padding."""
+    tokens = torch.randint(0, TINY.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    small, large = (
+        Transformer(TINY, padded_vocab_size=384, seed=3),
+        Transformer(TINY, padded_vocab_size=1024, seed=3),
+    )
+    assert large.embedding.weight.shape == (1024, 128) and not large.head.weight[320:].any()
+    torch.testing.assert_close(small(tokens), large(tokens), rtol=0, atol=0)
+    assert small(tokens).shape[-1] == 320
+    small(tokens, tokens).backward()
+    large(tokens, tokens).backward()
+    assert not large.head.weight.grad[320:].any() and not large.embedding.weight.grad[320:].any()
+    torch.testing.assert_close(small.head.weight.grad[:320], large.head.weight.grad[:320], rtol=0, atol=0)
+
+
+def test_each_layer_draws_from_its_own_seed():
+    """A layer's initial weights depend on (seed, layer index) only, so a pipeline stage or a
+    tensor-parallel shard can build its layers alone and get the single-process numbers."""
+    from pretrain.model import build_layer
+
+    model = Transformer(TINY, seed=7)
+    alone = build_layer(TINY, 3, model.padded_vocab_size, seed=7)  # block 2, built without the others
+    for (name, ours), (_, theirs) in zip(
+        model.blocks[2].named_parameters(), alone.named_parameters(), strict=True
+    ):
+        assert torch.equal(ours, theirs), name
+    other_seed = build_layer(TINY, 3, model.padded_vocab_size, seed=8)
+    assert not torch.equal(other_seed.attn.q_proj.weight, alone.attn.q_proj.weight)
+    assert not torch.equal(model.blocks[1].attn.q_proj.weight, model.blocks[2].attn.q_proj.weight)

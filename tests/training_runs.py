@@ -76,15 +76,8 @@ def overfit_one_batch(steps: int) -> list[float]:
     )
     samples = load_training_data(cfg.data, cfg.train.seq_len).train[0]
     rows = torch.from_numpy(np.stack([samples[i] for i in range(8)]).astype(np.int64))
-    torch.manual_seed(0)
-    engine, _ = build_engine(cfg, Transformer(cfg.model), world_size=1, precision="fp32")
-    losses = []
-    for _ in range(steps):
-        loss = engine(rows[:, :-1], rows[:, 1:])
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.item())
-    return losses
+    engine, _ = build_engine(cfg, Transformer(cfg.model, seed=0), world_size=1, precision="fp32")
+    return [engine.train_step([(rows[:, :-1], rows[:, 1:])]).item() for _ in range(steps)]
 
 
 def train_with_weights_poisoned_on_rank0(run_dir: str, poison_after_step: int) -> dict[str, Any]:
@@ -108,7 +101,7 @@ def train_with_weights_poisoned_on_rank0(run_dir: str, poison_after_step: int) -
         def on_step_end(self, trainer: Any) -> None:
             if trainer.state.step == poison_after_step and dist.get_rank() == 0:
                 with torch.no_grad():
-                    trainer.engine.module.head.norm.weight.fill_(float("nan"))
+                    trainer.engine.module.norm.weight.fill_(float("nan"))
 
     trainer.callbacks.insert(0, Poison())
     try:

@@ -1,12 +1,19 @@
-"""Building blocks of the Llama-family decoder: plain torch modules, no process groups."""
+"""Building blocks of the Llama-family decoder: plain torch modules, no process groups.
+
+Nothing here assumes it holds a whole tensor: attention reads its head counts from the shapes it is
+given, so the tensor-parallel plan (pretrain.parallel) can hand a block a slice of the heads, and
+rotary tables follow the sequence length attention actually sees (a sequence-parallel block gets a
+slice of the sequence everywhere else).
+"""
 
 from __future__ import annotations
 
-import math
+import functools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from pretrain.config import ModelConfig
 
@@ -20,33 +27,24 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.type_as(x)
+        return self.weight * rms_normalize(x, self.eps)
 
 
-def rotary_tables(head_dim: int, seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+
+
+@functools.lru_cache(maxsize=32)
+def rotary_tables(
+    head_dim: int, seq_len: int, theta: float, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of shape (seq_len, head_dim) in the half-split layout that Hugging Face Llama uses,
-    so exported q/k weights need no permutation."""
+    so exported q/k weights need no permutation. Cached: every block of a model shares one table."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().float(), angles.sin().float()
-
-
-class Rotary:
-    """cos/sin tables shared by every block of a model, built once per (length, device)."""
-
-    def __init__(self, head_dim: int, theta: float):
-        self.head_dim, self.theta = head_dim, theta
-        self._tables: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def tables(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (seq_len, device)
-        if key not in self._tables:
-            cos, sin = rotary_tables(self.head_dim, seq_len, self.theta)
-            self._tables[key] = (cos.to(device), sin.to(device))
-        return self._tables[key]
+    return angles.cos().float().to(device), angles.sin().float().to(device)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -62,21 +60,21 @@ class Attention(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.num_heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.head_dim, self.rope_theta = cfg.head_dim, cfg.rope_theta
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        batch, seq, _ = x.shape
-        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        # Shapes come from the projections: under tensor parallelism they hold a slice of the heads
+        # and (with sequence parallelism) the whole sequence although x held a slice of it.
+        batch, seq = q.shape[0], q.shape[1]
+        q, k, v = (t.view(batch, seq, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        cos, sin = rotary_tables(self.head_dim, seq, self.rope_theta, q.device)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.num_heads
-        )
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -93,32 +91,50 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class DecoderBlock(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+# Selective recomputation keeps what is expensive to recompute (matrix products, attention) and
+# recomputes the cheap, memory-hungry rest (norms, rotary, SwiGLU's activation, residual adds).
+_SAVED_OPS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+}
 
-    def __init__(self, cfg: ModelConfig, rotary: Rotary):
+
+def _selective_policy(ctx: object, op: object, *args: object, **kwargs: object) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    `recompute` trades compute for activation memory (set by pretrain.parallel from the config):
+    "full" keeps only the block's input and recomputes the rest in the backward pass; "selective"
+    keeps matrix-product and attention outputs and recomputes the elementwise work around them.
+    """
+
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.rotary = rotary
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
+        self.recompute = "none"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cos, sin = self.rotary.tables(x.shape[1], x.device)
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+        if self.recompute == "none" or not torch.is_grad_enabled():
+            return self._forward(x)
+        if self.recompute == "full":
+            return checkpoint(self._forward, x, use_reentrant=False)
+        return checkpoint(
+            self._forward,
+            x,
+            use_reentrant=False,
+            context_fn=functools.partial(create_selective_checkpoint_contexts, _selective_policy),
+        )
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x))
         return x + self.mlp(self.mlp_norm(x))
-
-
-def init_weights(module: nn.Module, cfg: ModelConfig) -> None:
-    """Normal(0, init_std) everywhere; residual-output projections scaled by 1/sqrt(2 L)
-    (GPT-2, Radford et al. 2019; Megatron-LM's `scaled_init_method_normal`); norms at 1."""
-    out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
-    for name, sub in module.named_modules():
-        if isinstance(sub, nn.Linear):
-            std = out_std if name.endswith(("o_proj", "down_proj")) else cfg.init_std
-            nn.init.normal_(sub.weight, mean=0.0, std=std)
-        elif isinstance(sub, nn.Embedding):
-            nn.init.normal_(sub.weight, mean=0.0, std=cfg.init_std)
-        elif isinstance(sub, RMSNorm):
-            nn.init.ones_(sub.weight)

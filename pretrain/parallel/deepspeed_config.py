@@ -11,6 +11,12 @@ from typing import Any
 from pretrain.config import Config
 
 
+def we_clip_gradients(cfg: Config, precision: str) -> bool:
+    """fp32 without ZeRO: our engine clips the global gradient norm itself (see GlobalNormClipper);
+    everywhere else DeepSpeed's optimizer wrappers do."""
+    return cfg.parallel.zero_stage == 0 and precision == "fp32"
+
+
 def build_deepspeed_config(cfg: Config, world_size: int, precision: str) -> dict[str, Any]:
     """`precision` is the resolved one (bf16, fp16 or fp32), see `pretrain.parallel.resolve_precision`."""
     par = cfg.parallel
@@ -22,11 +28,11 @@ def build_deepspeed_config(cfg: Config, world_size: int, precision: str) -> dict
         zero.update(stage3_prefetch_bucket_size=5e7, stage3_param_persistence_threshold=1e5)
     if par.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    return {
+    config: dict[str, Any] = {
         "train_batch_size": cfg.train.global_batch_size,
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum_steps(world_size),
-        "gradient_clipping": cfg.optim.grad_clip,
+        "gradient_clipping": 0.0 if we_clip_gradients(cfg, precision) else cfg.optim.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": precision == "bf16"},
         # Dynamic loss scaling (loss_scale 0) starting at 2^16, as Megatron-LM does.
@@ -37,3 +43,12 @@ def build_deepspeed_config(cfg: Config, world_size: int, precision: str) -> dict
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    if par.pp > 1:
+        # DeepSpeed splits activations sent between stages over the tensor-parallel ranks, which
+        # assumes they are replicated there; with sequence parallelism they are already split.
+        sequence_parallel = par.sequence_parallel and par.tp > 1
+        config["pipeline"] = {
+            "pipe_partitioned": not sequence_parallel,
+            "grad_partitioned": not sequence_parallel,
+        }
+    return config

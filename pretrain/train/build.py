@@ -18,7 +18,13 @@ import pretrain
 from pretrain.config import Config, ConfigError
 from pretrain.data import DistributedBatches, load_training_data
 from pretrain.model import Transformer, count_parameters, flops_per_token
-from pretrain.parallel import DistInfo, build_engine, resolve_precision
+from pretrain.parallel import (
+    DistInfo,
+    build_engine,
+    build_parallel_context,
+    parallelize_model,
+    resolve_precision,
+)
 from pretrain.parallel.distributed import all_ranks_succeed
 from pretrain.train.callbacks import (
     Callback,
@@ -77,17 +83,22 @@ def run_summary(cfg: Config, world_size: int, precision: str) -> dict[str, Any]:
     import deepspeed
 
     with torch.device("meta"):
-        built = Transformer(cfg.model)
-    parameters = sum(p.numel() for p in built.parameters())  # unique tensors; tied weights count once
+        built = Transformer(cfg.model, cfg.padded_vocab_size)
+    # Unique tensors (tied weights count once), less the zero rows that pad the vocabulary.
+    padding = (cfg.padded_vocab_size - cfg.model.vocab_size) * cfg.model.hidden_size
+    parameters = sum(p.numel() for p in built.parameters()) - padding * (1 if cfg.model.tie_embeddings else 2)
     assert parameters == count_parameters(cfg.model), "parameter formula disagrees with the built model"
-    return {
+    summary: dict[str, Any] = {
         "world_size": world_size,
         "data_parallel_size": cfg.data_parallel_size(world_size),
+        "tensor_parallel_size": cfg.parallel.tp,
+        "pipeline_parallel_size": cfg.parallel.pp,
         "grad_accum_steps": cfg.grad_accum_steps(world_size),
         "tokens_per_step": cfg.tokens_per_step,
         "total_tokens": cfg.tokens_per_step * cfg.train.steps,
         "precision": precision,
         "parameters": parameters,
+        "padded_vocab_size": cfg.padded_vocab_size,
         "ffn_hidden_size": cfg.model.ffn_size,
         "flops_per_token": flops_per_token(cfg.model, cfg.train.seq_len),
         "versions": {
@@ -98,6 +109,11 @@ def run_summary(cfg: Config, world_size: int, precision: str) -> dict[str, Any]:
             "deepspeed": deepspeed.__version__,
         },
     }
+    if cfg.parallel.pp > 1:
+        from pretrain.parallel.pipeline import partition_layers
+
+        summary["pipeline_stage_boundaries"] = partition_layers(cfg)
+    return summary
 
 
 def _prepare_run_dir(cfg: Config, dist: DistInfo, summary: dict[str, Any], ds_config: dict[str, Any]) -> Path:
@@ -116,14 +132,6 @@ def _prepare_run_dir(cfg: Config, dist: DistInfo, summary: dict[str, Any], ds_co
 
 
 def build_trainer(cfg: Config, dist: DistInfo) -> Trainer:
-    if cfg.parallel.tp > 1 or cfg.parallel.pp > 1:
-        raise ConfigError(
-            [
-                f"parallel.tp={cfg.parallel.tp} parallel.pp={cfg.parallel.pp}: the layout is valid, but tensor and "
-                f"pipeline parallelism are not implemented yet (they land with the 3D-parallelism issue); "
-                f"use parallel.tp=1 parallel.pp=1 with ZeRO (parallel.zero_stage) for now"
-            ]
-        )
     precision = resolve_precision(cfg.train.precision, dist.device)
     if precision == "bf16" and cfg.parallel.zero_stage == 0 and cfg.parallel.pp == 1:
         raise ConfigError(
@@ -144,14 +152,15 @@ def build_trainer(cfg: Config, dist: DistInfo) -> Trainer:
                 f"set model.vocab_size >= {data.vocab_size}"
             ]
         )
-    seed_everything(cfg.seed)  # same initial weights on every rank
-    model = Transformer(cfg.model).to(dist.device)
-    engine, ds_config = build_engine(cfg, model, dist.world_size, precision)
+    seed_everything(cfg.seed)
+    ctx = build_parallel_context(cfg, dist.rank, dist.world_size)
+    model = parallelize_model(cfg, ctx, dist.device)
+    engine, ds_config = build_engine(cfg, model, dist.world_size, precision, ctx)
     summary = run_summary(cfg, dist.world_size, precision)
     summary["data"] = {"datasets": data.names, "tokenizer_hash": data.tokenizer_hash, "eod_id": data.eod_id}
     run_dir = _prepare_run_dir(cfg, dist, summary, ds_config)
 
-    dp_rank, dp_size = dist.rank, dist.world_size
+    dp_rank, dp_size = ctx.dp_rank, ctx.dp
     t = cfg.train
     train_batches = DistributedBatches(
         data.train, cfg.seed, t.global_batch_size, t.micro_batch_size, dp_rank, dp_size, weights=data.weights

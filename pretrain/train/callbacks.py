@@ -189,6 +189,9 @@ class ConsoleProgress(Callback):
             f"batch: {cfg.train.global_batch_size} sequences x {cfg.train.seq_len} tokens = {s['tokens_per_step']:,} "
             f"tokens/step = micro {cfg.train.micro_batch_size} x accumulation {s['grad_accum_steps']} x "
             f"data-parallel {s['data_parallel_size']}\n"
+            f"layout: data-parallel {s['data_parallel_size']} x tensor-parallel {s['tensor_parallel_size']} x "
+            f"pipeline-parallel {s['pipeline_parallel_size']}, ZeRO-{cfg.parallel.zero_stage}; vocabulary "
+            f"{cfg.model.vocab_size} padded to {s['padded_vocab_size']}\n"
             f"schedule: {cfg.train.steps} steps, {s['total_tokens']:,} tokens; {cfg.schedule.kind} LR {cfg.optim.lr:g} "
             f"after {cfg.schedule.warmup_steps} warmup steps\n"
             f"data: {', '.join(s['data']['datasets'])}; writing to {cfg.run.dir}",

@@ -11,7 +11,7 @@ import torch
 from pretrain.config import Config
 from pretrain.data import DistributedBatches
 from pretrain.data.loader import Batch
-from pretrain.parallel import DistInfo, all_reduce_mean
+from pretrain.parallel import DistInfo, TrainingEngine, all_reduce_mean
 from pretrain.train.callbacks import Callback
 
 
@@ -23,12 +23,6 @@ class NonFiniteLossError(RuntimeError):
             f"Lower optim.lr, raise schedule.warmup_steps, set optim.grad_clip, or use train.precision=bf16 "
             f"instead of fp16"
         )
-
-
-def gradient_norm(module: torch.nn.Module) -> torch.Tensor:
-    """L2 norm over every parameter's .grad (whole, unsharded gradients)."""
-    grads = [p.grad.detach().float() for p in module.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
 
 @dataclass
@@ -43,7 +37,7 @@ class Trainer:
     def __init__(
         self,
         cfg: Config,
-        engine: Any,
+        engine: TrainingEngine,
         train_batches: DistributedBatches,
         val_batches: DistributedBatches | None,
         dist: DistInfo,
@@ -56,12 +50,6 @@ class Trainer:
         self.last_lr = 0.0
         self._pending: list[tuple[int, torch.Tensor]] = []  # (step, local loss) not yet reduced over ranks
         self._reduced: list[tuple[int, float]] = []  # reduced, not yet taken by the metrics
-        # DeepSpeed reports the global gradient norm except for fp32 without ZeRO, where it clips
-        # (if asked) but drops the norm; there the gradients are whole and all-reduced, so we measure it.
-        self._measure_grad_norm = not (
-            engine.zero_optimization_stage() or engine.bfloat16_enabled() or engine.fp16_enabled()
-        )
-        self._grad_norm: torch.Tensor | None = None
 
     def fit(self) -> None:
         self._emit("on_train_start")
@@ -75,16 +63,8 @@ class Trainer:
 
     def train_step(self, micro_batches: list[Batch]) -> torch.Tensor:
         """One optimizer step over this rank's micro-batches; returns their mean loss (on device, no sync)."""
-        self.last_lr = self.engine.get_lr()[0]
-        losses = []
-        for index, (tokens, labels) in enumerate(micro_batches):
-            loss = self.engine(tokens.to(self.dist.device), labels.to(self.dist.device))
-            self.engine.backward(loss)
-            if index == len(micro_batches) - 1 and self._measure_grad_norm:
-                self._grad_norm = gradient_norm(self.engine.module)
-            self.engine.step()  # DeepSpeed applies the update only at the accumulation boundary
-            losses.append(loss.detach())
-        return torch.stack(losses).mean()
+        self.last_lr = self.engine.lr
+        return self.engine.train_step(micro_batches)
 
     def check_losses(self) -> None:
         """Reduce every pending step's loss over data-parallel ranks (one collective, one host sync)
@@ -106,20 +86,16 @@ class Trainer:
         return losses
 
     def grad_norm(self) -> float | None:
-        norm = self._grad_norm if self._measure_grad_norm else self.engine.get_global_grad_norm()
-        return None if norm is None else float(norm)
+        return self.engine.grad_norm()
 
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean validation loss over train.eval_batches global batches, the same samples every time."""
         assert self.val_batches is not None
-        self.engine.eval()
         self.val_batches.load_state_dict({"consumed_samples": 0})
-        losses = []
-        for _ in range(self.cfg.train.eval_batches):
-            for tokens, labels in self.val_batches.next_step():
-                losses.append(self.engine(tokens.to(self.dist.device), labels.to(self.dist.device)).float())
-        self.engine.train()
+        losses = [
+            self.engine.eval_loss(self.val_batches.next_step()) for _ in range(self.cfg.train.eval_batches)
+        ]
         return float(all_reduce_mean(torch.stack(losses).mean()))
 
     def log(self, record: dict[str, Any]) -> None:

@@ -1,0 +1,66 @@
+"""`parallelize_model`: the plain model, cut to this rank's part of the layout, in one fixed order.
+
+1. Choose this rank's layers: all of them, or its pipeline stage's (`partition_layers`).
+2. Build each of them from the plain model's definition, one at a time on the CPU, initialised from
+   the layer's own seed (so every layout starts from the same numbers).
+3. Apply the tensor-parallel plan: slice the weights, swap in parallel layers and the loss.
+4. Set activation recomputation on the decoder blocks.
+5. Move to the device, and assemble: a `Transformer` (one stage) or DeepSpeed's `PipelineModule`.
+
+At most one full layer exists beyond this rank's own shards at any time.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pretrain.config import Config
+from pretrain.model.layers import DecoderBlock
+from pretrain.model.transformer import CausalLMLoss, Transformer, build_layer, layer_kind, num_layers
+from pretrain.parallel.plan import apply_tensor_parallel
+from pretrain.parallel.tensor_parallel import VocabParallelCausalLMLoss
+from pretrain.parallel.topology import ParallelContext
+
+
+def layer_name(cfg: Config, index: int) -> str:
+    """The layer's module name in the plain Transformer."""
+    kind = layer_kind(cfg.model, index)
+    return f"blocks.{index - 1}" if kind == "block" else kind
+
+
+def parallelize_model(cfg: Config, ctx: ParallelContext, device: torch.device) -> nn.Module:
+    """This rank's model: a `Transformer` holding its tensor-parallel shards when pp == 1, else a
+    DeepSpeed `PipelineModule` holding its stage."""
+    total = num_layers(cfg.model)
+    if ctx.pp > 1:
+        from pretrain.parallel.pipeline import partition_layers
+
+        parts = partition_layers(cfg)
+        indices = list(range(parts[ctx.pp_rank], parts[ctx.pp_rank + 1]))
+    else:
+        indices = list(range(total))
+    tied_pipeline_head = cfg.model.tie_embeddings and ctx.pp > 1 and total - 1 in indices
+    local: dict[int, nn.Module] = {}
+    for index in indices:
+        # The tied output layer of a pipeline is a copy of the embedding on the last stage.
+        source = 0 if tied_pipeline_head and index == total - 1 else index
+        layer = build_layer(cfg.model, source, cfg.padded_vocab_size, cfg.seed)
+        layer = apply_tensor_parallel(layer, layer_name(cfg, source), ctx)
+        if isinstance(layer, DecoderBlock):
+            layer.recompute = cfg.parallel.activation_checkpointing
+        local[index] = layer.to(device)
+
+    loss = _loss(cfg, ctx)
+    if ctx.pp == 1:
+        return Transformer(cfg.model, cfg.padded_vocab_size, layers=[local[i] for i in indices], loss=loss)
+    from pretrain.parallel.pipeline import build_pipeline
+
+    return build_pipeline(cfg, local, parts, loss, ctx.topology)
+
+
+def _loss(cfg: Config, ctx: ParallelContext) -> nn.Module:
+    if ctx.tp == 1:
+        return CausalLMLoss(cfg.model.vocab_size)
+    rows = cfg.padded_vocab_size // ctx.tp
+    return VocabParallelCausalLMLoss(cfg.model.vocab_size, ctx.tp_rank * rows, ctx.tp_group)

@@ -1,0 +1,80 @@
+"""The DP x TP x PP layout of the processes and the groups each rank talks in.
+
+Ranks are laid out by DeepSpeed's `PipeModelDataParallelTopology` (axes pipe, data, model with the
+model axis varying fastest), so the ranks of a tensor-parallel group are neighbours (one node's
+NVLink) and a data-parallel group spans nodes. The same topology object is handed to DeepSpeed,
+which then shards ZeRO state over the data-parallel group only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch.distributed as dist
+
+from pretrain.config import Config
+
+
+@dataclass
+class ParallelContext:
+    """This rank's place in the layout, and the process groups its layers need."""
+
+    tp: int
+    pp: int
+    dp: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    sequence_parallel: bool
+    topology: Any = None  # deepspeed's PipeModelDataParallelTopology (None for a single process)
+    grid: Any = None  # deepspeed's PipelineParallelGrid: DeepSpeed's `mpu` (None without TP or PP)
+    tp_group: Any = None  # torch ProcessGroup of this rank's tensor-parallel peers (None when tp == 1)
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    @property
+    def model_parallel_group(self) -> Any:
+        """Ranks holding different parts of the same model replica (all stages and TP shards of one
+        data-parallel index): the group a global gradient norm is summed over."""
+        return None if self.grid is None else self.grid.get_model_parallel_group()
+
+    def describe(self) -> str:
+        return f"data-parallel {self.dp} x tensor-parallel {self.tp} x pipeline-parallel {self.pp}"
+
+
+def build_parallel_context(cfg: Config, rank: int, world_size: int) -> ParallelContext:
+    """Lay out the world; collective over all ranks (every rank creates every group, in one order)."""
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    dp = cfg.data_parallel_size(world_size)
+    assert tp * pp * dp == world_size, "layout validated by pretrain.config before we get here"
+    sequence_parallel = cfg.parallel.sequence_parallel and tp > 1
+    if tp == 1 and pp == 1:
+        return ParallelContext(1, 1, dp, 0, 0, rank, False)
+    from deepspeed.runtime.pipe.topology import PipelineParallelGrid, PipeModelDataParallelTopology
+
+    topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
+    coord = topology.get_coord(rank)
+    grid = PipelineParallelGrid(topology=topology, process_group=dist.group.WORLD)
+    return ParallelContext(
+        tp=tp,
+        pp=pp,
+        dp=dp,
+        tp_rank=coord.model,
+        pp_rank=coord.pipe,
+        dp_rank=coord.data,
+        sequence_parallel=sequence_parallel,
+        topology=topology,
+        grid=grid,
+        tp_group=grid.get_slice_parallel_group() if tp > 1 else None,
+    )
+
+
+def single_process_context() -> ParallelContext:
+    return ParallelContext(1, 1, 1, 0, 0, 0, False)
