@@ -131,3 +131,24 @@ def _name(index: int) -> str:
     if index <= MODEL.num_layers:
         return f"blocks.{index - 1}"
     return "norm" if index == MODEL.num_layers + 1 else "head"
+
+
+def zero_partitioning(overrides: list[str], run_dir: str) -> dict[str, Any]:
+    """Build the real trainer and report how DeepSpeed's ZeRO optimizer split its state: over how
+    many ranks, and whether those are this rank's data-parallel group."""
+    from pretrain.config import load_config
+    from pretrain.parallel import init_distributed
+    from pretrain.train import build_trainer
+    from training_runs import REPO, SMALL
+
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml", [*SMALL, *overrides, f"run.dir={run_dir}"], dist.get_world_size()
+    )
+    trainer = build_trainer(cfg, init_distributed())
+    optimizer = trainer.engine.ds.optimizer
+    grid = trainer.engine.ctx.grid
+    return {
+        "partition_count": list(optimizer.partition_count),
+        "dp_group_ranks": sorted(dist.get_process_group_ranks(optimizer.dp_process_group)),
+        "expected_dp_ranks": sorted(grid.get_data_parallel_group_ranks()),
+    }
