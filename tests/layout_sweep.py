@@ -21,16 +21,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RTOL = 2e-5  # the tolerance of tests/test_parallel_layouts.py, with its reasoning there
 
-LAYOUTS = {
-    "tp2": (2, ["parallel.tp=2"], []),
-    "pp2": (2, ["parallel.pp=2"], []),
-    "tp2-pp2": (4, ["parallel.tp=2", "parallel.pp=2"], []),
-    "dp2-pp2": (4, ["parallel.pp=2"], []),
-    "dp2-tp2-zero1": (4, ["parallel.tp=2", "parallel.zero_stage=1"], []),
-    "tied-pp2": (2, ["parallel.pp=2"], ["model.tie_embeddings=true"]),
-    "vocab321-tp2": (2, ["parallel.tp=2"], ["model.vocab_size=321", "model.vocab_pad_multiple=1"]),
-}
-
 
 def run(processes: int, overrides: list[str], run_dir: Path, steps: int, port: int) -> dict[int, dict]:
     common = [
@@ -57,13 +47,14 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--output", help="also write the JSON here")
     args = parser.parse_args()
-    sys.path.insert(0, str(REPO))
+    sys.path[:0] = [str(REPO), str(REPO / "tests")]
+    from parallel_checks import ISSUE_LAYOUTS
     from pretrain.parallel.distributed import free_port
 
     out: dict[str, dict] = {"steps": args.steps, "rtol": RTOL, "layouts": {}}
     references: dict[tuple[str, ...], dict[int, dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, (processes, layout, model) in LAYOUTS.items():
+        for name, (processes, layout, model) in ISSUE_LAYOUTS.items():
             if tuple(model) not in references:
                 references[tuple(model)] = run(
                     1, model, Path(tmp) / f"ref{len(references)}", args.steps, free_port()

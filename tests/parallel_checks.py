@@ -17,6 +17,19 @@ from pretrain.parallel.plan import apply_tensor_parallel, partition_dim
 from pretrain.parallel.tensor_parallel import VocabParallelCausalLMLoss
 from pretrain.parallel.topology import ParallelContext
 
+# The layouts the 3D-parallelism issue names: name -> (processes, layout overrides, model overrides
+# shared with the single-process reference). tests/test_parallel_layouts.py adds more.
+ISSUE_LAYOUTS: dict[str, tuple[int, list[str], list[str]]] = {
+    "tp2": (2, ["parallel.tp=2"], []),
+    "pp2": (2, ["parallel.pp=2"], []),
+    "tp2-pp2": (4, ["parallel.tp=2", "parallel.pp=2"], []),
+    "dp2-pp2": (4, ["parallel.pp=2"], []),
+    "dp2-tp2-zero1": (4, ["parallel.tp=2", "parallel.zero_stage=1"], []),
+    "tied-pp2": (2, ["parallel.pp=2"], ["model.tie_embeddings=true"]),
+    # 321 rows: 161 on each TP rank, the last one padding that must never be predicted.
+    "vocab321-tp2": (2, ["parallel.tp=2"], ["model.vocab_size=321", "model.vocab_pad_multiple=1"]),
+}
+
 MODEL = ModelConfig(
     vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=48
 )

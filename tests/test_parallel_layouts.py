@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conftest import REPO, TINY
-from parallel_checks import zero_partitioning
+from parallel_checks import ISSUE_LAYOUTS, zero_partitioning
 from pretrain.testing import run_distributed
 from training_runs import step_records, train_and_read_metrics
 
@@ -24,15 +24,7 @@ pytestmark = pytest.mark.slow
 RTOL = 2e-5
 
 LAYOUTS = {
-    # name: (processes, layout overrides, model overrides shared with the reference)
-    "tp2": (2, ["parallel.tp=2"], []),
-    "pp2": (2, ["parallel.pp=2"], []),
-    "tp2-pp2": (4, ["parallel.tp=2", "parallel.pp=2"], []),
-    "dp2-pp2": (4, ["parallel.pp=2"], []),
-    "dp2-tp2-zero1": (4, ["parallel.tp=2", "parallel.zero_stage=1"], []),
-    "tied-pp2": (2, ["parallel.pp=2"], ["model.tie_embeddings=true"]),
-    # 321 rows: 161 on each TP rank, the last one padding that must never be predicted.
-    "vocab321-tp2": (2, ["parallel.tp=2"], ["model.vocab_size=321", "model.vocab_pad_multiple=1"]),
+    **ISSUE_LAYOUTS,
     # Our own global-norm clipping (fp32 without ZeRO) with a tied embedding on two stages, sequence
     # parallelism between TP regions, and recomputation inside the blocks.
     "tied-tp2-pp2-sp-zero0": (
