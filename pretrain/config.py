@@ -112,6 +112,12 @@ class ParallelConfig:
         "(keep matmul and attention outputs, recompute norms, rotary and activations).",
         "none",
     )
+    check_replicas_interval: int = _doc(
+        "Every this many steps, check that replicated parameters (data-parallel copies, norm weights on "
+        "tensor-parallel ranks, the tied embedding on first and last stage) are still equal, and log the "
+        "ones that differ by name; 0 disables it (a debugging aid: one small all-gather per group).",
+        0,
+    )
     pipeline_partition: str = _doc(
         "How decoder blocks are split over pipeline stages: layers (equal block counts; the embedding joins "
         "the first stage, the norm and head the last) or parameters (balance parameter counts).",
@@ -482,6 +488,10 @@ def validate(cfg: Config, world_size: int | None = None) -> list[str]:
                 f"train.seq_len ({t.seq_len}) must be divisible by parallel.tp ({par.tp}) with "
                 f"parallel.sequence_parallel=true (each rank holds an equal slice of the sequence)"
             )
+    if par.check_replicas_interval < 0:
+        p.append(
+            f"parallel.check_replicas_interval must be >= 0 (0 disables it), got {par.check_replicas_interval}"
+        )
     if par.activation_checkpointing not in RECOMPUTE_MODES:
         p.append(
             f"parallel.activation_checkpointing must be one of {', '.join(RECOMPUTE_MODES)}, "

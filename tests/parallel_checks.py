@@ -165,3 +165,36 @@ def zero_partitioning(overrides: list[str], run_dir: str) -> dict[str, Any]:
         "dp_group_ranks": sorted(dist.get_process_group_ranks(optimizer.dp_process_group)),
         "expected_dp_ranks": sorted(grid.get_data_parallel_group_ranks()),
     }
+
+
+def replica_check_after_drift(overrides: list[str], run_dir: str, drift_rank: int, param: str) -> list[dict]:
+    """Train 4 steps checking replicas every 2; after step 3 nudge the replicated parameter `param`
+    on `drift_rank` only. Returns rank 0's replica records."""
+    import json
+    from pathlib import Path
+
+    from pretrain.config import load_config
+    from pretrain.parallel import init_distributed
+    from pretrain.train import build_trainer
+    from pretrain.train.callbacks import Callback
+    from training_runs import REPO, SMALL
+
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml",
+        [*SMALL, *overrides, "train.steps=4", "parallel.check_replicas_interval=2", f"run.dir={run_dir}"],
+        dist.get_world_size(),
+    )
+    trainer = build_trainer(cfg, init_distributed())
+
+    class Drift(Callback):
+        def on_step_end(self, trainer: Any) -> None:
+            if trainer.state.step == 3 and dist.get_rank() == drift_rank:
+                with torch.no_grad():
+                    trainer.engine.module.get_parameter(param)[0] += 1e-3
+
+    trainer.callbacks.insert(0, Drift())
+    trainer.fit()
+    if dist.get_rank() != 0:
+        return []
+    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "replica_divergence" in r]

@@ -37,3 +37,35 @@ def test_layer_output_and_every_gradient_match_the_plain_layer(index, sequence_p
         assert any(key.startswith("grad ") for key in result), result
         bad = {key: value for key, value in result.items() if value > ATOL}
         assert not bad, f"rank {rank}: {bad}"
+
+
+NORM = "blocks.1.mlp_norm.weight"
+TIED = "tied_modules.embedding.weight"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "param", "expected"),
+    [
+        (["parallel.tp=2"], NORM, f"{NORM}: tensor-parallel copies differ"),
+        ([], NORM, f"{NORM}: data-parallel copies differ"),
+        (
+            ["parallel.pp=2", "model.tie_embeddings=true"],
+            TIED,
+            "tied embedding.weight: pipeline-stage (tied) copies",
+        ),
+    ],
+    ids=["tp2", "dp2", "tied-pp2"],
+)
+def test_replica_check_names_a_parameter_that_drifted_on_one_rank(overrides, param, expected, tmp_path):
+    """Consistent at step 2; at step 4 the parameter nudged on rank 1 after step 3 is named: a norm
+    weight (the same on both TP ranks, and on both DP replicas), the tied embedding (the same on the
+    first and last stage). ZeRO-0, because ZeRO would overwrite the nudged module weight with its own
+    fp32 master copy at the next step."""
+    from parallel_checks import replica_check_after_drift
+
+    overrides = [*overrides, "parallel.zero_stage=0"]
+    records = run_distributed(replica_check_after_drift, 2, overrides, str(tmp_path), 1, param)[0]
+    assert [r["step"] for r in records] == [2, 4]
+    assert records[0]["replica_divergence"] == []
+    (problem,) = records[1]["replica_divergence"]
+    assert problem.startswith(expected), problem

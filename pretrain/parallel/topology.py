@@ -40,6 +40,11 @@ class ParallelContext:
         return self.pp_rank == self.pp - 1
 
     @property
+    def dp_group(self) -> Any:
+        """Ranks holding copies of the same parameters (the same stage and TP shard)."""
+        return self.grid.get_data_parallel_group() if self.grid is not None else dist.group.WORLD
+
+    @property
     def model_parallel_group(self) -> Any:
         """Ranks holding different parts of the same model replica (all stages and TP shards of one
         data-parallel index): the group a global gradient norm is summed over."""

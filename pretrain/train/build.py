@@ -37,6 +37,7 @@ from pretrain.train.callbacks import (
     ThroughputMonitor,
 )
 from pretrain.train.mfu import peak_tflops
+from pretrain.train.replica_check import ReplicaChecker
 from pretrain.train.trainer import Trainer
 
 RUN_OUTPUTS = ("metrics.jsonl", "tensorboard", "checkpoints", "metrics.png")
@@ -185,6 +186,8 @@ def build_trainer(cfg: Config, dist: DistInfo) -> Trainer:
             {"config": cfg.to_yaml(), "data": summary["data"], "code": summary["versions"]["code"]},
         ),
     ]
+    if cfg.parallel.check_replicas_interval > 0:  # a collective: on every rank
+        callbacks.append(ReplicaChecker(cfg.parallel.check_replicas_interval))
     if dist.is_main:
         callbacks += [ConsoleProgress(summary), JsonlWriter(run_dir / "metrics.jsonl")]
         if cfg.logging.tensorboard:

@@ -1,0 +1,60 @@
+"""Replica-consistency check: parameters that several ranks hold copies of must stay equal.
+
+Data-parallel replicas hold the same weights; tensor-parallel ranks hold the same norm weights
+(whatever is not split); the first and last pipeline stage hold the same tied embedding. A
+nondeterministic kernel, a missed all-reduce or a rank that skipped a step makes copies drift apart
+silently, and the model quietly becomes several models. Every `parallel.check_replicas_interval`
+steps each rank fingerprints its copies (float64 sum and sum of squares per parameter: two numbers
+each, one all-gather per group) and the parameters that differ are reported by name.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pretrain.parallel.topology import ParallelContext
+
+
+def _fingerprints(params: list[tuple[str, nn.Parameter]]) -> torch.Tensor:
+    rows = [torch.stack([p.detach().double().sum(), p.detach().double().square().sum()]) for _, p in params]
+    return torch.stack(rows).cpu() if rows else torch.zeros(0, 2, dtype=torch.float64)
+
+
+def _differing(params: list[tuple[str, nn.Parameter]], group: Any, kind: str) -> list[str]:
+    """Names of `params` whose fingerprint differs between the ranks of `group`."""
+    if group is None or dist.get_world_size(group) == 1 or not params:
+        return []
+    mine = _fingerprints(params)
+    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(everyone, mine, group=group)
+    stacked = torch.stack(everyone)  # (ranks, params, 2)
+    spread = (stacked.max(dim=0).values - stacked.min(dim=0).values).abs()
+    scale = stacked.abs().max(dim=0).values.clamp(min=1e-30)
+    problems = []
+    for index, (name, _) in enumerate(params):
+        if spread[index].max() > 0:
+            relative = float((spread[index] / scale[index]).max())
+            problems.append(
+                f"{name}: {kind} copies differ (relative difference of fingerprints {relative:.1e})"
+            )
+    return problems
+
+
+def check_replicas(module: nn.Module, ctx: ParallelContext) -> list[str]:
+    """Every replicated parameter that is not equal on all ranks holding a copy; [] when consistent.
+    Collective over the world: every rank must call it at the same step."""
+    named = [
+        (n, p) for n, p in module.named_parameters() if not hasattr(p, "ds_status")
+    ]  # ZeRO-3: partitioned
+    problems = _differing(named, ctx.dp_group, "data-parallel")
+    replicated = [(n, p) for n, p in named if not getattr(p, "tensor_model_parallel", False)]
+    problems += _differing(replicated, ctx.tp_group, "tensor-parallel")
+    for key, comm in getattr(module, "tied_comms", {}).items():
+        owner: nn.Module = comm["module"]
+        tied = [(f"tied {key}.{attr}", owner.get_parameter(attr)) for attr in comm["weight_attr"]]
+        problems += _differing(tied, comm["group"], "pipeline-stage (tied)")
+    return problems

@@ -1,0 +1,34 @@
+"""The replica-consistency check (pretrain.parallel.replicas) as a training callback."""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING
+
+from pretrain.parallel.replicas import check_replicas
+from pretrain.train.callbacks import Callback
+
+if TYPE_CHECKING:
+    from pretrain.train.trainer import Trainer
+
+
+class ReplicaChecker(Callback):
+    """Every parallel.check_replicas_interval steps: parameters whose copies differ across ranks are
+    logged (metrics record `replica_divergence`, and stderr on the ranks that hold them). Training
+    goes on: tiny drift from nondeterministic GPU kernels is a warning, not a failure."""
+
+    def __init__(self, interval: int):
+        self.interval = interval
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        step = trainer.state.step
+        if step % self.interval:
+            return
+        problems = check_replicas(trainer.engine.module, trainer.engine.ctx)
+        if problems:
+            listing = "\n  ".join(problems)
+            print(
+                f"warning (rank {trainer.dist.rank}, step {step}): replicas differ:\n  {listing}",
+                file=sys.stderr,
+            )
+        trainer.log({"step": step, "replica_divergence": problems})
