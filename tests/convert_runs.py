@@ -39,10 +39,16 @@ def train_and_capture_masters(overrides: list[str], run_dir: str) -> dict[str, A
     trainer = build_trainer(cfg, init_distributed())
     trainer.fit()
     ctx = build_parallel_context(cfg, dist.get_rank(), dist.get_world_size())
+    optimizer = trainer.engine.ds.optimizer
+    fp16_masters = {}
+    if cfg.parallel.zero_stage == 0 and cfg.train.precision == "fp16":
+        # DeepSpeed's fp16 optimizer (no ZeRO) pairs each live parameter with its fp32 master.
+        for params, group_masters in zip(optimizer.fp16_groups, optimizer.fp32_groups, strict=True):
+            fp16_masters.update({id(p): m for p, m in zip(params, group_masters, strict=True)})
     masters = {}
     for name, param in trainer.engine.module.named_parameters():
         full = safe_get_full_fp32_param(param)  # a collective under ZeRO: every rank, same order
-        value = full if full is not None else param.detach()
+        value = full if full is not None else fp16_masters.get(id(param), param).detach()
         # numpy, not torch: tensors would cross the result queue as shared memory of a process that exits
         masters[plain_name(name, cfg.model.num_layers, cfg.parallel.pp > 1)] = value.float().numpy().copy()
     return {"tp_rank": ctx.tp_rank, "dp_rank": ctx.dp_rank, "masters": masters}

@@ -38,6 +38,11 @@ LAYOUTS = {
     "tp2-tied": (2, ["parallel.tp=2", "model.tie_embeddings=true"]),
     # Pipeline layer files, the tied head living on the last stage; plain multi-head attention.
     "pp2-tied-mha": (2, ["parallel.pp=2", "model.tie_embeddings=true", "model.num_kv_heads=4"]),
+    # fp16 without ZeRO: the masters are DeepSpeed's fp16 optimizer's unflattened, unnamed fp32 copies.
+    "pp2-tied-fp16-zero0": (
+        2,
+        ["parallel.pp=2", "model.tie_embeddings=true", "parallel.zero_stage=0", "train.precision=fp16"],
+    ),
     # 4 model-parallel ranks, fp32 masters from their optimizer partitions, pipeline names.
     "tp2xpp2-bf16": (4, ["parallel.tp=2", "parallel.pp=2", "train.precision=bf16"]),
 }
@@ -114,18 +119,17 @@ def test_export_computes_what_our_model_computes_in_transformers(layout, trained
     assert report.verification.max_abs_diff <= LOGIT_TOLERANCE
 
     config = json.loads((out / "config.json").read_text())
-    bf16 = cfg.train.precision == "bf16"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
     assert config["vocab_size"] == VOCAB  # the padding rows are gone
     assert config["num_key_value_heads"] == cfg.model.kv_heads and config["head_dim"] == 16
     assert config["tie_word_embeddings"] == cfg.model.tie_embeddings
     assert config["max_position_embeddings"] == 64 and config["rope_theta"] == 10000.0
-    assert config["torch_dtype"] == ("bfloat16" if bf16 else "float32")
+    assert config["torch_dtype"] == str(dtype).removeprefix("torch.")  # auto: the precision trained in
     assert config["pretrain_provenance"]["step"] == 2
     if layout == "tp2xpp2-bf16":
         assert len(report.files) > 1 and (out / "model.safetensors.index.json").is_file()
 
     # The files hold the masters, rounded to the export dtype, under Hugging Face's names.
-    dtype = torch.bfloat16 if bf16 else torch.float32
     exported = {}
     for file in report.files:
         exported.update(read_safetensors(out / file)[0])

@@ -101,7 +101,7 @@ def test_hugging_face_to_ours_to_hugging_face_is_bitwise(tmp_path, tied):
     assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
     report = commands.from_hf(tmp_path / "hf", tmp_path / "init")
     assert "checkpoint.init_weights=" in report.notes[0] and "model.num_kv_heads=2" in report.notes[0]
-    commands.to_hf(tmp_path / "init", tmp_path / "back", dtype="bf16", max_shard_size="40KB")
+    commands.to_hf(tmp_path / "init", tmp_path / "back", max_shard_size="40KB")  # auto: bf16 as it came
 
     before, after = hf_tensors(tmp_path / "hf"), hf_tensors(tmp_path / "back")
     assert sorted(before) == sorted(after)
@@ -219,3 +219,34 @@ def test_the_trainer_builds_its_layers_from_init_weights_padding_the_vocabulary(
         for name, tensor in tensors.items():
             if name not in ("embedding.weight", "head.weight"):
                 assert torch.equal(params[name], tensor), name
+
+
+def test_a_run_on_prepared_data_exports_the_tokenizer_it_was_prepared_with(tmp_path):
+    """The dataset's manifest names the tokenizer and its hash: the export copies that tokenizer, and
+    refuses a moved or different one unless --tokenizer names the same tokenizer."""
+    from pretrain.convert.tokenizer import export_tokenizer, run_tokenizer
+    from pretrain.data.prepare import prepare
+    from pretrain.data.tokenizer import train_tokenizer
+
+    texts = [f"def function_{i}(x):\n    return x * {i}\n" for i in range(60)]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    train_tokenizer(texts, 300, tmp_path / "tok")
+    train_tokenizer(texts[:30], 300, tmp_path / "other")
+    prepare([str(tmp_path / "in.jsonl")], str(tmp_path / "tok"), tmp_path / "data")
+    cfg = load_config(None, [f"data.paths=[{tmp_path / 'data'}]", "model.vocab_size=320"])
+
+    source = run_tokenizer(cfg)
+    exported = export_tokenizer(source, tmp_path / "hf", model_vocab_size=320)
+    ours = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    reference = transformers.AutoTokenizer.from_pretrained(tmp_path / "tok")
+    assert ours(texts[7])["input_ids"] == reference(texts[7])["input_ids"]
+    assert exported.special_tokens["eos"] == ours.eos_token_id == reference.convert_tokens_to_ids("<|eos|>")
+
+    with pytest.raises(ConversionError, match=r"is not the one .* was prepared with.*--tokenizer"):
+        run_tokenizer(cfg, tmp_path / "other")
+    (tmp_path / "tok").rename(tmp_path / "moved")
+    with pytest.raises(ConversionError, match=r"is not there any more; pass --tokenizer"):
+        run_tokenizer(cfg)
+    assert run_tokenizer(cfg, tmp_path / "moved") == tmp_path / "moved"
+    with pytest.raises(ConversionError, match="300 tokens but the model only 200 rows"):
+        export_tokenizer(tmp_path / "moved", tmp_path / "hf2", model_vocab_size=200)

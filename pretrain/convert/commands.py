@@ -85,8 +85,11 @@ class _Progress:
 def _export_dtype(requested: str, weights: Weights) -> torch.dtype:
     if requested != "auto":
         return DTYPES[requested]
-    trained = str(weights.provenance.get("precision", "fp32"))
-    return DTYPES.get(trained, torch.float32)
+    trained = weights.provenance.get("precision")  # a training run, or to-fp32 of one
+    if trained is None:  # from-hf: the dtype the Hugging Face model was stored in
+        names = {v: k for k, v in DTYPE_NAMES.items()}
+        return names.get(str(weights.provenance.get("source_dtype")), torch.float32)
+    return DTYPES.get(str(trained), torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------

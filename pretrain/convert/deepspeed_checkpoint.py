@@ -8,6 +8,7 @@ Where the weights are, per layout (checked against files our trainer writes, Dee
 | pp > 1 | `layer_{idx:02d}-model_{tp:02d}-model_states.pt` | one layer's weights (the tied head is not saved) |
 | ZeRO 1-2, bf16/fp16 | `[bf16_]zero_pp_rank_{dp}_mp_rank_{mp:02d}_optim_states.pt` | fp32 masters, flat, split over DP ranks |
 | ZeRO 3 | `zero_pp_rank_{dp}_mp_rank_{tp:02d}_optim_states.pt` | fp32 weights, each split over DP ranks |
+| ZeRO 0, fp16 | `mp_rank_{mp:02d}_model_states.pt` | `optimizer.fp32_groups`: fp32 masters, unflattened |
 
 `mp` = pipeline stage x tp + TP rank (DeepSpeed's model-parallel rank over our pipe/data/model
 topology). The parameter order inside the flat buffers is `param_shapes` in the model-states file
@@ -36,6 +37,7 @@ import torch
 from pretrain.config import Config
 from pretrain.convert.consolidated import VOCAB_PARAMETERS, layer_name, layer_parameters
 from pretrain.convert.errors import ConversionError
+from pretrain.model.transformer import num_layers
 from pretrain.parallel.plan import partition_dim
 
 
@@ -184,12 +186,45 @@ def _check(used: int, available: int, path: Path) -> None:
         )
 
 
+class _Fp16OptimizerMasters:
+    """fp16 without ZeRO: DeepSpeed's fp16 optimizer keeps one fp32 copy per parameter, unflattened,
+    in the model-states file (`optimizer.fp32_groups`), in the order the optimizer got them: our
+    parameter groups (matrices, then vectors), each in module order. No names are saved, so each
+    master is also checked to round to the module's fp16 weight exactly."""
+
+    def __init__(self, groups: list[list[torch.Tensor]], module_order: list[tuple[str, int]]):
+        matrices = [n for n, ndim in module_order if ndim >= 2]
+        vectors = [n for n, ndim in module_order if ndim < 2]
+        if [len(g) for g in groups] != [len(matrices), len(vectors)]:
+            raise ConversionError(
+                f"DeepSpeed's fp16 optimizer state holds {[len(g) for g in groups]} tensors per group, the model "
+                f"{[len(matrices), len(vectors)]}; the checkpoint does not belong to this config"
+            )
+        self.tensors = dict(zip([*matrices, *vectors], [*groups[0], *groups[1]], strict=True))
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def get(self, name: str, shape: torch.Size) -> torch.Tensor:
+        tensor = self.tensors[name]
+        if tensor.shape != shape:
+            raise ConversionError(
+                f"{name}: DeepSpeed's fp16 optimizer state holds shape {list(tensor.shape)} where the model has "
+                f"{list(shape)}; the checkpoint does not belong to this config"
+            )
+        return tensor
+
+
 class DeepSpeedCheckpoint:
     """The checkpoint in `step_dir`, written by a run with config `cfg`."""
 
     def __init__(self, step_dir: Path, cfg: Config):
         self.dir, self.cfg = step_dir, cfg
         self._files: dict[Path, dict[str, Any]] = {}
+        # ZeRO-3 names its model-states files differently; the files, not the config, decide.
+        self._zero3 = not (step_dir / "mp_rank_00_model_states.pt").is_file() and any(
+            step_dir.glob("zero_pp_rank_*_mp_rank_00_model_states.pt")
+        )
         par = cfg.parallel
         first = self._model_states(0, dp_rank=0)
         states = self._load(first)
@@ -200,11 +235,17 @@ class DeepSpeedCheckpoint:
                 f"{first} was saved with tp={tp}, pp={pp} but the run's config says parallel.tp={par.tp}, "
                 f"parallel.pp={par.pp}; the config does not belong to this checkpoint: pass the run's own --config"
             )
-        self.layout = Layout(tp, pp, int(states.get("dp_world_size", 1)), par.zero_stage)
+        zero_stage = states.get("ds_config", {}).get("zero_optimization", {}).get("stage", par.zero_stage)
+        if self._zero3 != (zero_stage == 3):
+            raise ConversionError(
+                f"{first}: the files and the saved DeepSpeed config disagree on the ZeRO stage"
+            )
+        self.layout = Layout(tp, pp, int(states.get("dp_world_size", 1)), zero_stage)
         self.step = int(states.get("step", states.get("global_steps", 0)))
         self.tokens_seen = states.get("tokens_seen")
         self.masters = self.layout.zero_stage == 3 or self._module_dtype() != torch.float32
-        self._partitions: dict[int, _FlatPartitions] = {}
+        self._partitions: dict[int, _FlatPartitions | _Fp16OptimizerMasters] = {}
+        self.check_rounding = False
         self._names = self._plain_name_index() if self.masters else {}
 
     # ----- files
@@ -215,7 +256,7 @@ class DeepSpeedCheckpoint:
         return self._files[path]
 
     def _model_states(self, mp_rank: int, dp_rank: int = 0) -> Path:
-        if self.cfg.parallel.zero_stage == 3:
+        if self._zero3:
             return self.dir / f"zero_pp_rank_{dp_rank}_mp_rank_{mp_rank:02d}_model_states.pt"
         return self.dir / f"mp_rank_{mp_rank:02d}_model_states.pt"
 
@@ -259,8 +300,11 @@ class DeepSpeedCheckpoint:
         """(plain name, TP rank) -> (model-parallel rank, DeepSpeed's name) over every rank's buffers."""
         index: dict[tuple[str, int], tuple[int, str]] = {}
         for mp in range(self.layout.pp * self.layout.tp):
-            for module_name in self._flat(mp).names():
-                plain = self._plain_name(module_name)
+            flat = self._flat(mp)
+            for module_name in flat.names():
+                plain = (
+                    module_name if isinstance(flat, _Fp16OptimizerMasters) else self._plain_name(module_name)
+                )
                 if plain is not None:
                     index.setdefault((plain, mp % self.layout.tp), (mp, module_name))
         return index
@@ -275,12 +319,48 @@ class DeepSpeedCheckpoint:
             dims[dim] //= self.layout.tp
         return torch.Size(dims)
 
-    def _flat(self, mp: int) -> _FlatPartitions:
+    def _flat(self, mp: int) -> _FlatPartitions | _Fp16OptimizerMasters:
         if mp not in self._partitions:
-            shapes = self._load(self._model_states(mp))["param_shapes"]
+            states = self._load(self._model_states(mp))
             files = [self._optim_states(mp, dp) for dp in range(self.layout.dp)]
-            self._partitions[mp] = _FlatPartitions(shapes, files, self.layout.zero_stage, self._load)
+            optimizer = states.get("optimizer") or {}
+            if not files[0].is_file() and "fp32_groups" in optimizer:
+                self._partitions[mp] = _Fp16OptimizerMasters(optimizer["fp32_groups"], self._module_order(mp))
+                self.check_rounding = True
+            elif not files[0].is_file() and self.layout.zero_stage == 0:
+                raise ConversionError(
+                    f"{self.dir}: the module weights are {self._module_dtype()} and this layout's fp32 masters are "
+                    f"in no format the reader knows (optimizer keys: {sorted(optimizer)})"
+                )
+            else:
+                self._partitions[mp] = _FlatPartitions(
+                    states["param_shapes"], files, self.layout.zero_stage, self._load
+                )
         return self._partitions[mp]
+
+    def _module_order(self, mp: int) -> list[tuple[str, int]]:
+        """(plain name, ndim) of model-parallel rank `mp`'s parameters in module order: a pipeline
+        stage registers its tied embedding first, then its layers in order; a tied head has none."""
+        model, layout = self.cfg.model, self.layout
+        total = num_layers(model)
+        if layout.pp > 1:
+            from pretrain.parallel.pipeline import partition_layers
+
+            parts = partition_layers(self.cfg)
+            stage = mp // layout.tp
+            indices = list(range(parts[stage], parts[stage + 1]))
+        else:
+            indices = list(range(total))
+        tied = {0, total - 1} if model.tie_embeddings else set()
+        params = dict(layer_parameters(model))
+        order = []
+        if tied & set(indices) and layout.pp > 1:
+            order += [(name, len(shape)) for name, shape in params[0]]
+        for index in indices:
+            if index in tied and (layout.pp > 1 or index == total - 1):
+                continue
+            order += [(name, len(shape)) for name, shape in params[index]]
+        return order
 
     # ----- tensors
 
@@ -293,7 +373,18 @@ class DeepSpeedCheckpoint:
                     f"the checkpoint is incomplete or not from this model"
                 )
             mp, module_name = self._names[name, tp_rank]
-            return self._flat(mp).get(module_name, self._shard_shape(name, shape))
+            master = self._flat(mp).get(module_name, self._shard_shape(name, shape))
+            if self.check_rounding:
+                module = self._module_shard(name, index, tp_rank)
+                if not torch.equal(master.to(module.dtype), module):
+                    raise ConversionError(
+                        f"{self.dir}: the fp32 master of {name} does not round to the module's {module.dtype} "
+                        f"weight; the optimizer state was matched to the wrong parameters"
+                    )
+            return master
+        return self._module_shard(name, index, tp_rank)
+
+    def _module_shard(self, name: str, index: int, tp_rank: int) -> torch.Tensor:
         if self.layout.pp > 1:
             tensors = self._load(self._layer_file(index, tp_rank))
             key = name.removeprefix(layer_name(self.cfg.model, index) + ".")

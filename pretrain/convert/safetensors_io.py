@@ -72,7 +72,7 @@ class SafetensorsWriter:
                 f"got {name} {tensor.dtype} {list(tensor.shape)}"
             )
         data = tensor.detach().cpu().contiguous()
-        self._file.write(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+        self._file.write(data.reshape(-1).view(torch.uint8).numpy().data)  # a view: no copy of the bytes
         self._next += 1
 
     def close(self) -> None:

@@ -73,6 +73,7 @@ def export_tokenizer(source: Path | None, output: Path, model_vocab_size: int) -
     """Write a tokenizer folder `AutoTokenizer.from_pretrained(output)` loads."""
     from pretrain.data.tokenizer import load_tokenizer
 
+    output.mkdir(parents=True, exist_ok=True)
     if source is None:
         inner = byte_level_tokenizer()
         inner.save(str(output / "tokenizer.json"))
