@@ -1,4 +1,4 @@
-"""Conversion of real checkpoints: the small model trained by DeepSpeed in five layouts (2 and 4 CPU
+"""Conversion of real checkpoints: the small model trained by DeepSpeed in six layouts (2 and 4 CPU
 processes), consolidated, exported to Hugging Face, checked against `transformers`, imported back
 and trained from in another layout.
 
