@@ -585,6 +585,13 @@ def _validate_layout(cfg: Config, world_size: int) -> list[str]:
             f"world size {world_size} is not divisible by parallel.tp x parallel.pp = {par.tp} x {par.pp} = "
             f"{model_parallel}; launch a multiple of {model_parallel} processes or change the layout"
         ]
+    if par.pp > 1:
+        from pretrain.parallel.partition import partition_layers  # needs the model; imported only here
+
+        try:
+            partition_layers(cfg)
+        except ConfigError as e:
+            return e.problems
     dp = world_size // model_parallel
     per_step = t.micro_batch_size * dp
     if t.grad_accum_steps is not None:

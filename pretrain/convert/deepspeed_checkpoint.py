@@ -344,7 +344,7 @@ class DeepSpeedCheckpoint:
         model, layout = self.cfg.model, self.layout
         total = num_layers(model)
         if layout.pp > 1:
-            from pretrain.parallel.pipeline import partition_layers
+            from pretrain.parallel.partition import partition_layers
 
             parts = partition_layers(self.cfg)
             stage = mp // layout.tp

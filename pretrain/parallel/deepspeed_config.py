@@ -22,7 +22,8 @@ def build_deepspeed_config(cfg: Config, world_size: int, precision: str) -> dict
     par = cfg.parallel
     zero: dict[str, Any] = {"stage": par.zero_stage}
     if par.zero_stage >= 1:
-        zero.update(overlap_comm=True, contiguous_gradients=True, reduce_scatter=True)
+        # DeepSpeed's pipeline engine schedules its own gradient reductions and turns overlap off.
+        zero.update(overlap_comm=par.pp == 1, contiguous_gradients=True, reduce_scatter=True)
     if par.zero_stage == 3:
         # Gather each layer's weights just in time; keep small ones resident.
         zero.update(stage3_prefetch_bucket_size=5e7, stage3_param_persistence_threshold=1e5)

@@ -35,7 +35,7 @@ def parallelize_model(cfg: Config, ctx: ParallelContext, device: torch.device) -
     DeepSpeed `PipelineModule` holding its stage."""
     total = num_layers(cfg.model)
     if ctx.pp > 1:
-        from pretrain.parallel.pipeline import partition_layers
+        from pretrain.parallel.partition import partition_layers
 
         parts = partition_layers(cfg)
         indices = list(range(parts[ctx.pp_rank], parts[ctx.pp_rank + 1]))

@@ -1,8 +1,9 @@
 """Pipeline parallelism through DeepSpeed's `PipelineModule` (1F1B schedule).
 
 The model's layer list (embedding, blocks..., norm, head) is split into contiguous stages by
-`partition_layers`; each rank builds only its own stage's layers (`pretrain.parallel.parallelize`)
-and hands them to DeepSpeed already built, so no rank ever holds the whole model. Tied input and
+`pretrain.parallel.partition`; each rank builds only its own stage's layers (see
+`pretrain.parallel.parallelize`) and hands them to DeepSpeed already built, so no rank ever holds
+the whole model. Tied input and
 output embeddings become a `TiedLayerSpec` on the first and last stage: DeepSpeed keeps the two
 copies equal (broadcast at start, gradients all-reduced between the two stages every step).
 """
@@ -14,53 +15,12 @@ from typing import Any
 
 import torch
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
-from deepspeed.runtime.utils import partition_balanced
 from torch import nn
 
-from pretrain.config import Config, ConfigError
-from pretrain.model.transformer import build_layer, num_layers
+from pretrain.config import Config
+from pretrain.model.transformer import num_layers
 
 TIED_EMBEDDING_KEY = "embedding"
-
-
-def partition_layers(cfg: Config) -> list[int]:
-    """Stage boundaries over the layer list: stage s holds layers [parts[s], parts[s + 1]).
-
-    'layers': decoder blocks split as evenly as possible (earlier stages take the remainder, since
-    the last stage also computes the output layer and the loss); the embedding joins the first stage,
-    the final norm and the output layer the last. 'parameters': contiguous stages with balanced
-    parameter counts (the padded embedding and output layer included), every stage holding a block.
-    """
-    pp, blocks, total = cfg.parallel.pp, cfg.model.num_layers, num_layers(cfg.model)
-    if cfg.parallel.pipeline_partition == "layers":
-        per_stage = [blocks // pp + (1 if s < blocks % pp else 0) for s in range(pp)]
-        parts = [0]
-        for count in per_stage[:-1]:
-            parts.append(parts[-1] + count + (1 if len(parts) == 1 else 0))
-        return [*parts, total]
-    counts = layer_parameter_counts(cfg)
-    parts = list(partition_balanced(weights=counts, num_parts=pp))
-    for stage in range(pp):
-        held = range(parts[stage], parts[stage + 1])
-        if not any(1 <= i <= blocks for i in held):
-            raise ConfigError(
-                [
-                    f"parallel.pipeline_partition=parameters leaves pipeline stage {stage} without a decoder "
-                    f"block (layer parameter counts {counts}); use parallel.pipeline_partition=layers or a "
-                    f"smaller parallel.pp"
-                ]
-            )
-    return parts
-
-
-def layer_parameter_counts(cfg: Config) -> list[int]:
-    """Parameters of every layer in the list, counted on the meta device (no memory used)."""
-    padded = cfg.padded_vocab_size
-    with torch.device("meta"):
-        return [
-            sum(p.numel() for p in build_layer(cfg.model, i, padded, cfg.seed).parameters())
-            for i in range(num_layers(cfg.model))
-        ]
 
 
 class _BuiltTiedLayer(TiedLayerSpec):

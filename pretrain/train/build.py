@@ -110,7 +110,7 @@ def run_summary(cfg: Config, world_size: int, precision: str) -> dict[str, Any]:
         },
     }
     if cfg.parallel.pp > 1:
-        from pretrain.parallel.pipeline import partition_layers
+        from pretrain.parallel.partition import partition_layers
 
         summary["pipeline_stage_boundaries"] = partition_layers(cfg)
     return summary
