@@ -15,7 +15,8 @@ setup:
 	@echo "set up: activate with '. $(BIN)/activate'"
 
 # The whole path on the built-in corpus (the Python standard library's source): train a BPE tokenizer,
-# prepare Megatron-format shards, inspect them, and train the tiny preset on them with 2 processes.
+# prepare Megatron-format shards, inspect them, train the tiny preset on them with 2 processes, export
+# the run to Hugging Face (verified against transformers) and generate a line with transformers.
 # Re-running reuses the prepared shards; run.overwrite=true replaces the previous training run.
 QUICKSTART_DATA := runs/quickstart-data
 quickstart:
@@ -27,6 +28,12 @@ quickstart:
 	$(BIN)/python -m pretrain.data inspect $(QUICKSTART_DATA)/stdlib
 	PATH=$(CURDIR)/$(BIN):$$PATH deepspeed --num_gpus 2 pretrain/main.py --config configs/tiny.yaml \
 		data.paths='[$(QUICKSTART_DATA)/stdlib]' model.vocab_size=4096 run.dir=runs/quickstart run.overwrite=true
+	$(BIN)/python -m pretrain.convert to-hf --checkpoint runs/quickstart --output runs/quickstart-hf --overwrite
+	$(BIN)/python -c "import torch; from transformers import AutoModelForCausalLM, AutoTokenizer, logging; \
+		logging.disable_progress_bar(); torch.manual_seed(0); \
+		tok = AutoTokenizer.from_pretrained('runs/quickstart-hf'); model = AutoModelForCausalLM.from_pretrained('runs/quickstart-hf'); \
+		ids = tok('def ', return_tensors='pt').input_ids; \
+		print(tok.decode(model.generate(ids, max_new_tokens=32, do_sample=True, top_k=20)[0]))"
 
 lint:
 	$(BIN)/ruff check .

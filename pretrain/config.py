@@ -199,6 +199,12 @@ class CheckpointConfig:
 
     interval: int = _doc("Save every this many steps; 0 saves only at the end (if save_final).", 500)
     save_final: bool = _doc("Save when training finishes.", True)
+    init_weights: str | None = _doc(
+        "Start from these weights instead of the seeded init: consolidated safetensors written by `python -m "
+        "pretrain.convert from-hf` (its folder) or `to-fp32` (the file). Weights only: optimizer, LR schedule and "
+        "data start fresh. Any layout; model.* must describe the same architecture (checked, with the fix).",
+        None,
+    )
 
 
 @dataclass
@@ -566,6 +572,8 @@ def validate(cfg: Config, world_size: int | None = None) -> list[str]:
             f"train.micro_batch_size ({t.micro_batch_size})"
         )
 
+    if cfg.checkpoint.init_weights is not None and not cfg.checkpoint.init_weights.strip():
+        p.append("checkpoint.init_weights must be a path, or null for the seeded init; got an empty string")
     if cfg.checkpoint.interval < 0:
         p.append(f"checkpoint.interval must be >= 0 (0 saves only at the end), got {cfg.checkpoint.interval}")
     positive("logging.interval", cfg.logging.interval)

@@ -2,7 +2,8 @@
 
 1. Choose this rank's layers: all of them, or its pipeline stage's (`partition_layers`).
 2. Build each of them from the plain model's definition, one at a time on the CPU, initialised from
-   the layer's own seed (so every layout starts from the same numbers).
+   the layer's own seed (so every layout starts from the same numbers), or, with
+   checkpoint.init_weights, with that layer's full tensors read from the consolidated file.
 3. Apply the tensor-parallel plan: slice the weights, swap in parallel layers and the loss.
 4. Set activation recomputation on the decoder blocks.
 5. Move to the device, and assemble: a `Transformer` (one stage) or DeepSpeed's `PipelineModule`.
@@ -41,11 +42,20 @@ def parallelize_model(cfg: Config, ctx: ParallelContext, device: torch.device) -
     else:
         indices = list(range(total))
     tied_pipeline_head = cfg.model.tie_embeddings and ctx.pp > 1 and total - 1 in indices
+    init, init_path = None, cfg.checkpoint.init_weights
+    if init_path is not None:
+        from pretrain.convert.consolidated import open_init_weights
+        from pretrain.parallel.distributed import all_ranks_succeed
+
+        init = all_ranks_succeed(lambda: open_init_weights(init_path, cfg.model))
     local: dict[int, nn.Module] = {}
     for index in indices:
         # The tied output layer of a pipeline is a copy of the embedding on the last stage.
         source = 0 if tied_pipeline_head and index == total - 1 else index
-        layer = build_layer(cfg.model, source, cfg.padded_vocab_size, cfg.seed)
+        if init is None:
+            layer = build_layer(cfg.model, source, cfg.padded_vocab_size, cfg.seed)
+        else:
+            layer = init.build_layer(cfg.model, source, cfg.padded_vocab_size)
         layer = apply_tensor_parallel(layer, layer_name(cfg, source), ctx)
         if isinstance(layer, DecoderBlock):
             layer.recompute = cfg.parallel.activation_checkpointing

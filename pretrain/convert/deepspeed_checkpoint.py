@@ -1,0 +1,428 @@
+"""A DeepSpeed checkpoint of any layout, read as the plain model's full tensors, one at a time.
+
+Where the weights are, per layout (checked against files our trainer writes, DeepSpeed 0.16-0.19):
+
+| layout | file | what it holds |
+| --- | --- | --- |
+| ZeRO 0-2, pp = 1 | `mp_rank_{tp:02d}_model_states.pt` | `module`: this TP rank's weights, plain names |
+| pp > 1 | `layer_{idx:02d}-model_{tp:02d}-model_states.pt` | one layer's weights (the tied head is not saved) |
+| ZeRO 1-2, bf16/fp16 | `[bf16_]zero_pp_rank_{dp}_mp_rank_{mp:02d}_optim_states.pt` | fp32 masters, flat, split over DP ranks |
+| ZeRO 3 | `zero_pp_rank_{dp}_mp_rank_{tp:02d}_optim_states.pt` | fp32 weights, each split over DP ranks |
+| ZeRO 0, fp16 | `mp_rank_{mp:02d}_model_states.pt` | `optimizer.fp32_groups`: fp32 masters, unflattened |
+
+`mp` = pipeline stage x tp + TP rank (DeepSpeed's model-parallel rank over our pipe/data/model
+topology). The parameter order inside the flat buffers is `param_shapes` in the model-states file
+(DeepSpeed's own `zero_to_fp32` reads them the same way).
+
+Which copy is exported: the fp32 master weights, always. With fp32 training those are the module
+weights (DeepSpeed updates them in place; the optimizer's flat copy is bitwise the same); with
+bf16/fp16 they exist only in the optimizer partitions, and the module holds them rounded. ZeRO-3
+keeps no full module copy at all. So bf16 runs read the partitions, fp32 runs the module files.
+
+Files are opened with `torch.load(mmap=True, weights_only=True)`: nothing in them runs as code, and
+only the bytes of the tensors taken are read; the optimizer moments stored beside the masters are
+never touched. Tensor-parallel shards are merged along `pretrain.parallel.plan.partition_dim`.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pretrain.config import Config
+from pretrain.convert.consolidated import VOCAB_PARAMETERS, layer_name, layer_parameters
+from pretrain.convert.errors import ConversionError
+from pretrain.model.transformer import num_layers
+from pretrain.parallel.plan import partition_dim
+
+
+def _allowed_globals() -> list[Any]:
+    """The only non-tensor objects DeepSpeed pickles into its checkpoints (enum, loss-scaler state)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [DynamicLossScaler, LossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_file(path: Path) -> dict[str, Any]:
+    """A checkpoint file, memory-mapped: tensors are read from disk only when their data is used."""
+    if not path.is_file():
+        raise ConversionError(
+            f"{path} is missing: the checkpoint is incomplete (was the save interrupted?); "
+            f"convert an earlier checkpoint (give its step directory)"
+        )
+    try:
+        with torch.serialization.safe_globals(_allowed_globals()):
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ConversionError(
+            f"{path} holds a pickled object the reader does not load ({str(e).splitlines()[0]}); "
+            f"it was not written by this framework's DeepSpeed checkpointing"
+        ) from e
+    except (RuntimeError, OSError, EOFError) as e:
+        raise ConversionError(f"{path} cannot be read ({e}); the file is truncated or corrupt") from e
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    dp: int
+    zero_stage: int
+
+    def describe(self) -> str:
+        return f"data-parallel {self.dp} x tensor-parallel {self.tp} x pipeline-parallel {self.pp}, ZeRO-{self.zero_stage}"
+
+
+class _FlatPartitions:
+    """One model-parallel rank's flat fp32 buffers split over data-parallel ranks, indexed by name.
+
+    ZeRO 1-2: per parameter group, the concatenation of the ranks' partitions is the group's flat
+    buffer, parameters back to back in `param_shapes` order (plus alignment padding).
+    ZeRO 3: every parameter is split on its own, ceil(numel / dp) elements per rank, one after the
+    other in each rank's buffer (groups concatenated).
+    DeepSpeed's bf16 optimizer (bf16 without ZeRO, under pipeline parallelism) saves no param_shapes,
+    but `param_slice_mappings`: where each parameter's fragment lies in each rank's partition.
+    """
+
+    def __init__(
+        self,
+        param_shapes: list[dict[str, torch.Size]] | None,
+        rank_files: list[Path],
+        zero_stage: int,
+        load: Callable[[Path], dict[str, Any]],
+    ):
+        key = "fp32_flat_groups" if zero_stage == 3 else "single_partition_of_fp32_groups"
+        states = [load(p)["optimizer_state_dict"] for p in rank_files]
+        for path, state in zip(rank_files, states, strict=True):
+            if key not in state:
+                raise ConversionError(f"{path} has no {key}: not a ZeRO-{zero_stage} optimizer file")
+        self.groups: list[list[torch.Tensor]] = [list(s[key]) for s in states]  # [rank][group]
+        # name -> pieces (rank, group, start, stop) whose concatenation is the parameter (+ padding)
+        self.pieces: dict[str, list[tuple[int, int, int, int]]] = {}
+        if param_shapes is None:
+            for rank, state in enumerate(states):
+                for group, mapping in enumerate(state.get("param_slice_mappings") or []):
+                    for name, fragment in mapping.items():
+                        start = fragment.start
+                        self.pieces.setdefault(name, []).append((rank, group, start, start + fragment.numel))
+            if not self.pieces:
+                raise ConversionError(
+                    f"{rank_files[0]}: neither param_shapes nor param_slice_mappings were saved"
+                )
+        elif zero_stage == 3:
+            self._index_zero3(param_shapes, rank_files[0])
+        else:
+            self._index_zero12(param_shapes, states[0].get("param_alignment_paddings"), rank_files[0])
+
+    def _index_zero3(self, param_shapes: list[dict[str, torch.Size]], path: Path) -> None:
+        sizes = [g.numel() for g in self.groups[0]]
+        offset = 0
+        for shapes in param_shapes:
+            for name, shape in shapes.items():
+                part = -(-shape.numel() // len(self.groups))
+                self.pieces[name] = [
+                    (rank, group, start, stop)
+                    for rank in range(len(self.groups))
+                    for group, start, stop in _spans(sizes, offset, part)
+                ]
+                offset += part
+        _check(offset, sum(sizes), path)
+
+    def _index_zero12(
+        self, param_shapes: list[dict[str, torch.Size]], paddings: list[list[int]] | None, path: Path
+    ) -> None:
+        for group, shapes in enumerate(param_shapes):
+            size = self.groups[0][group].numel()  # every rank's partition of a group has this size
+            offset = 0
+            for i, (name, shape) in enumerate(shapes.items()):
+                numel = shape.numel()
+                self.pieces[name] = [
+                    (
+                        rank,
+                        group,
+                        max(offset, rank * size) - rank * size,
+                        min(offset + numel, (rank + 1) * size) - rank * size,
+                    )
+                    for rank in range(offset // size, (offset + numel - 1) // size + 1)
+                ]
+                offset += numel + (paddings[group][i] if paddings else 0)
+            _check(offset, size * len(self.groups), path)
+
+    def names(self) -> list[str]:
+        return list(self.pieces)
+
+    def get(self, name: str, shape: torch.Size) -> torch.Tensor:
+        flat = torch.cat([self.groups[r][g][a:b] for r, g, a, b in self.pieces[name]])
+        if flat.numel() < shape.numel():
+            raise ConversionError(
+                f"{name}: the optimizer partitions hold {flat.numel()} elements, the model needs {list(shape)}; "
+                f"the checkpoint does not belong to this config"
+            )
+        return flat[: shape.numel()].view(shape)
+
+
+def _spans(sizes: list[int], start: int, length: int) -> list[tuple[int, int, int]]:
+    """(group, start, stop) pieces of [start, start + length) in the concatenation of buffers of `sizes`."""
+    spans, base = [], 0
+    for group, size in enumerate(sizes):
+        if start < base + size and start + length > base:
+            spans.append((group, max(start, base) - base, min(start + length, base + size) - base))
+        base += size
+    return spans
+
+
+def _check(used: int, available: int, path: Path) -> None:
+    if used > available:
+        raise ConversionError(
+            f"{path}: the parameters need {used} elements but the flat buffers hold {available}; "
+            f"the optimizer files do not belong to this model"
+        )
+
+
+class _Fp16OptimizerMasters:
+    """fp16 without ZeRO: DeepSpeed's fp16 optimizer keeps one fp32 copy per parameter, unflattened,
+    in the model-states file (`optimizer.fp32_groups`), in the order the optimizer got them: our
+    parameter groups (matrices, then vectors), each in module order. No names are saved, so each
+    master is also checked to round to the module's fp16 weight exactly."""
+
+    def __init__(self, groups: list[list[torch.Tensor]], module_order: list[tuple[str, int]]):
+        matrices = [n for n, ndim in module_order if ndim >= 2]
+        vectors = [n for n, ndim in module_order if ndim < 2]
+        if [len(g) for g in groups] != [len(matrices), len(vectors)]:
+            raise ConversionError(
+                f"DeepSpeed's fp16 optimizer state holds {[len(g) for g in groups]} tensors per group, the model "
+                f"{[len(matrices), len(vectors)]}; the checkpoint does not belong to this config"
+            )
+        self.tensors = dict(zip([*matrices, *vectors], [*groups[0], *groups[1]], strict=True))
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def get(self, name: str, shape: torch.Size) -> torch.Tensor:
+        tensor = self.tensors[name]
+        if tensor.shape != shape:
+            raise ConversionError(
+                f"{name}: DeepSpeed's fp16 optimizer state holds shape {list(tensor.shape)} where the model has "
+                f"{list(shape)}; the checkpoint does not belong to this config"
+            )
+        return tensor
+
+
+class DeepSpeedCheckpoint:
+    """The checkpoint in `step_dir`, written by a run with config `cfg`."""
+
+    def __init__(self, step_dir: Path, cfg: Config):
+        self.dir, self.cfg = step_dir, cfg
+        self._files: dict[Path, dict[str, Any]] = {}
+        # ZeRO-3 names its model-states files differently; the files, not the config, decide.
+        self._zero3 = not (step_dir / "mp_rank_00_model_states.pt").is_file() and any(
+            step_dir.glob("zero_pp_rank_*_mp_rank_00_model_states.pt")
+        )
+        par = cfg.parallel
+        first = self._model_states(0, dp_rank=0)
+        states = self._load(first)
+        dims = states.get("checkpoint_parallel_dimensions", {})
+        tp, pp = dims.get("tp_degree", par.tp), dims.get("pp_degree", par.pp)
+        if (tp, pp) != (par.tp, par.pp):
+            raise ConversionError(
+                f"{first} was saved with tp={tp}, pp={pp} but the run's config says parallel.tp={par.tp}, "
+                f"parallel.pp={par.pp}; the config does not belong to this checkpoint: pass the run's own --config"
+            )
+        zero_stage = states.get("ds_config", {}).get("zero_optimization", {}).get("stage", par.zero_stage)
+        if self._zero3 != (zero_stage == 3):
+            raise ConversionError(
+                f"{first}: the files and the saved DeepSpeed config disagree on the ZeRO stage"
+            )
+        self.layout = Layout(tp, pp, int(states.get("dp_world_size", 1)), zero_stage)
+        self.step = int(states.get("step", states.get("global_steps", 0)))
+        self.tokens_seen = states.get("tokens_seen")
+        self.masters = self.layout.zero_stage == 3 or self._module_dtype() != torch.float32
+        self._partitions: dict[int, _FlatPartitions | _Fp16OptimizerMasters] = {}
+        self.check_rounding = False
+        self._names = self._plain_name_index() if self.masters else {}
+
+    # ----- files
+
+    def _load(self, path: Path) -> dict[str, Any]:
+        if path not in self._files:
+            self._files[path] = load_file(path)
+        return self._files[path]
+
+    def _model_states(self, mp_rank: int, dp_rank: int = 0) -> Path:
+        if self._zero3:
+            return self.dir / f"zero_pp_rank_{dp_rank}_mp_rank_{mp_rank:02d}_model_states.pt"
+        return self.dir / f"mp_rank_{mp_rank:02d}_model_states.pt"
+
+    def _optim_states(self, mp_rank: int, dp_rank: int) -> Path:
+        name = f"zero_pp_rank_{dp_rank}_mp_rank_{mp_rank:02d}_optim_states.pt"
+        bf16 = self.dir / f"bf16_{name}"
+        return bf16 if bf16.is_file() else self.dir / name
+
+    def _layer_file(self, index: int, tp_rank: int) -> Path:
+        return self.dir / f"layer_{index:02d}-model_{tp_rank:02d}-model_states.pt"
+
+    def _module_dtype(self) -> torch.dtype:
+        if self.layout.pp > 1:
+            tensors = self._load(self._layer_file(0, 0))
+        else:
+            tensors = self._load(self._model_states(0))["module"]
+        return next(iter(tensors.values())).dtype
+
+    @property
+    def source(self) -> str:
+        if self.layout.zero_stage == 3:
+            return "fp32 weights from the ZeRO-3 partitions"
+        if self.masters:
+            return "fp32 master weights from the optimizer partitions (the module holds them rounded)"
+        return "fp32 module weights (fp32 training: the module weights are the master weights)"
+
+    # ----- name bookkeeping for the flat buffers
+
+    def _plain_name(self, module_name: str) -> str | None:
+        """Plain-model name of a parameter as DeepSpeed's module names it; None for the last stage's
+        copy of a tied embedding."""
+        if self.layout.pp == 1:
+            return module_name
+        head, _, rest = module_name.partition(".")
+        if head == "tied_modules":
+            key, _, rest = rest.partition(".")
+            return f"{key}.{rest}"
+        return f"{layer_name(self.cfg.model, int(head))}.{rest}"
+
+    def _plain_name_index(self) -> dict[tuple[str, int], tuple[int, str]]:
+        """(plain name, TP rank) -> (model-parallel rank, DeepSpeed's name) over every rank's buffers."""
+        index: dict[tuple[str, int], tuple[int, str]] = {}
+        for mp in range(self.layout.pp * self.layout.tp):
+            flat = self._flat(mp)
+            for module_name in flat.names():
+                plain = (
+                    module_name if isinstance(flat, _Fp16OptimizerMasters) else self._plain_name(module_name)
+                )
+                if plain is not None:
+                    index.setdefault((plain, mp % self.layout.tp), (mp, module_name))
+        return index
+
+    def _shard_shape(self, name: str, shape: torch.Size) -> torch.Size:
+        """The shape TP rank's piece of `name` had in training: vocabulary padded, split along partition_dim."""
+        dims = list(shape)
+        if name in VOCAB_PARAMETERS:
+            dims[0] = self.cfg.padded_vocab_size
+        dim = partition_dim(name)
+        if dim is not None:
+            dims[dim] //= self.layout.tp
+        return torch.Size(dims)
+
+    def _flat(self, mp: int) -> _FlatPartitions | _Fp16OptimizerMasters:
+        if mp not in self._partitions:
+            states = self._load(self._model_states(mp))
+            files = [self._optim_states(mp, dp) for dp in range(self.layout.dp)]
+            optimizer = states.get("optimizer") or {}
+            if not files[0].is_file() and "fp32_groups" in optimizer:
+                self._partitions[mp] = _Fp16OptimizerMasters(optimizer["fp32_groups"], self._module_order(mp))
+                self.check_rounding = True
+            elif not files[0].is_file() and self.layout.zero_stage == 0:
+                raise ConversionError(
+                    f"{self.dir}: the module weights are {self._module_dtype()} and this layout's fp32 masters are "
+                    f"in no format the reader knows (optimizer keys: {sorted(optimizer)})"
+                )
+            else:
+                self._partitions[mp] = _FlatPartitions(
+                    states["param_shapes"], files, self.layout.zero_stage, self._load
+                )
+        return self._partitions[mp]
+
+    def _module_order(self, mp: int) -> list[tuple[str, int]]:
+        """(plain name, ndim) of model-parallel rank `mp`'s parameters in module order: a pipeline
+        stage registers its tied embedding first, then its layers in order; a tied head has none."""
+        model, layout = self.cfg.model, self.layout
+        total = num_layers(model)
+        if layout.pp > 1:
+            from pretrain.parallel.partition import partition_layers
+
+            parts = partition_layers(self.cfg)
+            stage = mp // layout.tp
+            indices = list(range(parts[stage], parts[stage + 1]))
+        else:
+            indices = list(range(total))
+        tied = {0, total - 1} if model.tie_embeddings else set()
+        params = dict(layer_parameters(model))
+        order = []
+        if tied & set(indices) and layout.pp > 1:
+            order += [(name, len(shape)) for name, shape in params[0]]
+        for index in indices:
+            if index in tied and (layout.pp > 1 or index == total - 1):
+                continue
+            order += [(name, len(shape)) for name, shape in params[index]]
+        return order
+
+    # ----- tensors
+
+    def _shard(self, name: str, shape: torch.Size, index: int, tp_rank: int) -> torch.Tensor:
+        """This TP rank's piece of parameter `name` (of layer `index`), vocabulary padded as trained."""
+        if self.masters:
+            if (name, tp_rank) not in self._names:
+                raise ConversionError(
+                    f"{self.dir}: no optimizer partition of TP rank {tp_rank} holds {name}; "
+                    f"the checkpoint is incomplete or not from this model"
+                )
+            mp, module_name = self._names[name, tp_rank]
+            master = self._flat(mp).get(module_name, self._shard_shape(name, shape))
+            if self.check_rounding:
+                module = self._module_shard(name, index, tp_rank)
+                if not torch.equal(master.to(module.dtype), module):
+                    raise ConversionError(
+                        f"{self.dir}: the fp32 master of {name} does not round to the module's {module.dtype} "
+                        f"weight; the optimizer state was matched to the wrong parameters"
+                    )
+            return master
+        return self._module_shard(name, index, tp_rank)
+
+    def _module_shard(self, name: str, index: int, tp_rank: int) -> torch.Tensor:
+        if self.layout.pp > 1:
+            tensors = self._load(self._layer_file(index, tp_rank))
+            key = name.removeprefix(layer_name(self.cfg.model, index) + ".")
+        else:
+            tensors, key = self._load(self._model_states(tp_rank))["module"], name
+        if key not in tensors:
+            raise ConversionError(
+                f"{self.dir}: {name} is missing from the module weights of TP rank {tp_rank}"
+            )
+        return tensors[key]
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(plain name, full unpadded tensor) for every stored parameter, in layer order; fp32 masters."""
+        model = self.cfg.model
+        for index, params in layer_parameters(model):
+            for name, shape in params:
+                shards = [self._shard(name, shape, index, t) for t in range(self.layout.tp)]
+                dim = partition_dim(name)
+                if dim is None:
+                    for t, other in enumerate(shards[1:], 1):
+                        if not torch.equal(other, shards[0]):
+                            raise ConversionError(
+                                f"{self.dir}: the replicated parameter {name} differs between TP ranks 0 and {t}; "
+                                f"the checkpoint is inconsistent"
+                            )
+                    full = shards[0]
+                else:
+                    full = torch.cat(shards, dim) if len(shards) > 1 else shards[0]
+                if name in VOCAB_PARAMETERS:
+                    if full[model.vocab_size :].any():
+                        raise ConversionError(
+                            f"{self.dir}: the padded vocabulary rows of {name} (from row {model.vocab_size}) are not "
+                            f"zero; the checkpoint does not match the config's model.vocab_size or layout"
+                        )
+                    full = full[: model.vocab_size]
+                if tuple(full.shape) != tuple(shape):
+                    raise ConversionError(
+                        f"{self.dir}: {name} consolidates to shape {list(full.shape)} but the config's model needs "
+                        f"{list(shape)}; the config does not belong to this checkpoint"
+                    )
+                yield name, full.float()
