@@ -233,6 +233,28 @@ class RunConfig:
 
 
 @dataclass
+class WatchdogConfig:
+    """Deadlines for joining, the first step and every later step; what happens past them."""
+
+    join_timeout: float = _doc(
+        "Seconds rank 0 waits for every rank to join the rendezvous; past it every rank that joined exits "
+        "(code 7) with the missing ranks and the nodes they should have come from.",
+        300.0,
+    )
+    first_step_timeout: float = _doc(
+        "Seconds from the start of training to the end of the first step (data indexing, compilation, "
+        "checkpoint load, first step); past it the job is treated as hung, as for step_timeout. 0 disables.",
+        1800.0,
+    )
+    step_timeout: float = _doc(
+        "Seconds without a completed step (its evaluation and checkpoint save included); past it every rank "
+        "writes its Python stacks to run.dir/hang/<time>/, report.txt names the ranks that are behind, and "
+        "the job exits with code 6. 0 disables.",
+        600.0,
+    )
+
+
+@dataclass
 class Config:
     """The whole run."""
 
@@ -245,6 +267,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     seed: int = _doc("Seed for weight init and data order.", 1234)
 
     # ----- derived quantities (not config keys) -----
@@ -581,6 +604,10 @@ def validate(cfg: Config, world_size: int | None = None) -> list[str]:
         positive("logging.peak_tflops", cfg.logging.peak_tflops)
     if not cfg.run.dir:
         p.append("run.dir must not be empty")
+    positive("watchdog.join_timeout", cfg.watchdog.join_timeout)
+    for name in ("first_step_timeout", "step_timeout"):
+        if getattr(cfg.watchdog, name) < 0:
+            p.append(f"watchdog.{name} must be >= 0 seconds (0 disables it), got {getattr(cfg.watchdog, name)}")
 
     if world_size is not None and not p:
         p.extend(_validate_layout(cfg, world_size))

@@ -1,7 +1,9 @@
 """Entry point: `deepspeed pretrain/main.py --config configs/tiny.yaml [key=value ...]`.
 
 Parse the config, join the process group, build, fit. Exit codes: 0 done, 2 invalid configuration,
-3 non-finite loss, 4 unusable data (missing, corrupt or mismatched datasets).
+3 non-finite loss, 4 unusable data (missing, corrupt or mismatched datasets), 6 hang (the watchdog,
+pretrain/train/watchdog.py, found no step completing in time), 7 the launch failed (inconsistent
+launcher variables, a rank that did not join, a pre-flight mismatch between ranks).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from pretrain.config import Config, ConfigError, describe_fields, load_config
 EXIT_CONFIG_ERROR = 2
 EXIT_NON_FINITE = 3
 EXIT_DATA_ERROR = 4
+EXIT_HANG = 6  # exited by the watchdog thread (pretrain.train.watchdog.EXIT_HANG), not returned from here
+EXIT_LAUNCH_ERROR = 7
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -80,9 +84,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{key} ({tname}, default {default}): {doc}")
         return 0
 
+    from launch import LaunchError
     from pretrain.parallel.distributed import env_world_size
 
-    world_size = args.world_size or env_world_size()
+    try:
+        world_size = args.world_size or env_world_size()
+    except LaunchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_LAUNCH_ERROR
     try:
         cfg = load_config(args.config, args.overrides, world_size=world_size)
         if args.dry_run:
@@ -99,13 +108,25 @@ def main(argv: list[str] | None = None) -> int:
 
     from deepspeed.utils import logger as ds_logger
 
+    from launch import current
+    from launch.preflight import preflight
     from pretrain.data import DataError
     from pretrain.parallel import init_distributed
     from pretrain.parallel.distributed import PeerFailure
     from pretrain.train import NonFiniteLossError, build_trainer
 
     ds_logger.setLevel(logging.WARNING)
-    dist = init_distributed()
+    try:
+        dist = init_distributed(join_timeout=cfg.watchdog.join_timeout)
+    except LaunchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_LAUNCH_ERROR
+    try:
+        preflight(current()[0], cfg.to_yaml(), Path(cfg.run.dir))  # type: ignore[index]
+    except LaunchError as e:  # the same on every rank
+        if dist.is_main:
+            print(f"error: {e}", file=sys.stderr)
+        return EXIT_LAUNCH_ERROR
     try:
         trainer = build_trainer(cfg, dist)
         trainer.fit()

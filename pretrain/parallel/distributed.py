@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -33,71 +35,63 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# World-size variables of the launchers we read, in order: torch/deepspeed, Open MPI, MPICH/Intel MPI (PMI).
-_WORLD_SIZE_VARS = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
-
-
 def env_world_size() -> int:
-    for var in _WORLD_SIZE_VARS:
-        if var in os.environ:
-            return int(os.environ[var])
-    return 1
+    """The world size the launcher (srun, mpirun, torchrun, deepspeed) gives, from its variables alone."""
+    from launch import env_world_size as from_env
+
+    return from_env()
 
 
-def launched_by_mpi() -> bool:
-    return "RANK" not in os.environ and any(var in os.environ for var in _WORLD_SIZE_VARS[1:])
+def _join_timeout() -> float:
+    return float(os.environ.get("PRETRAIN_JOIN_TIMEOUT", "300"))
 
 
-def set_env_from_mpi() -> None:
-    """Under `mpirun`, derive the torch.distributed environment through mpi4py (imported only here).
-    The rendezvous is rank 0's host (MASTER_ADDR overrides it) on MASTER_PORT or 29500."""
-    import socket
-
-    from mpi4py import MPI
-
-    world = MPI.COMM_WORLD
-    local_rank = world.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
-    local_size = world.Split_type(MPI.COMM_TYPE_SHARED).Get_size()
-    master = os.environ.get("MASTER_ADDR") or world.bcast(socket.getfqdn() if world.Get_rank() == 0 else None)
-    os.environ.update(
-        RANK=str(world.Get_rank()),
-        WORLD_SIZE=str(world.Get_size()),
-        LOCAL_RANK=str(local_rank),
-        LOCAL_WORLD_SIZE=str(local_size),
-        MASTER_ADDR=master,
-        MASTER_PORT=os.environ.get("MASTER_PORT", "29500"),
-    )
-
-
-def init_distributed() -> DistInfo:
-    """Join the process group described by the launcher's environment (deepspeed, torchrun, mpirun);
-    a plain `python pretrain/main.py` becomes a world of one on loopback."""
+def init_distributed(join_timeout: float | None = None) -> DistInfo:
+    """Join the process group described by the launcher's environment: srun (SLURM_*), mpirun
+    (Open MPI, MPICH), torchrun or deepspeed (RANK, WORLD_SIZE, ...); a plain `python pretrain/main.py`
+    becomes a world of one on loopback. `launch` resolves the variables (errors name the problem and
+    the fix) and every rank checks in at rank 0 within `join_timeout` seconds (default
+    $PRETRAIN_JOIN_TIMEOUT or 300), so a missing rank is named instead of waited for. Idempotent."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    if launched_by_mpi():
-        set_env_from_mpi()
-    elif "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    from launch import LaunchError, batch_shell_warning, init_process_group, join, resolve
+
     accelerator = get_accelerator()
+    if not dist.is_initialized():
+        note = batch_shell_warning()
+        if note:
+            print(f"warning: {note}", file=sys.stderr, flush=True)
+        info = resolve()
+        if info.master_port == 0:
+            info = dataclasses.replace(info, master_port=free_port())
+        info.export()
+        if accelerator.device_name() == "cuda" and info.local_rank >= torch.cuda.device_count():
+            raise LaunchError(
+                f"rank {info.rank} has LOCAL_RANK {info.local_rank} but {info.node} shows only "
+                f"{torch.cuda.device_count()} GPUs (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): "
+                f"start one task per GPU (--ntasks-per-node equal to --gpus-per-node)"
+            )
+        store = join(info, _join_timeout() if join_timeout is None else join_timeout)
+        _set_device(accelerator, info.local_rank, info.local_world_size)
+        # DeepSpeed still calls torch.distributed functions that torch has renamed; those warnings are theirs.
+        warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed.c10d_logger")
+        init_process_group(info, store, accelerator.communication_backend_name())
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = _set_device(accelerator, local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    # Wraps the existing group (no second rendezvous) so DeepSpeed's comm layer knows about it.
+    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), auto_mpi_discovery=False)
+    return DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), device)
+
+
+def _set_device(accelerator: Any, local_rank: int, local_world: int) -> torch.device:
     if accelerator.device_name() == "cuda":
         torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-        # Several CPU ranks on one machine: give each its share of the cores instead of oversubscribing.
-        if "OMP_NUM_THREADS" not in os.environ:
-            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
-    # DeepSpeed still calls torch.distributed functions that torch has renamed; those warnings are theirs.
-    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed.c10d_logger")
-    if not dist.is_initialized():
-        deepspeed.init_distributed(
-            dist_backend=accelerator.communication_backend_name(), auto_mpi_discovery=False
-        )
-    return DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), device)
+        return torch.device("cuda", local_rank)
+    # Several CPU ranks on one machine: give each its share of the cores instead of oversubscribing.
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+    return torch.device("cpu")
 
 
 def all_reduce_mean(values: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:

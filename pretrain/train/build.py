@@ -39,6 +39,7 @@ from pretrain.train.callbacks import (
 from pretrain.train.mfu import peak_tflops
 from pretrain.train.replica_check import ReplicaChecker
 from pretrain.train.trainer import Trainer
+from pretrain.train.watchdog import Watchdog
 
 RUN_OUTPUTS = ("metrics.jsonl", "tensorboard", "checkpoints", "metrics.png")
 
@@ -194,4 +195,5 @@ def build_trainer(cfg: Config, dist: DistInfo) -> Trainer:
             callbacks.append(TensorBoardWriter(run_dir / "tensorboard"))
         if cfg.logging.plot:
             callbacks.append(Plotter(run_dir))
+    callbacks.append(Watchdog.for_run(cfg.watchdog, run_dir, dist.rank, dist.world_size))  # last: after saves
     return Trainer(cfg, engine, train_batches, val_batches, dist, callbacks)
