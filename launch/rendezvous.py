@@ -119,6 +119,10 @@ def join(info: LaunchInfo, timeout: float) -> Any:
             if time.monotonic() > deadline:
                 message = _missing_message(info, store, timeout)
                 store.set("launch/result", message)
+                # Keep the store up until the ranks that joined have read why (a few seconds at most).
+                joined, until = store.add("launch/joined", 0) - 1, time.monotonic() + 10
+                while store.add("launch/acks", 0) < joined and time.monotonic() < until:
+                    time.sleep(0.05)
                 raise LaunchError(message)
             time.sleep(pause)
             pause = min(0.5, pause * 1.5)
@@ -127,6 +131,7 @@ def join(info: LaunchInfo, timeout: float) -> Any:
         try:
             store.wait(["launch/result"], timedelta(seconds=timeout + 60))
             result = store.get("launch/result").decode()
+            store.add("launch/acks", 1)
         except Exception as e:
             raise LaunchError(
                 f"rank {info.rank} on {info.node} joined, but rank 0 ({info.master_addr}) did not complete the "

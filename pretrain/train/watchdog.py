@@ -63,12 +63,16 @@ def locate(frame: FrameType | None) -> Position:
     and the innermost frame outside torch and DeepSpeed (the code that called into them)."""
     stack = traceback.extract_stack(frame) if frame is not None else []
     collective = None
-    for i, entry in enumerate(stack):
-        if any(part in entry.filename for part in _COLLECTIVE_FILES):
-            module = "deepspeed.comm" if "deepspeed" in entry.filename else "torch.distributed"
-            collective = f"{module}.{entry.name}"
-            stack = stack[:i]
-            break
+    start = next((i for i, e in enumerate(stack) if any(p in e.filename for p in _COLLECTIVE_FILES)), None)
+    if start is not None:
+        # Named by torch.distributed's public function where there is one (deepspeed.comm wraps them).
+        api = [e for e in stack[start:] if e.filename.endswith("distributed_c10d.py")]
+        if api:
+            collective = f"torch.distributed.{api[0].name}"
+        else:
+            module = "deepspeed.comm" if "deepspeed" in stack[start].filename else "torch.distributed"
+            collective = f"{module}.{stack[start].name}"
+        stack = stack[:start]
     ours = [e for e in stack if not any(part in e.filename for part in _LIBRARY_DIRS)]
     entry = (ours or stack or [None])[-1]
     where = "unknown" if entry is None else f"{_short(entry.filename)}:{entry.lineno} in {entry.name}"

@@ -1,0 +1,51 @@
+"""A training run in which one rank stops making progress: the input of the watchdog tests.
+
+    RANK=.. WORLD_SIZE=.. ... python tests/slurm/hang_train.py --sleep-rank 1 --sleep-after-step 2 \
+        --config configs/tiny.yaml key=value ...
+
+Rank --sleep-rank sleeps (for an hour) at the end of step --sleep-after-step, in a callback that runs
+before the watchdog's, so its last completed step stays one behind; the others go on into the next
+step's collectives and wait there. Exits as main.py does (the watchdog exits it with code 6).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from pretrain.config import load_config  # noqa: E402
+from pretrain.parallel import init_distributed  # noqa: E402
+from pretrain.parallel.distributed import env_world_size  # noqa: E402
+from pretrain.train import build_trainer  # noqa: E402
+from pretrain.train.callbacks import Callback  # noqa: E402
+
+
+class SleepOnRank(Callback):
+    def __init__(self, rank: int, after_step: int):
+        self.rank, self.after_step = rank, after_step
+
+    def on_step_end(self, trainer) -> None:
+        if trainer.dist.rank == self.rank and trainer.state.step == self.after_step:
+            time.sleep(3600)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sleep-rank", type=int, required=True)
+    parser.add_argument("--sleep-after-step", type=int, required=True)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    cfg = load_config(args.config, args.overrides, world_size=env_world_size())
+    trainer = build_trainer(cfg, init_distributed())
+    trainer.callbacks.insert(0, SleepOnRank(args.sleep_rank, args.sleep_after_step))
+    trainer.fit()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
