@@ -29,7 +29,12 @@ running() {  # the pid in file $1 is alive
     [[ -s $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null
 }
 
+munge_works() {
+    munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1
+}
+
 cluster_up() {
+    munge_works || return 1
     running "$ROOT/run/slurmctld.pid" || return 1
     for node in "${NODES[@]}"; do running "$ROOT/run/slurmd-$node.pid" || return 1; done
     SLURM_CONF=$CONF scontrol ping >/dev/null 2>&1
@@ -62,13 +67,11 @@ add_hosts() {
 start_munge() {
     mkdir -p /run/munge && chown munge:munge /run/munge
     # A munged already serving the default socket (ours from an earlier start, or the system's) is used as is.
-    if [[ -S /run/munge/munge.socket.2 ]] && munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; then
-        return 0
-    fi
+    munge_works && return 0
     [[ -s /etc/munge/munge.key ]] || die "/etc/munge/munge.key is missing (the munge package creates it)"
-    runuser -u munge -- /usr/sbin/munged
+    runuser -u munge -- /usr/sbin/munged 9>&-
     local _
-    for _ in $(seq 50); do munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1 && return 0; sleep 0.1; done
+    for _ in $(seq 50); do munge_works && return 0; sleep 0.1; done
     die "munged did not start"
 }
 
@@ -126,7 +129,7 @@ start() {
     [[ $(id -u) -eq 0 ]] || die "needs root (it installs packages and starts slurmctld, slurmd and munged)"
     mkdir -p "$ROOT"
     exec 9>"$ROOT.lock"
-    flock 9  # one start at a time (several test sessions may share the machine)
+    flock -w 300 9 || die "another start holds $ROOT.lock for more than 300 s"  # one start at a time
     if cluster_up; then
         log "already running (SLURM_CONF=$CONF)"
     else
@@ -135,8 +138,9 @@ start() {
         start_munge
         stop_daemons
         write_conf
-        /usr/sbin/slurmctld -f "$CONF"
-        for node in "${NODES[@]}"; do /usr/sbin/slurmd -f "$CONF" -N "$node"; done
+        # 9>&-: the daemons must not inherit (and so hold forever) the lock.
+        /usr/sbin/slurmctld -f "$CONF" 9>&-
+        for node in "${NODES[@]}"; do /usr/sbin/slurmd -f "$CONF" -N "$node" 9>&-; done
     fi
     local _
     for _ in $(seq 120); do
