@@ -63,7 +63,9 @@ def _run_dir(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("env", help="this process's rank, world and rendezvous as resolved from its launcher")
+    p = commands.add_parser(
+        "env", help="this process's rank, world and rendezvous as resolved from its launcher"
+    )
     p.add_argument("--json", action="store_true")
     p.add_argument("--export", action="store_true", help="as shell export lines (RANK, WORLD_SIZE, ...)")
     p.add_argument("--no-mpi", action="store_true", help="do not ask mpi4py (under mpirun)")

@@ -155,7 +155,9 @@ def _slurm_layout(env: Mapping[str, str]) -> tuple[tuple[str, ...], tuple[int, .
         nodes = tuple(expand(nodelist))
         counts = tuple(expand_counts(per_node)) if per_node else ()
     except HostlistError as e:
-        raise LaunchError(f"cannot read the SLURM allocation: {e}; set MASTER_ADDR to the host of task 0") from e
+        raise LaunchError(
+            f"cannot read the SLURM allocation: {e}; set MASTER_ADDR to the host of task 0"
+        ) from e
     if counts and len(counts) != len(nodes):
         counts = ()  # a layout we cannot pair up; only used for messages and LOCAL_WORLD_SIZE
     return nodes, counts
@@ -215,8 +217,8 @@ def _from_mpi(env: Mapping[str, str], flavour: str, use_mpi4py: bool) -> LaunchI
         try:
             from mpi4py import MPI
         except ImportError:
-            MPI = None  # noqa: N806
-        if MPI is not None:
+            pass  # what is still unknown below is an error that says to install it
+        else:
             comm = MPI.COMM_WORLD
             if comm.Get_size() != world or comm.Get_rank() != rank:
                 raise LaunchError(
@@ -277,7 +279,7 @@ def _from_torch_env(env: Mapping[str, str]) -> LaunchInfo:
             f"WORLD_SIZE, MASTER_ADDR, MASTER_PORT (and LOCAL_RANK), or none and let a launcher or srun set them"
         )
     rank, world = _int(env, "RANK"), _int(env, "WORLD_SIZE")
-    if "TORCHELASTIC_RUN_ID" in env or "GROUP_RANK" in env and "ROLE_RANK" in env:
+    if "TORCHELASTIC_RUN_ID" in env or ("GROUP_RANK" in env and "ROLE_RANK" in env):
         source = "torchrun"
     elif "CROSS_RANK" in env or "LOCAL_SIZE" in env:
         source = "deepspeed"
@@ -305,7 +307,9 @@ def _from_torch_env(env: Mapping[str, str]) -> LaunchInfo:
     if not 0 <= rank < world:
         raise LaunchError(f"RANK={rank} is outside 0..WORLD_SIZE-1 (WORLD_SIZE={world})")
     if not 0 <= local_rank < max(local_world, 1):
-        raise LaunchError(f"LOCAL_RANK={local_rank} is outside 0..LOCAL_WORLD_SIZE-1 (LOCAL_WORLD_SIZE={local_world})")
+        raise LaunchError(
+            f"LOCAL_RANK={local_rank} is outside 0..LOCAL_WORLD_SIZE-1 (LOCAL_WORLD_SIZE={local_world})"
+        )
     return LaunchInfo(
         rank=rank,
         world_size=world,
@@ -343,7 +347,9 @@ def resolve(environ: Mapping[str, str] | None = None, use_mpi4py: bool = True) -
     if "RANK" in env:
         return _from_torch_env(env)
     if "WORLD_SIZE" in env and not (_mpi_flavour(env) or _in_slurm_step(env)):
-        raise LaunchError("WORLD_SIZE is set but RANK is not; set both (and MASTER_ADDR, MASTER_PORT) or neither")
+        raise LaunchError(
+            "WORLD_SIZE is set but RANK is not; set both (and MASTER_ADDR, MASTER_PORT) or neither"
+        )
     flavour = _mpi_flavour(env)
     if flavour:
         info = _from_mpi(env, flavour, use_mpi4py)

@@ -43,7 +43,9 @@ def hostfile_lines(
         counts = expand_counts(spec)
         per_node = counts if len(counts) == len(nodes) else [counts[0]] * len(nodes)
     else:
-        raise LaunchError("cannot tell how many GPUs each node has (no GPUs or tasks in the allocation); pass --slots N")
+        raise LaunchError(
+            "cannot tell how many GPUs each node has (no GPUs or tasks in the allocation); pass --slots N"
+        )
     if any(n <= 0 for n in per_node):
         raise LaunchError(f"slots per node must be positive, got {per_node}; pass --slots N")
     return [f"{node} slots={n}" for node, n in zip(nodes, per_node, strict=True)]

@@ -17,7 +17,8 @@ class HostlistError(ValueError):
 
 def _split_top(text: str) -> list[str]:
     """Split at commas that are not inside brackets."""
-    parts, depth, start = [], 0, 0
+    parts: list[str] = []
+    depth, start = 0, 0
     for i, ch in enumerate(text):
         if ch == "[":
             depth += 1
@@ -35,7 +36,7 @@ def _split_top(text: str) -> list[str]:
 
 
 def _expand_range(body: str, whole: str) -> list[str]:
-    out = []
+    out: list[str] = []
     for item in body.split(","):
         item = item.strip()
         m = re.fullmatch(r"(\d+)(?:-(\d+))?", item)
@@ -96,7 +97,9 @@ def compress(hosts: list[str]) -> str:
         ranges, start = [], numbers[0]
         for prev, cur in zip(numbers, [*numbers[1:], None], strict=True):
             if cur != prev + 1:
-                ranges.append(f"{start:0{width}d}" if start == prev else f"{start:0{width}d}-{prev:0{width}d}")
+                ranges.append(
+                    f"{start:0{width}d}" if start == prev else f"{start:0{width}d}-{prev:0{width}d}"
+                )
                 start = cur  # type: ignore[assignment]
         out.append(f"{prefix}[{','.join(ranges)}]{suffix}")
     return ",".join(out)

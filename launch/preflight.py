@@ -25,7 +25,18 @@ from launch.rendezvous import ranges
 
 REPO = Path(__file__).resolve().parent.parent
 # Facts every rank must share; a difference is an error naming the odd ranks.
-MUST_AGREE = ("commit", "sources", "config", "python", "torch", "deepspeed", "cuda", "nccl", "device", "device_name")
+MUST_AGREE = (
+    "commit",
+    "sources",
+    "config",
+    "python",
+    "torch",
+    "deepspeed",
+    "cuda",
+    "nccl",
+    "device",
+    "device_name",
+)
 _LABELS = {"sources": "source files", "config": "config hash", "device_name": "device model"}
 
 

@@ -138,7 +138,9 @@ def join(info: LaunchInfo, timeout: float) -> Any:
                 f"rendezvous ({type(e).__name__}); rank 0 has probably died: see its output"
             ) from None
         if result != "ok":  # rank 0 prints the whole message
-            raise LaunchError(f"rank {info.rank} on {info.node}: rank 0 stopped the rendezvous: {result.splitlines()[0]}")
+            raise LaunchError(
+                f"rank {info.rank} on {info.node}: rank 0 stopped the rendezvous: {result.splitlines()[0]}"
+            )
     _current = (info, store)
     return store
 
@@ -153,4 +155,3 @@ def init_process_group(info: LaunchInfo, store: Any, backend: str, timeout: time
     dist.init_process_group(
         backend, store=dist.PrefixStore("pg", store), rank=info.rank, world_size=info.world_size, **kwargs
     )
-

@@ -607,7 +607,9 @@ def validate(cfg: Config, world_size: int | None = None) -> list[str]:
     positive("watchdog.join_timeout", cfg.watchdog.join_timeout)
     for name in ("first_step_timeout", "step_timeout"):
         if getattr(cfg.watchdog, name) < 0:
-            p.append(f"watchdog.{name} must be >= 0 seconds (0 disables it), got {getattr(cfg.watchdog, name)}")
+            p.append(
+                f"watchdog.{name} must be >= 0 seconds (0 disables it), got {getattr(cfg.watchdog, name)}"
+            )
 
     if world_size is not None and not p:
         p.extend(_validate_layout(cfg, world_size))

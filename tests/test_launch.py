@@ -90,7 +90,9 @@ def test_rank_exported_in_a_batch_script_contradicts_srun_and_is_an_error_with_t
 
 
 def test_world_size_disagreeing_with_the_allocation_names_both():
-    with pytest.raises(LaunchError, match=r"WORLD_SIZE=8 is set .* a world of 4; unset WORLD_SIZE, or start 8"):
+    with pytest.raises(
+        LaunchError, match=r"WORLD_SIZE=8 is set .* a world of 4; unset WORLD_SIZE, or start 8"
+    ):
         resolve({**SRUN_TASK3, "WORLD_SIZE": "8"})
     with pytest.raises(LaunchError, match="WORLD_SIZE is set but RANK is not"):
         resolve({"WORLD_SIZE": "2"})
@@ -118,7 +120,13 @@ def test_torchrun_inside_srun_is_trusted_and_recognised():
         "MASTER_PORT": "29400",
     }
     info = resolve(env)
-    assert (info.source, info.rank, info.world_size, info.local_rank, info.node_rank) == ("torchrun", 13, 16, 5, 1)
+    assert (info.source, info.rank, info.world_size, info.local_rank, info.node_rank) == (
+        "torchrun",
+        13,
+        16,
+        5,
+        1,
+    )
 
 
 def test_deepspeed_launcher_variables():
@@ -136,14 +144,25 @@ def test_open_mpi_and_mpich_variables_without_mpi4py():
         "OMPI_COMM_WORLD_LOCAL_SIZE": "4", "OMPI_COMM_WORLD_NODE_RANK": "1", "MASTER_ADDR": "head", "MASTER_PORT": "1234",
     }  # fmt: skip
     info = resolve(ompi, use_mpi4py=False)
-    assert (info.source, info.rank, info.world_size, info.local_rank, info.node_rank) == ("openmpi", 5, 8, 1, 1)
+    assert (info.source, info.rank, info.world_size, info.local_rank, info.node_rank) == (
+        "openmpi",
+        5,
+        8,
+        1,
+        1,
+    )
     assert (info.master_addr, info.master_port, info.num_nodes) == ("head", 1234, 2)
     # MPICH on one host, no MASTER_ADDR: loopback, torch's default port.
     mpich = {"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2"}
     info = resolve(mpich, use_mpi4py=False)
     assert (info.source, info.rank, info.master_addr, info.master_port) == ("mpich", 1, "127.0.0.1", 29500)
     # Hydra under SLURM: its proxies are srun tasks; the MPI variables describe the ranks.
-    hydra = {**SRUN_TASK3, "SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_TASKS_PER_NODE": "1(x2)"}
+    hydra = {
+        **SRUN_TASK3,
+        "SLURM_PROCID": "1",
+        "SLURM_STEP_NUM_TASKS": "2",
+        "SLURM_STEP_TASKS_PER_NODE": "1(x2)",
+    }
     hydra.update(PMI_RANK="6", PMI_SIZE="8", MPI_LOCALRANKID="2", MPI_LOCALNRANKS="4", MASTER_ADDR="gpu07")
     assert (resolve(hydra, use_mpi4py=False).rank, resolve(hydra, use_mpi4py=False).world_size) == (6, 8)
     with pytest.raises(LaunchError, match="across several hosts without MASTER_ADDR"):
@@ -197,7 +216,7 @@ def test_hostfile_from_the_allocation():
 
 def test_unresolvable_master_addr_is_named():
     info = resolve({**SRUN_TASK3, "MASTER_ADDR": "no-such-host.invalid"})
-    with pytest.raises(LaunchError, match="MASTER_ADDR 'no-such-host.invalid' does not resolve on gpu08"):
+    with pytest.raises(LaunchError, match=r"MASTER_ADDR 'no-such-host\.invalid' does not resolve on gpu08"):
         check_address(info)
 
 
@@ -216,7 +235,12 @@ def test_launch_command_line(tmp_path):
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["master_addr"] == "gpu07"
     assert "export RANK=3" in run("env", "--export", env=SRUN_TASK3).stdout
-    out = run("hostfile", "--output", str(tmp_path / "hosts"), env={"SLURM_JOB_NODELIST": "n[1-2]", "SLURM_GPUS_ON_NODE": "4"})
+    out = run(
+        "hostfile",
+        "--output",
+        str(tmp_path / "hosts"),
+        env={"SLURM_JOB_NODELIST": "n[1-2]", "SLURM_GPUS_ON_NODE": "4"},
+    )
     assert out.returncode == 0 and (tmp_path / "hosts").read_text() == "n1 slots=4\nn2 slots=4\n"
     assert run("hostnames", "x[1-2]").stdout.split() == ["x1", "x2"]
     assert run("run-dir", str(TINY), "run.dir=/some/where").stdout.strip() == "/some/where"
@@ -263,7 +287,12 @@ def test_a_rank_that_never_joins_is_named_and_every_rank_exits_with_code_7(tmp_p
     port = str(free_port())
     common = {"WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "DS_ACCELERATOR": "cpu"}
     procs = [
-        _main({**common, "RANK": str(r), "LOCAL_RANK": str(r)}, "watchdog.join_timeout=5", "train.global_batch_size=12", run_dir=tmp_path)
+        _main(
+            {**common, "RANK": str(r), "LOCAL_RANK": str(r)},
+            "watchdog.join_timeout=5",
+            "train.global_batch_size=12",
+            run_dir=tmp_path,
+        )
         for r in (0, 1)
     ]
     # A lone rank 1 of another world, whose rank 0 never starts.
@@ -290,13 +319,19 @@ def test_watchdog_dumps_every_rank_and_names_the_rank_that_sleeps(tmp_path):
 
     port = str(free_port())
     common = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "DS_ACCELERATOR": "cpu"}
+    command = [
+        sys.executable, "tests/slurm/hang_train.py", "--sleep-rank", "1", "--sleep-after-step", "2",
+        "--config", str(TINY), *SMALL, "train.steps=20", "watchdog.step_timeout=8", f"run.dir={tmp_path}",
+    ]  # fmt: skip
     procs = [
         subprocess.Popen(
-            [sys.executable, "tests/slurm/hang_train.py", "--sleep-rank", "1", "--sleep-after-step", "2",
-             "--config", str(TINY), *SMALL, "train.steps=20", "watchdog.step_timeout=8", f"run.dir={tmp_path}"],
-            cwd=REPO, env={**os.environ, **common, "RANK": str(r), "LOCAL_RANK": str(r)},
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            command,
+            cwd=REPO,
+            env={**os.environ, **common, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for r in (0, 1)
     ]
     outs = [p.communicate(timeout=240) for p in procs]
@@ -304,7 +339,9 @@ def test_watchdog_dumps_every_rank_and_names_the_rank_that_sleeps(tmp_path):
     (incident,) = (tmp_path / "hang").iterdir()
     report = (incident / "report.txt").read_text()
     assert "behind: rank 1 (not inside a collective while the others wait in one)" in report, report
-    assert "rank 0 on" in report and "last completed step 1, waiting in torch.distributed.all_reduce" in report
+    assert (
+        "rank 0 on" in report and "last completed step 1, waiting in torch.distributed.all_reduce" in report
+    )
     rank1 = (incident / "rank-00001.txt").read_text()
     assert "last completed step 1" in rank1 and "not in a collective: at tests/slurm/hang_train.py" in rank1
     assert "time.sleep(3600)" in rank1
@@ -322,11 +359,51 @@ def test_behind_ranks_from_reports():
 
     ar = "torch.distributed.all_reduce"
     assert behind_ranks({0: rep(5, ar), 1: rep(4), 2: rep(5, ar)}) == (
-        [1], "their last completed step is older than step 5 of the others"
+        [1],
+        "their last completed step is older than step 5 of the others",
     )
     assert behind_ranks({0: rep(5, ar), 1: rep(5), 2: rep(5, ar)})[0] == [1]
     assert behind_ranks({0: rep(5, ar), 1: rep(5, "torch.distributed.broadcast")}) == (
-        [], "every rank is inside a collective, but not the same one: torch.distributed.all_reduce, "
-        "torch.distributed.broadcast"
+        [],
+        "every rank is inside a collective, but not the same one: torch.distributed.all_reduce, "
+        "torch.distributed.broadcast",
     )
     assert behind_ranks({0: rep(5, ar), 1: rep(5, ar)}) == ([], f"every rank waits in {ar} at the same step")
+
+
+def test_mpiexec_ranks_share_rank_0s_address_and_a_free_port_through_mpi4py():
+    """`mpiexec -n 2` (MPICH from PyPI) without MASTER_ADDR/MASTER_PORT: mpi4py gives the local
+    ranks and broadcasts rank 0's host and a port it found free."""
+    pytest.importorskip("mpi4py")
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("SLURM", "MASTER_", "RANK", "WORLD_SIZE"))
+    }
+    out = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "mpiexec"), "-n", "2", sys.executable, "-m", "launch", "env",
+         "--json"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    infos = sorted((json.loads(line) for line in out.stdout.splitlines()), key=lambda i: i["rank"])
+    assert [(i["rank"], i["world_size"], i["local_rank"], i["local_world_size"]) for i in infos] == [
+        (0, 2, 0, 2),
+        (1, 2, 1, 2),
+    ]
+    assert {i["source"] for i in infos} == {"mpich"}
+    assert (
+        infos[0]["master_addr"] == infos[1]["master_addr"]
+        and infos[0]["master_port"] == infos[1]["master_port"]
+    )
+    assert infos[0]["master_port"] != 29500 and (infos[0]["node_rank"], infos[0]["num_nodes"]) == (0, 1)
+
+
+def test_watchdog_settings_are_checked_and_the_exit_codes_agree():
+    from pretrain import main
+    from pretrain.config import ConfigError, load_config
+    from pretrain.train.watchdog import EXIT_HANG
+
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, ["watchdog.step_timeout=-1", "watchdog.join_timeout=0"])
+    assert "watchdog.step_timeout must be >= 0 seconds (0 disables it), got -1.0" in str(e.value)
+    assert "watchdog.join_timeout must be positive, got 0.0" in str(e.value)
+    assert main.EXIT_HANG == EXIT_HANG == 6 and main.EXIT_LAUNCH_ERROR == 7

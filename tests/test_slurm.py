@@ -18,14 +18,14 @@ from typing import Any
 import pytest
 
 from conftest import REPO
-from slurm.cluster import Cluster, slurm_cluster  # noqa: F401  (the fixture)
+from slurm.cluster import Cluster, start_cluster
 from training_runs import SMALL
 
 pytestmark = pytest.mark.slow
 
 CPU = ["--gpus-per-node=0", "--cpus-per-task=1"]  # the scripts' per-node defaults are for GPU nodes
-STEPS = 40
-TRAIN = ["configs/tiny.yaml", *SMALL, f"train.steps={STEPS}", "checkpoint.interval=20"]
+STEPS = 60
+TRAIN = ["configs/tiny.yaml", *SMALL, f"train.steps={STEPS}", "checkpoint.interval=30"]
 
 
 def records(run_dir: Path) -> list[dict[str, Any]]:
@@ -51,6 +51,11 @@ exit $STUB_EXIT
 """
 
 
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Cluster:
+    return start_cluster()
+
+
 @pytest.fixture(scope="module")
 def jobs(slurm_cluster: Cluster, tmp_path_factory) -> Iterator[dict[str, Any]]:
     from pretrain.data.tokenizer import train_tokenizer
@@ -58,7 +63,9 @@ def jobs(slurm_cluster: Cluster, tmp_path_factory) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("slurm")
     submitted: dict[str, Any] = {"root": root}
 
-    def train(name: str, *sbatch: str, overrides: tuple[str, ...] = (), env: dict[str, str] | None = None) -> None:
+    def train(
+        name: str, *sbatch: str, overrides: tuple[str, ...] = (), env: dict[str, str] | None = None
+    ) -> None:
         run_dir = root / name
         job = slurm_cluster.sbatch(
             *CPU, f"--output={root / name}.out", *sbatch, "slurm/train.sbatch", *TRAIN, f"run.dir={run_dir}",
@@ -80,18 +87,27 @@ def jobs(slurm_cluster: Cluster, tmp_path_factory) -> Iterator[dict[str, Any]]:
         hf,
     )  # fmt: skip
     mpiexec = Path(sys.executable).parent / "mpiexec"
-    command = (
-        f"{mpiexec} -n 2 {sys.executable} -u pretrain/main.py --config {' '.join(TRAIN)} run.dir={root / 'mpi'}"
-    )
+    command = f"{mpiexec} -n 2 {sys.executable} -u pretrain/main.py --config {' '.join(TRAIN)} run.dir={root / 'mpi'}"
     submitted["mpi"] = (
         slurm_cluster.sbatch(
             "--nodes=2", "--ntasks-per-node=1", f"--output={root}/mpi.out", f"--wrap={command}"
         ),
         root / "mpi",
     )  # fmt: skip
-    submitted["hostfile"] = slurm_cluster.sbatch(
-        "--nodes=2", "--ntasks-per-node=2", f"--output={root}/hostfile.out",
-        f"--wrap={sys.executable} -m launch hostfile --output {root}/hosts",
+    # A DeepSpeed hostfile written from the allocation, used by the deepspeed launcher's slurm mode
+    # (which runs srun and sets no RANK or MASTER_ADDR); the tasks print what launch/ resolves.
+    hosts, bin_dir = root / "hosts", Path(sys.executable).parent
+    command = (
+        f"PATH={bin_dir}:$PATH; python -m launch hostfile --output {hosts} && deepspeed --hostfile {hosts} "
+        f"--launcher slurm --no_ssh_check --master_addr n1 launch/__main__.py env --json"
+    )
+    submitted["deepspeed"] = slurm_cluster.sbatch(
+        "--nodes=2", "--ntasks-per-node=1", f"--output={root}/deepspeed.out", f"--wrap={command}"
+    )
+    # srun --mpi=pmi2 (no MPI launcher): PMI variables from SLURM's plugin.
+    submitted["pmi2"] = slurm_cluster.sbatch(
+        "--nodes=2", "--ntasks-per-node=1", f"--output={root}/pmi2.out",
+        f"--wrap=srun --mpi=pmi2 {sys.executable} -m launch env --json",
     )  # fmt: skip
 
     # The requeue policy with a stand-in trainer (instant): 75 is requeued up to the cap, 4 never.
@@ -99,7 +115,11 @@ def jobs(slurm_cluster: Cluster, tmp_path_factory) -> Iterator[dict[str, Any]]:
     stub.write_text(STUB.format(python=sys.executable))
     stub.chmod(0o755)
     for name, code, cap in (("stub75", "75", "1"), ("stub4", "4", "5")):
-        train(name, "--ntasks-per-node=1", env={"PRETRAIN_PYTHON": str(stub), "STUB_EXIT": code, "PRETRAIN_MAX_RESTARTS": cap})
+        train(
+            name,
+            "--ntasks-per-node=1",
+            env={"PRETRAIN_PYTHON": str(stub), "STUB_EXIT": code, "PRETRAIN_MAX_RESTARTS": cap},
+        )
 
     # An array job over four input files, two tasks.
     texts = [f"def function_{i}(x):\n    return x * {i}  # doc {i}\n" * (1 + i % 5) for i in range(200)]
@@ -114,7 +134,11 @@ def jobs(slurm_cluster: Cluster, tmp_path_factory) -> Iterator[dict[str, Any]]:
     )  # fmt: skip
     submitted["prepare_args"] = prepare_args
     submitted["prepare"] = slurm_cluster.sbatch(
-        "--array=0-1", "--cpus-per-task=1", f"--output={root}/prepare-%a.out", "slurm/prepare.sbatch", *prepare_args
+        "--array=0-1",
+        "--cpus-per-task=1",
+        f"--output={root}/prepare-%a.out",
+        "slurm/prepare.sbatch",
+        *prepare_args,
     )
     yield submitted
     for value in submitted.values():
@@ -143,7 +167,7 @@ def test_preemption_saves_requeues_resumes_and_ends_with_the_uninterrupted_loss(
     assert f"job {job} restart 1 at" in log  # SLURM_RESTART_COUNT=1 in the requeued run
     assert log.rstrip().endswith("training finished (exit 0)")
     saved = sorted(int(p.name[4:]) for p in (run_dir / "checkpoints").glob("step*") if p.is_dir())
-    interrupted = [s for s in saved if s not in (20, STEPS)]
+    interrupted = [s for s in saved if s not in (30, STEPS)]
     assert interrupted and 3 <= interrupted[0] < STEPS, saved  # the checkpoint written on the signal
     (_, reference_dir) = jobs["reference"]
     slurm_cluster.wait(jobs["reference"][0], log=reference_dir / "logs" / f"slurm-{jobs['reference'][0]}.log")
@@ -158,13 +182,16 @@ def test_train_sbatch_runs_two_tasks_that_train_and_checkpoint(slurm_cluster, jo
     steps = losses(run_dir)
     assert sorted(steps) == list(range(1, STEPS + 1)) and steps[STEPS] < steps[1] - 0.5
     assert (run_dir / "checkpoints" / "latest").read_text() == f"step{STEPS:08d}"
-    assert (run_dir / "checkpoints" / "step00000020").is_dir()
+    assert (run_dir / "checkpoints" / "step00000030").is_dir()
     launch = json.loads((run_dir / "launch.json").read_text())
     assert launch["launch"]["source"] == "slurm" and launch["launch"]["world_size"] == 2
-    assert launch["launch"]["master_addr"] == "n1" and launch["launch"]["master_port"] == 20000 + int(job) % 10000
+    assert (
+        launch["launch"]["master_addr"] == "n1"
+        and launch["launch"]["master_port"] == 20000 + int(job) % 10000
+    )
     assert [r["rank"] for r in launch["ranks"]] == [0, 1] and {r["node"] for r in launch["ranks"]} == {"n1"}
     assert "launch: 2 ranks on 1 node (2 per node), started by srun" in log
-    assert "0: step 40/40 | loss" in log and "training finished (exit 0)" in log
+    assert "0: step 60/60 | loss" in log and "training finished (exit 0)" in log
     assert (Path(REPO) / f"slurm-{job}.out").exists() is False  # --output went where we asked
 
 
@@ -194,10 +221,42 @@ def test_mpiexec_inside_an_allocation_trains_like_srun(slurm_cluster, jobs):
     assert losses(run_dir) == losses(jobs["reference"][1])
 
 
-def test_hostfile_from_the_allocation(slurm_cluster, jobs):
-    (info,) = slurm_cluster.wait(jobs["hostfile"], timeout=60)
-    assert info["JobState"] == "COMPLETED", (jobs["root"] / "hostfile.out").read_text()
-    assert (jobs["root"] / "hosts").read_text() == "n1 slots=2\nn2 slots=2\n"
+def resolved(out: str) -> list[dict[str, Any]]:
+    """The `python -m launch env --json` lines of a job's output, by rank."""
+    return sorted(
+        (json.loads(line) for line in out.splitlines() if line.startswith("{")), key=lambda i: i["rank"]
+    )
+
+
+def test_hostfile_from_the_allocation_drives_the_deepspeed_launcher(slurm_cluster, jobs):
+    """`python -m launch hostfile` in a two-node allocation, then `deepspeed --hostfile ...
+    --launcher slurm`: its srun tasks get their ranks and rendezvous from SLURM, no ssh, no MPI."""
+    (info,) = slurm_cluster.wait(jobs["deepspeed"], timeout=120)
+    out = (jobs["root"] / "deepspeed.out").read_text()
+    assert info["JobState"] == "COMPLETED", out[-3000:]
+    assert (jobs["root"] / "hosts").read_text() == "n1 slots=1\nn2 slots=1\n"
+    assert "cmd = srun -n 2" in out
+    assert [
+        (i["rank"], i["world_size"], i["node"], i["source"], i["master_addr"]) for i in resolved(out)
+    ] == [
+        (0, 2, "n1", "slurm", "n1"),
+        (1, 2, "n2", "slurm", "n1"),
+    ]
+
+
+def test_srun_mpi_pmi2_tasks_resolve_from_pmi_and_slurm(slurm_cluster, jobs):
+    (info,) = slurm_cluster.wait(jobs["pmi2"], timeout=120)
+    out = (jobs["root"] / "pmi2.out").read_text()
+    assert info["JobState"] == "COMPLETED", out
+    infos = resolved(out)
+    assert [(i["rank"], i["world_size"], i["node"], i["source"]) for i in infos] == [
+        (0, 2, "n1", "mpich"),
+        (1, 2, "n2", "mpich"),
+    ]
+    assert (
+        infos[0]["master_port"] == infos[1]["master_port"]
+        and infos[0]["master_addr"] == infos[1]["master_addr"]
+    )
 
 
 def test_requeue_only_on_exit_75_and_at_most_max_restarts(slurm_cluster, jobs):
@@ -234,9 +293,14 @@ def test_prepare_array_job_writes_every_part_and_a_rerun_changes_nothing(slurm_c
     assert {p: p.stat().st_mtime_ns for p in shards.glob("part-*/*")} == before
     assert (shards / "manifest.json").read_bytes() == manifest
     inspect = subprocess.run(
-        [sys.executable, "-m", "pretrain.data", "inspect", str(shards)], cwd=REPO, capture_output=True, text=True
+        [sys.executable, "-m", "pretrain.data", "inspect", str(shards)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
     )
-    assert inspect.returncode == 0 and "in 200 documents, 2 shards" in inspect.stdout, inspect.stdout + inspect.stderr
+    assert inspect.returncode == 0 and "in 200 documents, 2 shards" in inspect.stdout, (
+        inspect.stdout + inspect.stderr
+    )
 
 
 def test_convert_sbatch_exports_the_run_and_verifies_it(slurm_cluster, jobs):

@@ -80,7 +80,9 @@ def init_distributed(join_timeout: float | None = None) -> DistInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = _set_device(accelerator, local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     # Wraps the existing group (no second rendezvous) so DeepSpeed's comm layer knows about it.
-    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), auto_mpi_discovery=False)
+    deepspeed.init_distributed(
+        dist_backend=accelerator.communication_backend_name(), auto_mpi_discovery=False
+    )
     return DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), device)
 
 

@@ -74,13 +74,20 @@ def locate(frame: FrameType | None) -> Position:
             collective = f"{module}.{stack[start].name}"
         stack = stack[:start]
     ours = [e for e in stack if not any(part in e.filename for part in _LIBRARY_DIRS)]
-    entry = (ours or stack or [None])[-1]
-    where = "unknown" if entry is None else f"{_short(entry.filename)}:{entry.lineno} in {entry.name}"
+    candidates = ours or stack
+    where = "unknown"
+    if candidates:
+        entry = candidates[-1]
+        where = f"{_short(entry.filename)}:{entry.lineno} in {entry.name}"
     return Position(collective, where)
 
 
 def _short(filename: str) -> str:
-    for marker in (os.sep + "site-packages" + os.sep, os.sep + "pretrain" + os.sep, os.sep + "tests" + os.sep):
+    for marker in (
+        os.sep + "site-packages" + os.sep,
+        os.sep + "pretrain" + os.sep,
+        os.sep + "tests" + os.sep,
+    ):
         if marker in filename:
             head = "" if "site-packages" in marker else marker.strip(os.sep) + os.sep
             return head + filename.split(marker, 1)[1]
@@ -97,7 +104,9 @@ def format_stacks() -> str:
     for ident in order:
         if ident == threading.get_ident():
             continue  # the watchdog thread itself
-        parts.append(f'Thread "{names.get(ident, "?")}" ({ident}):\n' + "".join(traceback.format_stack(frames[ident])))
+        parts.append(
+            f'Thread "{names.get(ident, "?")}" ({ident}):\n' + "".join(traceback.format_stack(frames[ident]))
+        )
     return "\n".join(parts)
 
 
@@ -287,7 +296,12 @@ class Watchdog(Callback):
                 break
             time.sleep(0.1)
         if self.store is None and self.rank not in reports:
-            reports[self.rank] = {"rank": self.rank, "node": self.node, "step": self._step, "collective": None}
+            reports[self.rank] = {
+                "rank": self.rank,
+                "node": self.node,
+                "step": self._step,
+                "collective": None,
+            }
         silent = [r for r in range(self.world_size) if r not in reports]
         beats = {}
         for r in silent:
@@ -309,7 +323,9 @@ class Watchdog(Callback):
             lines.append(
                 f"no answer from rank{'s' * (len(silent) > 1)} {ranges(silent)} (dead, or frozen holding the GIL): "
                 + "; ".join(
-                    f"rank {r} last seen on {b['node']} at step {b['step']}" if b else f"rank {r} never sent a heartbeat"
+                    f"rank {r} last seen on {b['node']} at step {b['step']}"
+                    if b
+                    else f"rank {r} never sent a heartbeat"
                     for r, b in beats.items()
                 )
             )

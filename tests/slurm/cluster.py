@@ -62,13 +62,17 @@ class Cluster:
         raise AssertionError(f"job {job_id} did not end within {timeout:.0f} s: {self.jobs(job_id)}\n{tail}")
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster() -> Cluster:
-    """A running two-node cluster (n1, n2) on this machine; skipped only where it cannot be started."""
+def start_cluster() -> Cluster:
+    """Start (or reuse) the two-node cluster (n1, n2) on this machine; skips the calling test only
+    where it cannot be started (not root, or no SLURM and no apt-get to install it)."""
     if os.geteuid() != 0:
-        pytest.skip("the local SLURM cluster needs root: tests/slurm/cluster.sh installs and starts munged, slurmctld, slurmd")
+        pytest.skip(
+            "the local SLURM cluster needs root: tests/slurm/cluster.sh installs and starts munged, slurmctld, slurmd"
+        )
     if not shutil.which("slurmctld") and not shutil.which("apt-get"):
-        pytest.skip("SLURM is not installed and there is no apt-get to install it (Debian/Ubuntu: slurm-wlm, munge)")
+        pytest.skip(
+            "SLURM is not installed and there is no apt-get to install it (Debian/Ubuntu: slurm-wlm, munge)"
+        )
     out = subprocess.run([str(CLUSTER_SH), "start"], capture_output=True, text=True, timeout=900)
     if out.returncode != 0:
         raise RuntimeError(f"tests/slurm/cluster.sh start failed:\n{out.stdout}{out.stderr}")

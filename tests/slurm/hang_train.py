@@ -17,11 +17,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from pretrain.config import load_config  # noqa: E402
-from pretrain.parallel import init_distributed  # noqa: E402
-from pretrain.parallel.distributed import env_world_size  # noqa: E402
-from pretrain.train import build_trainer  # noqa: E402
-from pretrain.train.callbacks import Callback  # noqa: E402
+from pretrain.config import load_config
+from pretrain.parallel import init_distributed
+from pretrain.parallel.distributed import env_world_size
+from pretrain.train import build_trainer
+from pretrain.train.callbacks import Callback
 
 
 class SleepOnRank(Callback):
