@@ -299,7 +299,7 @@ def _from_torch_env(env: Mapping[str, str]) -> LaunchInfo:
     )
     if _in_slurm_step(env) and source == "env":
         _check_against_slurm(env, rank, world)
-    if "SLURM_STEP_ID" in env and source == "torchrun" and _int(env, "SLURM_STEP_NUM_TASKS") > num_nodes:
+    if _in_slurm_step(env) and source == "torchrun" and _int(env, "SLURM_STEP_NUM_TASKS") > num_nodes:
         raise LaunchError(
             f"torchrun in an srun step of {env['SLURM_STEP_NUM_TASKS']} tasks with only {num_nodes} node(s) in its "
             f"rendezvous: run one torchrun per node (srun --ntasks-per-node=1 torchrun --nproc-per-node=...)"
