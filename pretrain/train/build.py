@@ -132,8 +132,21 @@ def _prepare_run_dir(cfg: Config, dist: DistInfo, summary: dict[str, Any], ds_co
     return run_dir
 
 
+def _fp16_supported() -> bool:
+    from deepspeed.accelerator import get_accelerator
+
+    return bool(get_accelerator().is_fp16_supported())
+
+
 def build_trainer(cfg: Config, dist: DistInfo) -> Trainer:
     precision = resolve_precision(cfg.train.precision, dist.device)
+    if precision == "fp16" and not _fp16_supported():
+        raise ConfigError(
+            [
+                f"train.precision=fp16 is not supported on this {dist.device.type} device (DeepSpeed's CPU "
+                f"accelerator needs oneDNN fp16 kernels: AVX512-FP16 / AMX-FP16); use train.precision=bf16 or fp32"
+            ]
+        )
     if precision == "bf16" and cfg.parallel.zero_stage == 0 and cfg.parallel.pp == 1:
         raise ConfigError(
             [
