@@ -60,9 +60,7 @@ def _fp16_supported() -> bool:
 FP16_ON_THIS_CPU = pytest.mark.skipif(
     not _fp16_supported(), reason="this CPU has no fp16 kernels (oneDNN): DeepSpeed refuses fp16 here"
 )
-LAYOUT_PARAMS = [
-    pytest.param(name, marks=FP16_ON_THIS_CPU) if "fp16" in name else name for name in LAYOUTS
-]
+LAYOUT_PARAMS = [pytest.param(name, marks=FP16_ON_THIS_CPU) if "fp16" in name else name for name in LAYOUTS]
 
 
 def merge_truth(results, cfg):
@@ -282,12 +280,31 @@ def test_damaged_or_unfinished_checkpoints_are_refused_naming_the_file(trained, 
     shutil.copytree(run_dir, copy)
     step = copy / "checkpoints" / "step00000002"
 
-    (copy / "checkpoints" / "latest").unlink()
-    with pytest.raises(ConversionError, match=r"no 'latest' file.*step00000002: give one of them"):
-        commands.to_fp32(copy, tmp_path / "a.safetensors")
-    commands.to_fp32(step, tmp_path / "a.safetensors")  # naming the step directory works
-
+    # The trainer's manifest is what makes a checkpoint complete: a damaged file is found before reading.
     shard = step / "mp_rank_01_model_states.pt"
+    intact = shard.read_bytes()
+    shard.write_bytes(intact[:1000])
+    with pytest.raises(
+        ConversionError, match=r"holds no complete checkpoint; it holds step00000002, none complete"
+    ):
+        commands.to_fp32(copy, tmp_path / "a.safetensors")
+    with pytest.raises(
+        ConversionError, match=r"mp_rank_01_model_states.pt has 1,000 bytes, the manifest says"
+    ):
+        commands.to_fp32(step, tmp_path / "a.safetensors")
+    shard.write_bytes(intact)
+
+    # Without a manifest (a checkpoint of plain DeepSpeed) DeepSpeed's `latest` names the complete one,
+    # and the reader itself names what is damaged.
+    (step / "manifest.json").unlink()
+    commands.to_fp32(copy, tmp_path / "a.safetensors")
+    (copy / "checkpoints" / "latest").unlink()
+    with pytest.raises(
+        ConversionError, match=r"holds no complete checkpoint; it holds step00000002, none complete"
+    ):
+        commands.to_fp32(copy, tmp_path / "a1.safetensors")
+    commands.to_fp32(step, tmp_path / "a2.safetensors")  # naming the step directory works
+
     shard.write_bytes(shard.read_bytes()[:1000])
     with pytest.raises(
         ConversionError, match=r"mp_rank_01_model_states.pt cannot be read.*truncated or corrupt"
