@@ -71,14 +71,12 @@ def test_resume_continues_bitwise_like_the_uninterrupted_run(name, source_run, t
 
 
 RESHARD = {
-    # name: (source, processes, target layout)
-    "dp2-to-dp1": ("dp2-zero1", 1, []),
-    "dp2-to-tp2": ("dp2-zero1", 2, ["parallel.tp=2"]),
+    # name: (source, processes, target layout); with the DP 2 -> 1 -> 4 chain below, every change
+    # the issue names: DP 2 -> 1 -> 4, TP 2 <-> 1, PP 2 <-> 1, and the ZeRO stage both ways.
     "tp2-to-tp1": ("tp2", 1, []),
     "pp2-to-pp1": ("pp2", 1, []),
-    "dp2-to-pp2": ("dp2-zero1", 2, ["parallel.pp=2"]),
-    "zero1-to-zero3": ("dp2-zero1", 2, ["parallel.zero_stage=3"]),
-    "zero3-to-tp2-pp2": ("dp2-zero3", 4, ["parallel.tp=2", "parallel.pp=2"]),
+    "zero1-to-tp2-zero3": ("dp2-zero1", 2, ["parallel.tp=2", "parallel.zero_stage=3"]),
+    "zero3-to-tp2-pp2-zero1": ("dp2-zero3", 4, ["parallel.tp=2", "parallel.pp=2", "parallel.zero_stage=1"]),
 }
 
 
@@ -111,3 +109,37 @@ def test_data_parallel_size_2_to_1_to_4_keeps_the_run_on_course(source_run, tmp_
     for step, record in [*one.items(), *four.items()]:
         assert record["loss"] == pytest.approx(uninterrupted[step]["loss"], rel=RTOL), f"loss at {step}"
         assert record["grad_norm"] == pytest.approx(uninterrupted[step]["grad_norm"], rel=RTOL)
+
+
+def test_deepspeeds_universal_checkpoint_tool_reads_our_checkpoints(source_run, tmp_path):
+    """DeepSpeed's own `ds_to_universal`, guided by the universal_checkpoint_info we save, merges our
+    TP shards and pipeline stages into exactly the tensors our resharding cache holds."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from pretrain.checkpoint.universal_info import engine_parameter_names
+    from pretrain.config import load_config
+    from pretrain.convert.consolidated import layer_parameters
+    from pretrain.convert.deepspeed_checkpoint import DeepSpeedCheckpoint
+
+    source_dir, _ = source_run("tp2-pp2")  # TP shards to merge, pipeline stages and their names
+    checkpoint = source_dir / "checkpoints" / "step00000003"
+    out = tmp_path / "universal"
+    subprocess.run(
+        [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(checkpoint),
+         "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    cfg = load_config(checkpoint / "config.yaml")
+    ours = DeepSpeedCheckpoint(checkpoint, cfg)
+    names = engine_parameter_names(cfg, pipelined=cfg.parallel.pp > 1)
+    compared = 0
+    for index, params in layer_parameters(cfg.model):
+        for param, shape in params:
+            for kind in ("fp32", "exp_avg", "exp_avg_sq"):
+                theirs = torch.load(out / "zero" / names[param] / f"{kind}.pt", weights_only=False)["param"]
+                assert torch.equal(theirs, ours.tensor(index, param, shape, kind)), (param, kind)
+                compared += 1
+    assert compared == 3 * 21  # every parameter of the 2-block model, vocabulary padding stripped

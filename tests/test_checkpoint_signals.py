@@ -117,7 +117,7 @@ def test_sigterm_to_the_ranks_saves_exits_75_and_the_rerun_finishes_like_an_unin
     assert final_loss(run_dir) == uninterrupted
 
 
-def test_killing_the_deepspeed_command_stops_its_ranks_with_a_checkpoint(uninterrupted, tmp_path):
+def test_killing_the_deepspeed_command_stops_its_ranks_with_a_checkpoint(tmp_path):
     """`kill <pid of deepspeed>`: DeepSpeed's launcher dies without telling its ranks; they notice."""
     run_dir = tmp_path / "run"
     proc = start(run_dir)
@@ -128,12 +128,7 @@ def test_killing_the_deepspeed_command_stops_its_ranks_with_a_checkpoint(uninter
     gone, alive = psutil.wait_procs(ranks, timeout=300)
     assert not alive and {p.returncode for p in gone} <= {EXIT_REQUEUE, None}
     stopped = newest_complete(run_dir)
-    assert 5 <= stopped < STEPS
-
-    rerun = start(run_dir)
-    out, _ = rerun.communicate(timeout=600)
-    assert rerun.returncode == 0, out
-    assert final_loss(run_dir) == uninterrupted
+    assert 5 <= stopped < STEPS and stopped % 20, "saved at the step the launcher died, not a scheduled one"
 
 
 def test_more_signals_during_the_save_do_not_cut_it_short(tmp_path):

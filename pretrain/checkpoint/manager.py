@@ -96,6 +96,25 @@ class Checkpoints:
                 f"filesystem every node mounts (a shared or parallel filesystem, not a node-local disk)"
             )
 
+    def space_warning(self) -> str | None:
+        """A warning when the disk cannot hold the checkpoints retention will keep (estimated from the
+        newest checkpoint's size, or 16 bytes per parameter before the first one)."""
+        keep = self.cfg.checkpoint.keep_last or 1
+        for folder in checkpoint_folders(self.directory):
+            try:
+                self._estimate = read_manifest(folder).total_bytes
+                break
+            except CheckpointError:
+                continue
+        needed, free = self._estimate * (keep + 1), shutil.disk_usage(self.directory).free
+        if free >= needed:
+            return None
+        return (
+            f"{self.directory} has {free / 2**30:.2f} GiB free, but checkpoint.keep_last={keep} checkpoints of about "
+            f"{self._estimate / 2**30:.2f} GiB each, plus the one being written, need {needed / 2**30:.2f} GiB; a save "
+            f"that does not fit stops the run (exit 5) before writing anything"
+        )
+
     # ----- saving
 
     def save(self, trainer: Trainer) -> None:

@@ -144,6 +144,9 @@ def build_trainer(cfg: Config, dist: DistInfo) -> Trainer:
         summary["parameters"],
     )
     checkpoints.check_shared_storage()
+    warning = checkpoints.space_warning() if dist.is_main else None
+    if warning:
+        print(f"warning: {warning}", flush=True)
     trainer = Trainer(cfg, engine, *_batches(cfg, data, ctx), dist, callbacks=[])
     resumed = _resume(cfg, checkpoints, trainer, data, dist)
     if dist.is_main:

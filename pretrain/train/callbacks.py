@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pretrain.train.run_dir import truncate_metrics
+
 if TYPE_CHECKING:
     from pretrain.train.trainer import Trainer
 
@@ -122,6 +124,12 @@ class JsonlWriter(Callback):
 
     def on_log(self, trainer: Trainer, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record) + "\n")
+
+    def on_restore(self, trainer: Trainer) -> None:
+        """A rollback mid-run: the steps after the checkpoint are trained again, so their records go."""
+        self._file.close()
+        truncate_metrics(self.path, trainer.state.step)
+        self._file = self.path.open("a", buffering=1)
 
     def on_train_end(self, trainer: Trainer) -> None:
         self._file.close()
