@@ -15,6 +15,7 @@ from training_runs import (
     step_records,
     train_and_read_metrics,
     train_skipping_batch,
+    train_until_checkpoint_error,
     train_with_poisoned_batch,
 )
 
@@ -152,3 +153,31 @@ def test_rollback_policy_reloads_the_last_checkpoint_and_skips_exactly_the_bad_b
     for step in (5, 6):
         assert steps[step]["loss"] == reference[step]["loss"], step
         assert steps[step]["grad_norm"] == reference[step]["grad_norm"], step
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs: room for the first checkpoint of the small model (~1.2 MB) and its run files,
+    not for a second one beside it."""
+    import os
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4M", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_save_that_would_not_fit_stops_every_rank_and_keeps_the_last_checkpoint(small_disk):
+    overrides = [*SAVE_EVERY_2, "checkpoint.keep_last=1", "logging.tensorboard=false", "logging.plot=false"]
+    results = run_distributed(train_until_checkpoint_error, 2, overrides, str(small_disk / "run"))
+    for result in results:  # both ranks, at the same step: the second save
+        assert result["step"] == 4
+        assert "not enough free disk space" in result["error"] and "Nothing was written" in result["error"]
+    checkpoints = small_disk / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["step00000002"]  # no partial left
+    cfg = load_config(REPO / "configs/tiny.yaml", [f"run.dir={small_disk / 'run'}"])
+    assert select_resume_point(cfg, StepAgreement(1), 0, 1, print).step == 2

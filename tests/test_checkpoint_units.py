@@ -232,3 +232,27 @@ def test_latest_pointer_is_replaced_atomically(tmp_path):
     write_checkpoint(tmp_path, 1)
     assert (tmp_path / LATEST).read_text() == "step00000001"
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_write_that_fails_is_reported_and_commits_nothing(tmp_path):
+    from pretrain.checkpoint.writer import BackgroundWriter
+
+    write_checkpoint(tmp_path, 1)
+    writer = BackgroundWriter(rank=0, world_size=1, keep_last=0, keep_every=0)
+    partial = tmp_path / partial_name(2)
+    partial.mkdir()
+    (partial / "blocker").write_text("")  # a file where the writer needs a folder: the write fails
+    writer.begin(2, partial)
+    writer.submit_state(partial / "fine.pt", {"w": torch.ones(2)})
+    writer.submit_bytes(partial / "blocker" / "rng.safetensors", b"rng")
+    writer.finish()
+    outcome = writer.wait(timeout=60)
+    assert outcome is not None and not outcome.ok
+    assert "rank 0 could not write" in outcome.message and "rng.safetensors" in outcome.message
+    assert not (tmp_path / "step00000002").exists() and read_latest(tmp_path) == "step00000001"
+
+    writer.begin(3, tmp_path / partial_name(3))  # the next save is unaffected
+    writer.submit_state(tmp_path / partial_name(3) / "fine.pt", {"w": torch.ones(2)})
+    writer.finish()
+    assert writer.wait(timeout=60).ok and read_latest(tmp_path) == "step00000003"
+    writer.close()

@@ -188,3 +188,25 @@ def train_skipping_batch(overrides: list[str], run_dir: str, position: int) -> l
     trainer.fit()
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if dist.get_rank() == 0 else []
+
+
+def train_until_checkpoint_error(overrides: list[str], run_dir: str) -> dict[str, Any]:
+    """train_and_read_metrics, returning (on every rank) the CheckpointError that stopped it, if any."""
+    import torch.distributed as dist
+
+    from pretrain.checkpoint.errors import CheckpointError
+    from pretrain.config import load_config
+    from pretrain.parallel import init_distributed
+    from pretrain.train import build_trainer
+
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml",
+        [*SMALL, *overrides, f"run.dir={run_dir}"],
+        world_size=dist.get_world_size(),
+    )
+    trainer = build_trainer(cfg, init_distributed())
+    try:
+        trainer.fit()
+    except CheckpointError as e:
+        return {"error": str(e), "step": trainer.state.step}
+    return {"error": None, "step": trainer.state.step}

@@ -127,7 +127,7 @@ class Checkpoints:
         problem = None
         if self.rank == 0:
             try:
-                check_free_space(self.directory, int(self._estimate * _FREE_SPACE_MARGIN) + (64 << 20))
+                check_free_space(self.directory, int(self._estimate * _FREE_SPACE_MARGIN) + (1 << 20))
                 shutil.rmtree(partial, ignore_errors=True)
                 partial.mkdir(parents=True)
             except (CheckpointError, OSError) as e:
@@ -142,15 +142,18 @@ class Checkpoints:
             "tokens_seen": trainer.state.tokens_seen,
             "universal_checkpoint_info": universal_checkpoint_info(self.cfg, self.engine.ctx.pp > 1),
         }
-        ds.save_checkpoint(
-            str(self.directory), tag=partial.name, client_state=client_state, save_latest=False
-        )
-        self.writer.submit_bytes(partial / rng.file_name(self.rank), rng.capture())
-        if self.rank == 0:
-            self.writer.submit_bytes(
-                partial / STATE_FILE, json.dumps(self._state(trainer), indent=2).encode()
+        try:
+            ds.save_checkpoint(
+                str(self.directory), tag=partial.name, client_state=client_state, save_latest=False
             )
-            self.writer.submit_bytes(partial / CONFIG_FILE, self.cfg.to_yaml().encode())
+            self.writer.submit_bytes(partial / rng.file_name(self.rank), rng.capture())
+            if self.rank == 0:
+                state = json.dumps(self._state(trainer), indent=2).encode()
+                self.writer.submit_bytes(partial / STATE_FILE, state)
+                self.writer.submit_bytes(partial / CONFIG_FILE, self.cfg.to_yaml().encode())
+        except Exception as e:
+            # Not raised here, on this rank alone: the commit fails on every rank and all stop together.
+            self.writer.fail(f"preparing the save failed: {e!r}")
         self.writer.finish()
         self.last_stall_seconds = time.perf_counter() - started
         if not self.cfg.checkpoint.async_save:

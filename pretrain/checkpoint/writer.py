@@ -112,6 +112,11 @@ class BackgroundWriter:
     def submit_bytes(self, path: Path, data: bytes) -> None:
         self._put("bytes", path, data)
 
+    def fail(self, message: str) -> None:
+        """This rank could not produce its share of the save begun last; the commit will fail everywhere."""
+        assert self._current is not None
+        self._current.errors.append(f"rank {self.rank}: {message}")
+
     def finish(self) -> None:
         """All of this rank's files are queued: commit once every rank has written its own."""
         self._put("commit")
@@ -167,7 +172,12 @@ class BackgroundWriter:
                 for folder in {save.folder, *((save.folder / name).parent for name in save.entries)}:
                     fsync_dir(folder)
             reports = self._gather((save.entries, save.errors))
-            outcome = self._decide(save, reports) if self.rank == 0 else None
+            outcome = None
+            if self.rank == 0:
+                try:
+                    outcome = self._decide(save, reports)
+                except Exception as e:  # the others wait for rank 0's word: always send one
+                    outcome = SaveOutcome(save.step, False, f"rank 0 could not commit: {e!r}")
             save.outcome = self._broadcast(outcome)
         except Exception as e:
             save.outcome = SaveOutcome(save.step, False, f"the commit failed on rank {self.rank}: {e!r}")
