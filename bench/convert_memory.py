@@ -41,7 +41,7 @@ def save_checkpoint_after_one_step(run_dir: Path, overrides: list[str]) -> None:
     engine, _ = build_engine(cfg, parallelize_model(cfg, ctx, dist.device), 1, cfg.train.precision, ctx)
     tokens = torch.randint(0, cfg.model.vocab_size, (1, cfg.train.seq_len + 1))
     engine.train_step([(tokens[:, :-1], tokens[:, 1:])])
-    engine.save_checkpoint(str(run_dir / "checkpoints"), "step00000000", {"step": 0})
+    engine.ds.save_checkpoint(str(run_dir / "checkpoints"), tag="step00000000", client_state={"step": 0})
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     torch.distributed.barrier()
 

@@ -191,14 +191,69 @@ class TrainConfig:
     precision: str = _doc("auto (bf16 on GPUs that support it, else fp32), bf16, fp16 or fp32.", "auto")
     eval_interval: int = _doc("Compute validation loss every this many steps; 0 disables it.", 100)
     eval_batches: int = _doc("Global batches of validation data per evaluation.", 4)
+    on_nonfinite: str = _doc(
+        "When a step's gradient norm is not finite (its update is never applied): fail (stop, exit 3), skip "
+        "(log the step and its sample ids, go on), or rollback (reload the newest complete checkpoint and skip "
+        "the offending batches).",
+        "fail",
+    )
+    max_nonfinite_events: int = _doc(
+        "With skip or rollback: stop (exit 3) after this many non-finite steps, so a diverged run ends.", 10
+    )
+
+
+NONFINITE_POLICIES = ("fail", "skip", "rollback")
+RESUME_VERIFICATION = ("checksum", "size")
+# Settings a resumed run must share with its checkpoint, unless listed in checkpoint.allow_changes:
+# each changes which tokens the following steps train on. Model shapes can never change (the weights
+# would not fit); everything else (LR, schedule, steps, layout, logging) may change freely.
+RESUME_GUARDED_KEYS = (
+    "train.global_batch_size",
+    "train.seq_len",
+    "data.paths",
+    "data.weights",
+    "data.validation_fraction",
+    "seed",
+)
 
 
 @dataclass
 class CheckpointConfig:
-    """When to write DeepSpeed checkpoints into run.dir/checkpoints."""
+    """When to write checkpoints into run.dir/checkpoints, how many to keep, and where to resume from."""
 
     interval: int = _doc("Save every this many steps; 0 saves only at the end (if save_final).", 500)
     save_final: bool = _doc("Save when training finishes.", True)
+    resume: str = _doc(
+        "auto: continue from the newest complete checkpoint in run.dir/checkpoints (a fresh start if there is "
+        "none); none: start fresh (refused if run.dir already holds a run, unless run.overwrite); or a path: that "
+        "checkpoint (a step folder), or the newest complete one in that run or checkpoints folder. A different "
+        "layout (DP, TP, PP, ZeRO stage) is resharded automatically, optimizer state included.",
+        "auto",
+    )
+    keep_last: int = _doc(
+        "Keep the newest this many complete checkpoints and delete older ones after each save; 0 keeps all. "
+        "The newest complete checkpoint is never deleted.",
+        3,
+    )
+    keep_every: int = _doc(
+        "Also keep, permanently, every checkpoint whose step is a multiple of this; 0: none.", 0
+    )
+    async_save: bool = _doc(
+        "Write checkpoints in a background thread: training pauses only while the state is copied to host "
+        "memory (one save in flight at a time, so host memory holds at most one extra copy of the state).",
+        True,
+    )
+    verify: str = _doc(
+        "What resuming checks before it trusts a checkpoint: checksum (every file against the manifest's "
+        "checksum, the reading spread over all ranks) or size (file sizes only; for huge checkpoints).",
+        "checksum",
+    )
+    allow_changes: list[str] = _doc(
+        "Settings allowed to differ from the checkpoint's when resuming, among: "
+        + ", ".join(RESUME_GUARDED_KEYS)
+        + " (each changes which data the following steps see; a difference not listed here stops the resume).",
+        default_factory=list,
+    )
     init_weights: str | None = _doc(
         "Start from these weights instead of the seeded init: consolidated safetensors written by `python -m "
         "pretrain.convert from-hf` (its folder) or `to-fp32` (the file). Weights only: optimizer, LR schedule and "
@@ -242,8 +297,8 @@ class WatchdogConfig:
         300.0,
     )
     first_step_timeout: float = _doc(
-        "Seconds from the start of training to the end of the first step (data indexing, compilation, "
-        "checkpoint load, first step); past it the job is treated as hung, as for step_timeout. 0 disables.",
+        "Seconds from the start of the training loop (after data loading and any resume) to the end of the "
+        "first step (compilation, warm-up); past it the job is treated as hung, as for step_timeout. 0 disables.",
         1800.0,
     )
     step_timeout: float = _doc(
@@ -595,6 +650,30 @@ def validate(cfg: Config, world_size: int | None = None) -> list[str]:
             f"train.micro_batch_size ({t.micro_batch_size})"
         )
 
+    c = cfg.checkpoint
+    if not c.resume.strip():
+        p.append("checkpoint.resume must be auto, none or a checkpoint path; got an empty string")
+    if c.keep_last < 0:
+        p.append(f"checkpoint.keep_last must be >= 0 (0 keeps all), got {c.keep_last}")
+    if c.keep_every < 0:
+        p.append(f"checkpoint.keep_every must be >= 0 (0: none), got {c.keep_every}")
+    if c.verify not in RESUME_VERIFICATION:
+        p.append(f"checkpoint.verify must be one of {', '.join(RESUME_VERIFICATION)}, got {c.verify!r}")
+    for key in c.allow_changes:
+        if key not in RESUME_GUARDED_KEYS:
+            hint = (
+                "model settings can never change on resume (the weights would not fit)"
+                if key.startswith("model.")
+                else f"only these need it: {', '.join(RESUME_GUARDED_KEYS)}; other settings may change freely"
+            )
+            p.append(f"checkpoint.allow_changes lists {key!r}: {hint}")
+    if t.on_nonfinite not in NONFINITE_POLICIES:
+        p.append(f"train.on_nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got {t.on_nonfinite!r}")
+    elif t.on_nonfinite == "rollback" and c.interval == 0:
+        p.append(
+            "train.on_nonfinite=rollback needs periodic checkpoints to roll back to: set checkpoint.interval > 0"
+        )
+    positive("train.max_nonfinite_events", t.max_nonfinite_events)
     if cfg.checkpoint.init_weights is not None and not cfg.checkpoint.init_weights.strip():
         p.append("checkpoint.init_weights must be a path, or null for the seeded init; got an empty string")
     if cfg.checkpoint.interval < 0:

@@ -1,9 +1,11 @@
 """Entry point: `deepspeed pretrain/main.py --config configs/tiny.yaml [key=value ...]`.
 
-Parse the config, join the process group, build, fit. Exit codes: 0 done, 2 invalid configuration,
-3 non-finite loss, 4 unusable data (missing, corrupt or mismatched datasets), 6 hang (the watchdog,
-pretrain/train/watchdog.py, found no step completing in time), 7 the launch failed (inconsistent
-launcher variables, a rank that did not join, a pre-flight mismatch between ranks).
+Parse the config, join the process group, build (resuming from the newest complete checkpoint), fit.
+Exit codes: 0 done; 2 invalid configuration; 3 non-finite loss; 4 unusable data (missing, corrupt
+or mismatched datasets); 5 a checkpoint could not be written or resumed; 6 hang (the watchdog,
+pretrain/train/watchdog.py, found no step completing in time); 7 the launch failed (inconsistent
+launcher variables, a rank that did not join, a pre-flight mismatch between ranks); 75 stopped by
+SIGTERM, SIGUSR1 or SIGINT after saving a complete checkpoint: run the same command again to continue.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -26,8 +29,10 @@ from pretrain.config import Config, ConfigError, describe_fields, load_config
 EXIT_CONFIG_ERROR = 2
 EXIT_NON_FINITE = 3
 EXIT_DATA_ERROR = 4
+EXIT_CHECKPOINT_ERROR = 5
 EXIT_HANG = 6  # exited by the watchdog thread (pretrain.train.watchdog.EXIT_HANG), not returned from here
 EXIT_LAUNCH_ERROR = 7
+EXIT_REQUEUE = 75  # pretrain.checkpoint.signals.EXIT_REQUEUE (not imported here: it pulls in torch)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -110,10 +115,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from launch import current
     from launch.preflight import preflight
+    from pretrain.checkpoint.errors import CheckpointError
+    from pretrain.checkpoint.signals import STOP_SIGNALS
     from pretrain.data import DataError
     from pretrain.parallel import init_distributed
     from pretrain.parallel.distributed import PeerFailure
     from pretrain.train import NonFiniteLossError, build_trainer
+    from pretrain.train.checkpointing import Preempted
 
     ds_logger.setLevel(logging.WARNING)
     try:
@@ -130,6 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer = build_trainer(cfg, dist)
         trainer.fit()
+    except Preempted as e:
+        if dist.is_main:
+            print(str(e), file=sys.stderr, flush=True)
+        # Python restores the default action of handled signals while it shuts down, so a late
+        # signal would still kill the process and replace this exit code: ignore them from here on.
+        for stop_signal in STOP_SIGNALS:
+            signal.signal(stop_signal, signal.SIG_IGN)
+        return EXIT_REQUEUE
     except ConfigError as e:
         if dist.is_main:
             print(f"error: {e}", file=sys.stderr)
@@ -138,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
         if dist.is_main:
             print(f"error: {e}", file=sys.stderr)
         return EXIT_NON_FINITE
+    except CheckpointError as e:
+        if dist.is_main:
+            print(f"error: {e}", file=sys.stderr)
+        return EXIT_CHECKPOINT_ERROR
     except PeerFailure:
         return EXIT_DATA_ERROR
     except (DataError, OSError) as e:

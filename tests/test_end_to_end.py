@@ -79,12 +79,23 @@ def test_run_directory_holds_config_deepspeed_config_events_plot_and_checkpoints
     )  # ZeRO-1: one optimizer shard per rank
 
 
-def test_reusing_a_run_dir_is_refused_and_changes_nothing(launched_run):
+def test_reusing_a_run_dir_continues_it_and_never_clobbers_it(launched_run):
     _, run_dir = launched_run
     before = (run_dir / "metrics.jsonl").read_bytes()
-    result = launch(sys.executable, "pretrain/main.py", "--config", str(TINY), f"run.dir={run_dir}")
-    assert result.returncode == 2
-    assert "already holds a run" in result.stderr and "run.overwrite=true" in result.stderr
+    same = ["--config", str(TINY), "train.steps=30", "logging.interval=5", "train.eval_interval=15",
+            "checkpoint.interval=15", f"run.dir={run_dir}"]  # fmt: skip
+    refused = launch(sys.executable, "pretrain/main.py", *same, "checkpoint.resume=none")
+    assert refused.returncode == 2
+    assert "already holds a run" in refused.stderr and "checkpoint.resume=auto" in refused.stderr
+    assert (run_dir / "metrics.jsonl").read_bytes() == before
+    # The default (checkpoint.resume=auto): the same command continues the run. It is finished, so
+    # nothing is trained again (here on one process: the 2-process checkpoint is resharded).
+    again = launch(sys.executable, "pretrain/main.py", *same)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (
+        f"resumed from {run_dir}/checkpoints/step00000030 (step 30, resharded from data-parallel 2"
+        in again.stdout
+    )
     assert (run_dir / "metrics.jsonl").read_bytes() == before
 
 

@@ -128,3 +128,85 @@ def fail_on_rank(bad_rank: int) -> str:
         return "peer failure"
     except FileNotFoundError as e:
         return f"own error: {e}"
+
+
+def train_with_poisoned_batch(overrides: list[str], run_dir: str, poison_position: int) -> dict[str, Any]:
+    """Train with the output of the final norm turned to NaN during the step whose batch starts at
+    global sample position `poison_position` (a bad batch: every rank's gradients become NaN).
+    Returns the metrics records, or the NonFiniteLossError raised."""
+    import torch.distributed as dist
+
+    from pretrain.config import load_config
+    from pretrain.parallel import init_distributed
+    from pretrain.train import NonFiniteLossError, build_trainer
+
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml",
+        [*SMALL, *overrides, f"run.dir={run_dir}"],
+        world_size=dist.get_world_size(),
+    )
+    trainer = build_trainer(cfg, init_distributed())
+    batches, poisoned = trainer.train_batches, {"now": False}
+    next_step = batches.next_step
+
+    def next_step_watching() -> Any:
+        out = next_step()
+        poisoned["now"] = batches.last_step_start == poison_position
+        return out
+
+    batches.next_step = next_step_watching  # type: ignore[method-assign]
+    trainer.engine.module.norm.register_forward_hook(
+        lambda module, args, out: out * float("nan") if poisoned["now"] else out
+    )
+    result: dict[str, Any] = {"error": None}
+    try:
+        trainer.fit()
+    except NonFiniteLossError as e:
+        result["error"] = {"step": e.step, "message": str(e)}
+    path = Path(run_dir) / "metrics.jsonl"
+    result["records"] = (
+        [json.loads(line) for line in path.read_text().splitlines()] if dist.get_rank() == 0 else []
+    )
+    return result
+
+
+def train_skipping_batch(overrides: list[str], run_dir: str, position: int) -> list[dict[str, Any]]:
+    """Train with the batch at global sample position `position` skipped from the start."""
+    import torch.distributed as dist
+
+    from pretrain.config import load_config
+    from pretrain.parallel import init_distributed
+    from pretrain.train import build_trainer
+
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml",
+        [*SMALL, *overrides, f"run.dir={run_dir}"],
+        world_size=dist.get_world_size(),
+    )
+    trainer = build_trainer(cfg, init_distributed())
+    trainer.train_batches.skip_batch(position)
+    trainer.fit()
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if dist.get_rank() == 0 else []
+
+
+def train_until_checkpoint_error(overrides: list[str], run_dir: str) -> dict[str, Any]:
+    """train_and_read_metrics, returning (on every rank) the CheckpointError that stopped it, if any."""
+    import torch.distributed as dist
+
+    from pretrain.checkpoint.errors import CheckpointError
+    from pretrain.config import load_config
+    from pretrain.parallel import init_distributed
+    from pretrain.train import build_trainer
+
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml",
+        [*SMALL, *overrides, f"run.dir={run_dir}"],
+        world_size=dist.get_world_size(),
+    )
+    trainer = build_trainer(cfg, init_distributed())
+    try:
+        trainer.fit()
+    except CheckpointError as e:
+        return {"error": str(e), "step": trainer.state.step}
+    return {"error": None, "step": trainer.state.step}

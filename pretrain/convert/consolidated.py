@@ -52,6 +52,19 @@ def layer_name(cfg: ModelConfig, index: int) -> str:
     return f"blocks.{index - 1}" if kind == "block" else kind
 
 
+def plain_parameter_name(cfg: ModelConfig, module_name: str, pipelined: bool) -> str:
+    """The plain model's name of a parameter as DeepSpeed's engine module names it. A pipeline
+    (PipelineModule) names layers by their index in the layer list ('3.attn.q_proj.weight') and the
+    tied embedding 'tied_modules.embedding.weight' on both stages that hold it."""
+    if not pipelined:
+        return module_name
+    head, _, rest = module_name.partition(".")
+    if head == "tied_modules":
+        key, _, rest = rest.partition(".")
+        return f"{key}.{rest}"
+    return f"{layer_name(cfg, int(head))}.{rest}"
+
+
 def layer_parameters(cfg: ModelConfig) -> list[tuple[int, list[tuple[str, torch.Size]]]]:
     """(layer index, [(parameter name, unpadded shape), ...]) for every layer, in layer order; the
     tied output layer has no parameters of its own."""

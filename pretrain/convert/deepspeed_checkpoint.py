@@ -35,10 +35,13 @@ from typing import Any
 import torch
 
 from pretrain.config import Config
-from pretrain.convert.consolidated import VOCAB_PARAMETERS, layer_name, layer_parameters
+from pretrain.convert.consolidated import VOCAB_PARAMETERS, layer_name, layer_parameters, plain_parameter_name
 from pretrain.convert.errors import ConversionError
 from pretrain.model.transformer import num_layers
 from pretrain.parallel.plan import partition_dim
+
+# What an optimizer holds per parameter: the fp32 master weight and AdamW's two moments.
+STATE_KINDS = ("fp32", "exp_avg", "exp_avg_sq")
 
 
 def _allowed_globals() -> list[Any]:
@@ -91,19 +94,21 @@ class _FlatPartitions:
     but `param_slice_mappings`: where each parameter's fragment lies in each rank's partition.
     """
 
+    plain_names = False  # indexed by DeepSpeed's module names
+
     def __init__(
         self,
         param_shapes: list[dict[str, torch.Size]] | None,
         rank_files: list[Path],
         zero_stage: int,
         load: Callable[[Path], dict[str, Any]],
+        kind: str = "fp32",
     ):
-        key = "fp32_flat_groups" if zero_stage == 3 else "single_partition_of_fp32_groups"
         states = [load(p)["optimizer_state_dict"] for p in rank_files]
-        for path, state in zip(rank_files, states, strict=True):
-            if key not in state:
-                raise ConversionError(f"{path} has no {key}: not a ZeRO-{zero_stage} optimizer file")
-        self.groups: list[list[torch.Tensor]] = [list(s[key]) for s in states]  # [rank][group]
+        # [rank][group]
+        self.groups: list[list[torch.Tensor]] = [
+            _flat_buffers(s, zero_stage, kind, path) for s, path in zip(states, rank_files, strict=True)
+        ]
         # name -> pieces (rank, group, start, stop) whose concatenation is the parameter (+ padding)
         self.pieces: dict[str, list[tuple[int, int, int, int]]] = {}
         if param_shapes is None:
@@ -168,6 +173,29 @@ class _FlatPartitions:
         return flat[: shape.numel()].view(shape)
 
 
+def _flat_buffers(state: dict[str, Any], zero_stage: int, kind: str, path: Path) -> list[torch.Tensor]:
+    """One rank's flat buffers of `kind` (fp32 masters or an Adam moment), one per parameter group.
+    The moments live in the wrapped torch optimizer's state, one flat tensor per group, laid out
+    exactly like the masters."""
+    if kind == "fp32":
+        key = "fp32_flat_groups" if zero_stage == 3 else "single_partition_of_fp32_groups"
+        if key not in state:
+            raise ConversionError(f"{path} has no {key}: not a ZeRO-{zero_stage} optimizer file")
+        return list(state[key])
+    base = state.get("optimizer_state_dict" if zero_stage == 3 else "base_optimizer_state") or {}
+    per_group = base.get("state")
+    if not per_group:
+        raise ConversionError(
+            f"{path} holds no optimizer moments (was the checkpoint saved before any step?)"
+        )
+    try:
+        return [per_group[group][kind] for group in sorted(per_group)]
+    except KeyError as e:
+        raise ConversionError(
+            f"{path}: the optimizer state has no {kind} (an optimizer other than Adam?)"
+        ) from e
+
+
 def _spans(sizes: list[int], start: int, length: int) -> list[tuple[int, int, int]]:
     """(group, start, stop) pieces of [start, start + length) in the concatenation of buffers of `sizes`."""
     spans, base = [], 0
@@ -186,21 +214,62 @@ def _check(used: int, available: int, path: Path) -> None:
         )
 
 
+def _module_order_names(
+    groups_sizes: list[int], module_order: list[tuple[str, int]], where: str
+) -> list[str]:
+    """Plain names in the order our parameter groups list them (matrices, then vectors, each in module
+    order), checked against the per-group counts found in a checkpoint."""
+    matrices = [n for n, ndim in module_order if ndim >= 2]
+    vectors = [n for n, ndim in module_order if ndim < 2]
+    if groups_sizes != [len(matrices), len(vectors)]:
+        raise ConversionError(
+            f"{where} holds {groups_sizes} tensors per parameter group, the model "
+            f"{[len(matrices), len(vectors)]}; the checkpoint does not belong to this config"
+        )
+    return [*matrices, *vectors]
+
+
+class _TorchOptimizerState:
+    """fp32 without ZeRO: DeepSpeed saves torch's own AdamW state in the model-states file, keyed by
+    the parameter's position in our parameter groups; its moments have the parameters' shapes."""
+
+    plain_names = True
+
+    def __init__(self, optimizer_state: dict[str, Any], module_order: list[tuple[str, int]], kind: str):
+        sizes = [len(g["params"]) for g in optimizer_state["param_groups"]]
+        names = _module_order_names(sizes, module_order, "torch's optimizer state")
+        indices = [i for g in optimizer_state["param_groups"] for i in g["params"]]
+        state = optimizer_state["state"]
+        if not state:
+            raise ConversionError("the optimizer state is empty (was the checkpoint saved before any step?)")
+        self.tensors = {name: state[i][kind] for name, i in zip(names, indices, strict=True)}
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def get(self, name: str, shape: torch.Size) -> torch.Tensor:
+        tensor = self.tensors[name]
+        if tensor.shape != shape:
+            raise ConversionError(
+                f"{name}: the optimizer state holds shape {list(tensor.shape)} where the model has "
+                f"{list(shape)}; the checkpoint does not belong to this config"
+            )
+        return tensor
+
+
 class _Fp16OptimizerMasters:
     """fp16 without ZeRO: DeepSpeed's fp16 optimizer keeps one fp32 copy per parameter, unflattened,
     in the model-states file (`optimizer.fp32_groups`), in the order the optimizer got them: our
     parameter groups (matrices, then vectors), each in module order. No names are saved, so each
     master is also checked to round to the module's fp16 weight exactly."""
 
+    plain_names = True
+
     def __init__(self, groups: list[list[torch.Tensor]], module_order: list[tuple[str, int]]):
-        matrices = [n for n, ndim in module_order if ndim >= 2]
-        vectors = [n for n, ndim in module_order if ndim < 2]
-        if [len(g) for g in groups] != [len(matrices), len(vectors)]:
-            raise ConversionError(
-                f"DeepSpeed's fp16 optimizer state holds {[len(g) for g in groups]} tensors per group, the model "
-                f"{[len(matrices), len(vectors)]}; the checkpoint does not belong to this config"
-            )
-        self.tensors = dict(zip([*matrices, *vectors], [*groups[0], *groups[1]], strict=True))
+        names = _module_order_names(
+            [len(g) for g in groups], module_order, "DeepSpeed's fp16 optimizer state"
+        )
+        self.tensors = dict(zip(names, [t for g in groups for t in g], strict=True))
 
     def names(self) -> list[str]:
         return list(self.tensors)
@@ -213,6 +282,9 @@ class _Fp16OptimizerMasters:
                 f"{list(shape)}; the checkpoint does not belong to this config"
             )
         return tensor
+
+
+_Partitions = _FlatPartitions | _Fp16OptimizerMasters | _TorchOptimizerState
 
 
 class DeepSpeedCheckpoint:
@@ -244,9 +316,9 @@ class DeepSpeedCheckpoint:
         self.step = int(states.get("step", states.get("global_steps", 0)))
         self.tokens_seen = states.get("tokens_seen")
         self.masters = self.layout.zero_stage == 3 or self._module_dtype() != torch.float32
-        self._partitions: dict[int, _FlatPartitions | _Fp16OptimizerMasters] = {}
+        self._partitions: dict[tuple[int, str], _Partitions] = {}
         self.check_rounding = False
-        self._names = self._plain_name_index() if self.masters else {}
+        self._indices: dict[str, dict[tuple[str, int], tuple[int, str]]] = {}
 
     # ----- files
 
@@ -275,6 +347,25 @@ class DeepSpeedCheckpoint:
             tensors = self._load(self._model_states(0))["module"]
         return next(iter(tensors.values())).dtype
 
+    def adam_step(self) -> int:
+        """AdamW's step count (its bias correction) as saved; the same for every parameter."""
+        optim_file = self._optim_states(0, 0)
+        if optim_file.is_file():
+            state = self._load(optim_file)["optimizer_state_dict"]
+            base = state.get(
+                "optimizer_state_dict" if self.layout.zero_stage == 3 else "base_optimizer_state"
+            )
+        else:
+            optimizer = self._load(self._model_states(0)).get("optimizer") or {}
+            base = optimizer.get(
+                "optimizer_state_dict", optimizer
+            )  # DeepSpeed's fp16 optimizer wraps torch's
+        per_param = (base or {}).get("state") or {}
+        if not per_param:
+            return 0
+        step = next(iter(per_param.values()))["step"]
+        return int(step.item() if torch.is_tensor(step) else step)
+
     @property
     def source(self) -> str:
         if self.layout.zero_stage == 3:
@@ -285,29 +376,20 @@ class DeepSpeedCheckpoint:
 
     # ----- name bookkeeping for the flat buffers
 
-    def _plain_name(self, module_name: str) -> str | None:
-        """Plain-model name of a parameter as DeepSpeed's module names it; None for the last stage's
-        copy of a tied embedding."""
-        if self.layout.pp == 1:
-            return module_name
-        head, _, rest = module_name.partition(".")
-        if head == "tied_modules":
-            key, _, rest = rest.partition(".")
-            return f"{key}.{rest}"
-        return f"{layer_name(self.cfg.model, int(head))}.{rest}"
+    def _plain_name(self, module_name: str) -> str:
+        return plain_parameter_name(self.cfg.model, module_name, self.layout.pp > 1)
 
-    def _plain_name_index(self) -> dict[tuple[str, int], tuple[int, str]]:
-        """(plain name, TP rank) -> (model-parallel rank, DeepSpeed's name) over every rank's buffers."""
-        index: dict[tuple[str, int], tuple[int, str]] = {}
-        for mp in range(self.layout.pp * self.layout.tp):
-            flat = self._flat(mp)
-            for module_name in flat.names():
-                plain = (
-                    module_name if isinstance(flat, _Fp16OptimizerMasters) else self._plain_name(module_name)
-                )
-                if plain is not None:
+    def _plain_name_index(self, kind: str) -> dict[tuple[str, int], tuple[int, str]]:
+        """(plain name, TP rank) -> (model-parallel rank, name in the optimizer state) over every rank."""
+        if kind not in self._indices:
+            index: dict[tuple[str, int], tuple[int, str]] = {}
+            for mp in range(self.layout.pp * self.layout.tp):
+                flat = self._flat(mp, kind)
+                for module_name in flat.names():
+                    plain = module_name if flat.plain_names else self._plain_name(module_name)
                     index.setdefault((plain, mp % self.layout.tp), (mp, module_name))
-        return index
+            self._indices[kind] = index
+        return self._indices[kind]
 
     def _shard_shape(self, name: str, shape: torch.Size) -> torch.Size:
         """The shape TP rank's piece of `name` had in training: vocabulary padded, split along partition_dim."""
@@ -319,24 +401,34 @@ class DeepSpeedCheckpoint:
             dims[dim] //= self.layout.tp
         return torch.Size(dims)
 
-    def _flat(self, mp: int) -> _FlatPartitions | _Fp16OptimizerMasters:
-        if mp not in self._partitions:
+    def _flat(self, mp: int, kind: str = "fp32") -> _Partitions:
+        """Model-parallel rank `mp`'s optimizer-side tensors of `kind` (fp32 masters or a moment)."""
+        if (mp, kind) not in self._partitions:
             states = self._load(self._model_states(mp))
             files = [self._optim_states(mp, dp) for dp in range(self.layout.dp)]
             optimizer = states.get("optimizer") or {}
-            if not files[0].is_file() and "fp32_groups" in optimizer:
-                self._partitions[mp] = _Fp16OptimizerMasters(optimizer["fp32_groups"], self._module_order(mp))
+            flat: _Partitions
+            if files[0].is_file():
+                flat = _FlatPartitions(
+                    states["param_shapes"], files, self.layout.zero_stage, self._load, kind
+                )
+            elif "fp32_groups" in optimizer:
+                if kind != "fp32":
+                    raise ConversionError(
+                        f"{self.dir}: the optimizer moments of an fp16 checkpoint without ZeRO are not read; resume "
+                        f"it in the layout it was saved in"
+                    )
+                flat = _Fp16OptimizerMasters(optimizer["fp32_groups"], self._module_order(mp))
                 self.check_rounding = True
-            elif not files[0].is_file() and self.layout.zero_stage == 0:
-                raise ConversionError(
-                    f"{self.dir}: the module weights are {self._module_dtype()} and this layout's fp32 masters are "
-                    f"in no format the reader knows (optimizer keys: {sorted(optimizer)})"
-                )
+            elif kind != "fp32" and self.layout.zero_stage == 0 and "param_groups" in optimizer:
+                flat = _TorchOptimizerState(optimizer, self._module_order(mp), kind)
             else:
-                self._partitions[mp] = _FlatPartitions(
-                    states["param_shapes"], files, self.layout.zero_stage, self._load
+                raise ConversionError(
+                    f"{self.dir}: the module weights are {self._module_dtype()} and this layout's {kind} tensors "
+                    f"are in no format the reader knows (optimizer keys: {sorted(optimizer)})"
                 )
-        return self._partitions[mp]
+            self._partitions[mp, kind] = flat
+        return self._partitions[mp, kind]
 
     def _module_order(self, mp: int) -> list[tuple[str, int]]:
         """(plain name, ndim) of model-parallel rank `mp`'s parameters in module order: a pipeline
@@ -364,17 +456,18 @@ class DeepSpeedCheckpoint:
 
     # ----- tensors
 
-    def _shard(self, name: str, shape: torch.Size, index: int, tp_rank: int) -> torch.Tensor:
+    def _shard(self, name: str, shape: torch.Size, index: int, tp_rank: int, kind: str) -> torch.Tensor:
         """This TP rank's piece of parameter `name` (of layer `index`), vocabulary padded as trained."""
-        if self.masters:
-            if (name, tp_rank) not in self._names:
+        if self.masters or kind != "fp32":
+            names = self._plain_name_index(kind)
+            if (name, tp_rank) not in names:
                 raise ConversionError(
                     f"{self.dir}: no optimizer partition of TP rank {tp_rank} holds {name}; "
                     f"the checkpoint is incomplete or not from this model"
                 )
-            mp, module_name = self._names[name, tp_rank]
-            master = self._flat(mp).get(module_name, self._shard_shape(name, shape))
-            if self.check_rounding:
+            mp, module_name = names[name, tp_rank]
+            master = self._flat(mp, kind).get(module_name, self._shard_shape(name, shape))
+            if self.check_rounding and kind == "fp32":
                 module = self._module_shard(name, index, tp_rank)
                 if not torch.equal(master.to(module.dtype), module):
                     raise ConversionError(
@@ -396,33 +489,39 @@ class DeepSpeedCheckpoint:
             )
         return tensors[key]
 
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(plain name, full unpadded tensor) for every stored parameter, in layer order; fp32 masters."""
-        model = self.cfg.model
-        for index, params in layer_parameters(model):
+    def tensors(self, kind: str = "fp32") -> Iterator[tuple[str, torch.Tensor]]:
+        """(plain name, full unpadded tensor) for every stored parameter, in layer order: the fp32
+        masters, or (kind exp_avg / exp_avg_sq) Adam's moments of them."""
+        for index, params in layer_parameters(self.cfg.model):
             for name, shape in params:
-                shards = [self._shard(name, shape, index, t) for t in range(self.layout.tp)]
-                dim = partition_dim(name)
-                if dim is None:
-                    for t, other in enumerate(shards[1:], 1):
-                        if not torch.equal(other, shards[0]):
-                            raise ConversionError(
-                                f"{self.dir}: the replicated parameter {name} differs between TP ranks 0 and {t}; "
-                                f"the checkpoint is inconsistent"
-                            )
-                    full = shards[0]
-                else:
-                    full = torch.cat(shards, dim) if len(shards) > 1 else shards[0]
-                if name in VOCAB_PARAMETERS:
-                    if full[model.vocab_size :].any():
-                        raise ConversionError(
-                            f"{self.dir}: the padded vocabulary rows of {name} (from row {model.vocab_size}) are not "
-                            f"zero; the checkpoint does not match the config's model.vocab_size or layout"
-                        )
-                    full = full[: model.vocab_size]
-                if tuple(full.shape) != tuple(shape):
+                yield name, self.tensor(index, name, shape, kind)
+
+    def tensor(self, index: int, name: str, shape: torch.Size, kind: str = "fp32") -> torch.Tensor:
+        """Parameter `name` of layer `index` (unpadded `shape`), merged over TP ranks, vocabulary unpadded."""
+        assert kind in STATE_KINDS, kind
+        model = self.cfg.model
+        shards = [self._shard(name, shape, index, t, kind) for t in range(self.layout.tp)]
+        dim = partition_dim(name)
+        if dim is None:
+            for t, other in enumerate(shards[1:], 1):
+                if not torch.equal(other, shards[0]):
                     raise ConversionError(
-                        f"{self.dir}: {name} consolidates to shape {list(full.shape)} but the config's model needs "
-                        f"{list(shape)}; the config does not belong to this checkpoint"
+                        f"{self.dir}: the replicated parameter {name} ({kind}) differs between TP ranks 0 and {t}; "
+                        f"the checkpoint is inconsistent"
                     )
-                yield name, full.float()
+            full = shards[0]
+        else:
+            full = torch.cat(shards, dim) if len(shards) > 1 else shards[0]
+        if name in VOCAB_PARAMETERS:
+            if full[model.vocab_size :].any():
+                raise ConversionError(
+                    f"{self.dir}: the padded vocabulary rows of {name} ({kind}, from row {model.vocab_size}) are not "
+                    f"zero; the checkpoint does not match the config's model.vocab_size or layout"
+                )
+            full = full[: model.vocab_size]
+        if tuple(full.shape) != tuple(shape):
+            raise ConversionError(
+                f"{self.dir}: {name} consolidates to shape {list(full.shape)} but the config's model needs "
+                f"{list(shape)}; the config does not belong to this checkpoint"
+            )
+        return full.float()

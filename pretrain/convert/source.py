@@ -23,25 +23,38 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """The step directory of the newest complete checkpoint under `path` (a run directory, its
     checkpoints directory, or a step directory itself).
 
-    Today "complete" means what DeepSpeed's `latest` file names: DeepSpeed writes it only after every
-    rank has saved. This is the one place to change when checkpoints carry manifests (issue 5,
-    fault-tolerant checkpointing): swap this function for that issue's resolver.
+    Complete means a valid manifest with every listed file at its recorded size (the trainer's
+    commit protocol, pretrain.checkpoint); checkpoints written by plain DeepSpeed, without
+    manifests, fall back to DeepSpeed's `latest` pointer, which it writes after every rank saved.
     """
+    from pretrain.checkpoint.errors import InvalidCheckpoint
+    from pretrain.checkpoint.manifest import check_sizes, checkpoint_folders, read_manifest
+
     path = Path(path)
     if not path.exists():
         raise ConversionError(
             f"{path} does not exist; give a run directory, its checkpoints/ or a checkpoint"
         )
     if _is_step_dir(path):
+        if (path / "manifest.json").is_file():
+            try:
+                check_sizes(path, read_manifest(path))
+            except InvalidCheckpoint as e:
+                raise ConversionError(f"{e}; give an earlier checkpoint") from e
         return path
     checkpoints = path / CHECKPOINTS_DIR if (path / CHECKPOINTS_DIR).is_dir() else path
+    folders = checkpoint_folders(checkpoints)
+    for folder in folders:
+        try:
+            check_sizes(folder, read_manifest(folder))
+        except InvalidCheckpoint:
+            continue
+        return folder
     latest = checkpoints / LATEST_FILE
-    if not latest.is_file():
-        steps = sorted(p.name for p in checkpoints.iterdir() if p.is_dir() and _is_step_dir(p))
-        hint = f"; it holds {', '.join(steps)}: give one of them" if steps else ""
-        raise ConversionError(
-            f"{checkpoints} has no '{LATEST_FILE}' file, so no checkpoint in it is known to be complete{hint}"
-        )
+    if any((f / "manifest.json").is_file() for f in folders) or not latest.is_file():
+        steps = [p.name for p in folders if _is_step_dir(p)]
+        hint = f"; it holds {', '.join(steps)}, none complete" if steps else ""
+        raise ConversionError(f"{checkpoints} holds no complete checkpoint{hint}")
     step = checkpoints / latest.read_text().strip()
     if not _is_step_dir(step):
         raise ConversionError(

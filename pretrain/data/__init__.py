@@ -33,6 +33,15 @@ class TrainingData:
     vocab_size: int  # of the tokenizer the data was made with
     eod_id: int
     tokenizer_hash: str | None  # None for the built-in byte-level corpus
+    fingerprints: list[str]  # one per dataset, from its manifest: a re-prepared dataset gets a new one
+
+    def identity(self) -> dict[str, object]:
+        """What a checkpoint records of its data, and a resume compares."""
+        return {
+            "datasets": self.names,
+            "tokenizer_hash": self.tokenizer_hash,
+            "fingerprints": self.fingerprints,
+        }
 
 
 def load_training_data(cfg: DataConfig, seq_len: int) -> TrainingData:
@@ -47,6 +56,7 @@ def load_training_data(cfg: DataConfig, seq_len: int) -> TrainingData:
             ByteTokenizer.vocab_size,
             ByteTokenizer.eod_id,
             None,
+            [f"builtin:{len(train)}"],
         )
     from pretrain.data.shards import open_dataset
 
@@ -66,4 +76,5 @@ def load_training_data(cfg: DataConfig, seq_len: int) -> TrainingData:
         max(d.vocab_size for d in opened),
         opened[0].eod_id,
         opened[0].tokenizer_hash,
+        [d.fingerprint for d in opened],
     )

@@ -164,6 +164,8 @@ class DistributedBatches:
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.consumed_samples = 0
+        self.skipped_batches: list[int] = []  # global positions whose batch is never trained on
+        self.last_step_start = 0  # global position of the batch next_step() returned last
 
     @property
     def accumulation_steps(self) -> int:
@@ -184,7 +186,20 @@ class DistributedBatches:
             )
         return out
 
+    def batch_sample_ids(self, step_start: int) -> list[tuple[int, int]]:
+        """(dataset, sample id) of every sample, over all ranks, of the batch at global position `step_start`."""
+        ids, counters = self.schedule.locate(step_start, step_start + self.global_batch_size)
+        return [(int(d), self.orders[d][int(c)]) for d, c in zip(ids, counters, strict=True)]
+
+    def skip_batch(self, step_start: int) -> None:
+        """Never train on the batch at global position `step_start` (e.g. one that made the loss non-finite)."""
+        if step_start not in self.skipped_batches:
+            self.skipped_batches.append(step_start)
+
     def next_step(self) -> list[Batch]:
+        while self.consumed_samples in self.skipped_batches:
+            self.consumed_samples += self.global_batch_size
+        self.last_step_start = self.consumed_samples
         batches = []
         for ids in self.step_sample_ids(self.consumed_samples):
             rows = np.stack([self.datasets[d][i] for d, i in ids]).astype(np.int64)
@@ -198,10 +213,11 @@ class DistributedBatches:
         return [int(c) for c in self.schedule.counts_before(self.consumed_samples)]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"consumed_samples": self.consumed_samples}
+        return {"consumed_samples": self.consumed_samples, "skipped_batches": list(self.skipped_batches)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.consumed_samples = int(state["consumed_samples"])
+        self.skipped_batches = [int(p) for p in state.get("skipped_batches", [])]
 
 
 def document_positions(tokens: torch.Tensor, eod_id: int) -> torch.Tensor:

@@ -18,6 +18,7 @@ class OpenedDataset:
     vocab_size: int
     eod_id: int
     tokenizer_hash: str
+    fingerprint: str  # of the shards' checksums in the manifest: changes when the data is re-prepared
 
 
 def open_dataset(path: str, cfg: DataConfig, seq_len: int) -> OpenedDataset:
@@ -47,4 +48,11 @@ def open_dataset(path: str, cfg: DataConfig, seq_len: int) -> OpenedDataset:
         manifest.vocab_size,
         manifest.eod_id,
         manifest.tokenizer_hash,
+        _fingerprint([f"{r.prefix}:{r.bin_sha256}:{r.idx_sha256}" for r in manifest.shards]),
     )
+
+
+def _fingerprint(items: list[str]) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(items).encode()).hexdigest()[:16]

@@ -31,7 +31,8 @@ def resolve_precision(requested: str, device: torch.device) -> str:
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices (linear and embedding weights); leave vectors (norm scales, biases) alone."""
+    """Decay matrices (linear and embedding weights); leave vectors (norm scales, biases) alone.
+    Always these two groups, in this order (checkpoint conversion and resuming rely on it)."""
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
     for param in model.parameters():
@@ -74,6 +75,13 @@ class GlobalNormClipper:
             dist.all_reduce(squares, group=self.ctx.model_parallel_group)
         norm = squares.sqrt()
         self.last_norm = norm
+        # As DeepSpeed's own optimizers do: a non-finite norm skips the update (AdamW passes over
+        # parameters without a gradient), and `overflow` tells the engine not to advance the schedule.
+        optimizer.overflow = not bool(torch.isfinite(norm))
+        if optimizer.overflow:
+            for p in self.params:
+                p.grad = None
+            return
         if self.max_norm > 0:
             scale = torch.clamp(self.max_norm / (norm + 1e-6), max=1.0)
             for p in self.params:
@@ -87,6 +95,7 @@ class TrainingEngine:
     def __init__(self, ds_engine: Any, ctx: ParallelContext, clipper: GlobalNormClipper | None):
         self.ds, self.ctx, self.clipper = ds_engine, ctx, clipper
         self.device = ds_engine.device
+        self.last_step_skipped = False  # the last step's update was not applied (non-finite gradients)
 
     @property
     def module(self) -> nn.Module:
@@ -98,16 +107,22 @@ class TrainingEngine:
 
     def train_step(self, micro_batches: list[Batch]) -> torch.Tensor:
         """One optimizer step over this rank's micro-batches. Returns their mean loss, on the device,
-        without a host sync (pipelines: already averaged over data-parallel ranks, on every stage)."""
+        without a host sync (pipelines: already averaged over data-parallel ranks, on every stage).
+        DeepSpeed skips the update of a step whose global gradient norm is not finite, on every rank
+        alike; `last_step_skipped` says whether it did (a counter DeepSpeed keeps on the host)."""
+        skipped = self.ds.skipped_steps
         if self.pipelined:
-            return self.ds.train_batch(data_iter=iter(micro_batches))
-        losses = []
-        for tokens, labels in micro_batches:
-            loss = self.ds(tokens.to(self.device), labels.to(self.device))
-            self.ds.backward(loss)
-            self.ds.step()  # DeepSpeed applies the update only at the accumulation boundary
-            losses.append(loss.detach())
-        return torch.stack(losses).mean()
+            loss = self.ds.train_batch(data_iter=iter(micro_batches))
+        else:
+            losses = []
+            for tokens, labels in micro_batches:
+                out = self.ds(tokens.to(self.device), labels.to(self.device))
+                self.ds.backward(out)
+                self.ds.step()  # DeepSpeed applies the update only at the accumulation boundary
+                losses.append(out.detach())
+            loss = torch.stack(losses).mean()
+        self.last_step_skipped = self.ds.skipped_steps > skipped
+        return loss
 
     @torch.no_grad()
     def eval_loss(self, micro_batches: list[Batch]) -> torch.Tensor:
@@ -126,9 +141,6 @@ class TrainingEngine:
         """Global gradient norm of the last step (before clipping), over every shard and stage."""
         norm = self.clipper.last_norm if self.clipper is not None else self.ds.get_global_grad_norm()
         return None if norm is None else float(norm)
-
-    def save_checkpoint(self, directory: str, tag: str, client_state: dict[str, Any]) -> None:
-        self.ds.save_checkpoint(directory, tag=tag, client_state=client_state)
 
 
 def build_engine(

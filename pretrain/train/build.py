@@ -1,12 +1,10 @@
-"""Assemble a Trainer from a validated Config: data, model, engine, callbacks, run directory."""
+"""Assemble a Trainer from a validated Config: data, model, engine, checkpoints, callbacks, run directory."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import platform
 import random
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -15,11 +13,13 @@ import numpy as np
 import torch
 
 import pretrain
+from pretrain.checkpoint.manager import Checkpoints
 from pretrain.config import Config, ConfigError
-from pretrain.data import DistributedBatches, load_training_data
+from pretrain.data import DistributedBatches, TrainingData, load_training_data
 from pretrain.model import Transformer, count_parameters, flops_per_token
 from pretrain.parallel import (
     DistInfo,
+    ParallelContext,
     build_engine,
     build_parallel_context,
     parallelize_model,
@@ -28,7 +28,6 @@ from pretrain.parallel import (
 from pretrain.parallel.distributed import all_ranks_succeed
 from pretrain.train.callbacks import (
     Callback,
-    Checkpointer,
     ConsoleProgress,
     Evaluator,
     JsonlWriter,
@@ -36,28 +35,14 @@ from pretrain.train.callbacks import (
     TensorBoardWriter,
     ThroughputMonitor,
 )
+from pretrain.train.checkpointing import Checkpointer, NonFiniteGuard
 from pretrain.train.mfu import peak_tflops
 from pretrain.train.replica_check import ReplicaChecker
+from pretrain.train.run_dir import check_run_dir, clear_run_outputs, truncate_metrics, write_run_files
 from pretrain.train.trainer import Trainer
 from pretrain.train.watchdog import Watchdog
 
-RUN_OUTPUTS = ("metrics.jsonl", "tensorboard", "checkpoints", "metrics.png")
-
-
-def existing_run_outputs(run_dir: Path) -> list[str]:
-    return [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
-
-
-def check_run_dir(cfg: Config) -> None:
-    """Refuse to mix a new run into a directory that already holds one, unless asked to overwrite."""
-    found = existing_run_outputs(Path(cfg.run.dir))
-    if found and not cfg.run.overwrite:
-        raise ConfigError(
-            [
-                f"run.dir {cfg.run.dir!r} already holds a run ({', '.join(found)}); nothing was changed. "
-                f"Choose a new run.dir, or pass run.overwrite=true to delete those and start fresh"
-            ]
-        )
+__all__ = ["build_trainer", "check_run_dir", "run_summary"]
 
 
 def seed_everything(seed: int) -> None:
@@ -118,31 +103,16 @@ def run_summary(cfg: Config, world_size: int, precision: str) -> dict[str, Any]:
     return summary
 
 
-def _prepare_run_dir(cfg: Config, dist: DistInfo, summary: dict[str, Any], ds_config: dict[str, Any]) -> Path:
-    run_dir = Path(cfg.run.dir)
-    if dist.is_main:
-        if cfg.run.overwrite:
-            for name in existing_run_outputs(run_dir):
-                target = run_dir / name
-                shutil.rmtree(target) if target.is_dir() else target.unlink()
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
-        (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
-        (run_dir / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    torch.distributed.barrier()
-    return run_dir
+def _fp16_supported() -> bool:
+    from deepspeed.accelerator import get_accelerator
+
+    return bool(get_accelerator().is_fp16_supported())
 
 
 def build_trainer(cfg: Config, dist: DistInfo) -> Trainer:
+    """Everything a run needs, resumed from its newest complete checkpoint when there is one."""
     precision = resolve_precision(cfg.train.precision, dist.device)
-    if precision == "bf16" and cfg.parallel.zero_stage == 0 and cfg.parallel.pp == 1:
-        raise ConfigError(
-            [
-                "bf16 with parallel.zero_stage=0: DeepSpeed then accumulates and all-reduces gradients in bf16 "
-                "(measured here: 1.5% loss drift from fp32 within 6 steps, against 0.02% with ZeRO-1). "
-                "Use parallel.zero_stage=1 (on one process it costs no extra memory), or train.precision=fp32"
-            ]
-        )
+    _check_precision(cfg, precision, dist)
     # Checksums are read once (rank 0); sizes and headers on every rank, which maps the shards anyway.
     data_cfg = dataclasses.replace(cfg.data, verify_checksums=cfg.data.verify_checksums and dist.is_main)
     data = all_ranks_succeed(lambda: load_training_data(data_cfg, cfg.train.seq_len))
@@ -159,41 +129,134 @@ def build_trainer(cfg: Config, dist: DistInfo) -> Trainer:
     model = parallelize_model(cfg, ctx, dist.device)
     engine, ds_config = build_engine(cfg, model, dist.world_size, precision, ctx)
     summary = run_summary(cfg, dist.world_size, precision)
-    summary["data"] = {"datasets": data.names, "tokenizer_hash": data.tokenizer_hash, "eod_id": data.eod_id}
-    run_dir = _prepare_run_dir(cfg, dist, summary, ds_config)
+    summary["data"] = {**data.identity(), "eod_id": data.eod_id}
 
-    dp_rank, dp_size = ctx.dp_rank, ctx.dp
-    t = cfg.train
-    train_batches = DistributedBatches(
-        data.train, cfg.seed, t.global_batch_size, t.micro_batch_size, dp_rank, dp_size, weights=data.weights
+    run_dir = Path(cfg.run.dir)
+    if dist.is_main and cfg.run.overwrite:
+        clear_run_outputs(run_dir)
+    torch.distributed.barrier()
+    checkpoints = Checkpoints(
+        cfg,
+        engine,
+        dist.rank,
+        dist.world_size,
+        _layout(cfg, ctx, precision, dist.world_size),
+        {"data": data.identity(), "versions": summary["versions"]},
+        summary["parameters"],
     )
-    val_batches = None
+    checkpoints.check_shared_storage()
+    warning = checkpoints.space_warning() if dist.is_main else None
+    if warning:
+        print(f"warning: {warning}", flush=True)
+    trainer = Trainer(cfg, engine, *_batches(cfg, data, ctx), dist, callbacks=[])
+    resumed = _resume(cfg, checkpoints, trainer, data, dist)
+    if dist.is_main:
+        write_run_files(run_dir, cfg, {**summary, "resumed_from": resumed}, ds_config)
+        truncate_metrics(run_dir / "metrics.jsonl", trainer.state.step)
+    torch.distributed.barrier()
+    trainer.callbacks = _callbacks(cfg, dist, summary, data, precision, checkpoints, trainer.state.step)
+    return trainer
+
+
+def _check_precision(cfg: Config, precision: str, dist: DistInfo) -> None:
+    if precision == "fp16" and not _fp16_supported():
+        raise ConfigError(
+            [
+                f"train.precision=fp16 is not supported on this {dist.device.type} device (DeepSpeed's CPU "
+                f"accelerator needs oneDNN fp16 kernels: AVX512-FP16 / AMX-FP16); use train.precision=bf16 or fp32"
+            ]
+        )
+    if precision == "bf16" and cfg.parallel.zero_stage == 0 and cfg.parallel.pp == 1:
+        raise ConfigError(
+            [
+                "bf16 with parallel.zero_stage=0: DeepSpeed then accumulates and all-reduces gradients in bf16 "
+                "(measured here: 1.5% loss drift from fp32 within 6 steps, against 0.02% with ZeRO-1). "
+                "Use parallel.zero_stage=1 (on one process it costs no extra memory), or train.precision=fp32"
+            ]
+        )
+
+
+def _layout(cfg: Config, ctx: ParallelContext, precision: str, world_size: int) -> dict[str, Any]:
+    """What a checkpoint must match to be loaded natively (else it is resharded)."""
+    return {
+        "world_size": world_size,
+        "dp": ctx.dp,
+        "tp": ctx.tp,
+        "pp": ctx.pp,
+        "zero_stage": cfg.parallel.zero_stage,
+        "precision": precision,
+        "padded_vocab_size": cfg.padded_vocab_size,
+        "pipeline_partition": cfg.parallel.pipeline_partition if ctx.pp > 1 else None,
+    }
+
+
+def _batches(
+    cfg: Config, data: TrainingData, ctx: ParallelContext
+) -> tuple[DistributedBatches, DistributedBatches | None]:
+    t = cfg.train
+    train = DistributedBatches(
+        data.train,
+        cfg.seed,
+        t.global_batch_size,
+        t.micro_batch_size,
+        ctx.dp_rank,
+        ctx.dp,
+        weights=data.weights,
+    )
+    validation = None
     if t.eval_interval > 0 and all(len(v) > 0 for v in data.validation):
-        val_batches = DistributedBatches(
-            data.validation, cfg.seed, t.global_batch_size, t.micro_batch_size, dp_rank, dp_size,
+        validation = DistributedBatches(
+            data.validation, cfg.seed, t.global_batch_size, t.micro_batch_size, ctx.dp_rank, ctx.dp,
             shuffle=False, weights=data.weights,
         )  # fmt: skip
+    return train, validation
 
+
+def _resume(
+    cfg: Config, checkpoints: Checkpoints, trainer: Trainer, data: TrainingData, dist: DistInfo
+) -> dict[str, Any] | None:
+    def say(message: str) -> None:
+        if dist.is_main:
+            print(message, flush=True)
+
+    point = None if cfg.run.overwrite else checkpoints.select(say)
+    if point is None:
+        return None
+    notes = checkpoints.check_changes(point, data.identity())
+    how = checkpoints.restore(point, trainer)
+    say(f"resumed from {point.folder} (step {point.step}, {how})")
+    for note in notes:
+        say(f"  changed since the checkpoint: {note}")
+    return {"checkpoint": str(point.folder), "step": point.step, "how": how, "changes": notes}
+
+
+def _callbacks(
+    cfg: Config,
+    dist: DistInfo,
+    summary: dict[str, Any],
+    data: TrainingData,
+    precision: str,
+    checkpoints: Checkpoints,
+    start_step: int,
+) -> list[Callback]:
+    run_dir = Path(cfg.run.dir)
     peak = peak_tflops(dist.device, precision, cfg.logging.peak_tflops)
+    # Order matters: the non-finite policy acts on a step before anything logs or saves it.
     callbacks: list[Callback] = [
+        NonFiniteGuard(cfg.train.on_nonfinite, cfg.train.max_nonfinite_events, checkpoints, precision),
         ThroughputMonitor(
             cfg.logging.interval, summary["flops_per_token"], peak, dist.world_size, data.names
         ),
-        Evaluator(t.eval_interval),
-        Checkpointer(
-            run_dir / "checkpoints",
-            cfg.checkpoint.interval,
-            cfg.checkpoint.save_final,
-            {"config": cfg.to_yaml(), "data": summary["data"], "code": summary["versions"]["code"]},
-        ),
+        Evaluator(cfg.train.eval_interval),
+        Checkpointer(checkpoints, cfg.checkpoint.interval, cfg.checkpoint.save_final),
     ]
     if cfg.parallel.check_replicas_interval > 0:  # a collective: on every rank
         callbacks.append(ReplicaChecker(cfg.parallel.check_replicas_interval))
     if dist.is_main:
         callbacks += [ConsoleProgress(summary), JsonlWriter(run_dir / "metrics.jsonl")]
         if cfg.logging.tensorboard:
-            callbacks.append(TensorBoardWriter(run_dir / "tensorboard"))
+            callbacks.append(TensorBoardWriter(run_dir / "tensorboard", purge_step=start_step + 1))
         if cfg.logging.plot:
             callbacks.append(Plotter(run_dir))
     callbacks.append(Watchdog.for_run(cfg.watchdog, run_dir, dist.rank, dist.world_size))  # last: after saves
-    return Trainer(cfg, engine, train_batches, val_batches, dist, callbacks)
+    return callbacks

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pretrain.train.run_dir import truncate_metrics
+
 if TYPE_CHECKING:
     from pretrain.train.trainer import Trainer
 
@@ -29,6 +31,12 @@ class Callback:
 
     def on_train_end(self, trainer: Trainer) -> None:
         pass
+
+    def on_restore(self, trainer: Trainer) -> None:
+        """The loop state was just loaded from a checkpoint (resume, or a rollback mid-run)."""
+
+    def on_abort(self, trainer: Trainer) -> None:
+        """fit() is leaving through an exception (a signal's save, a failure); release what is held."""
 
 
 def _due(step: int, interval: int, last_step: int) -> bool:
@@ -56,6 +64,9 @@ class ThroughputMonitor(Callback):
     def on_train_start(self, trainer: Trainer) -> None:
         self._start = self._since = time.perf_counter()
         self._since_step = trainer.state.step
+
+    def on_restore(self, trainer: Trainer) -> None:
+        self._since, self._since_step = time.perf_counter(), trainer.state.step
 
     def on_step_end(self, trainer: Trainer) -> None:
         step, last = trainer.state.step, trainer.cfg.train.steps
@@ -104,35 +115,6 @@ class Evaluator(Callback):
         trainer.log({"step": trainer.state.step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))})
 
 
-class Checkpointer(Callback):
-    """Plain DeepSpeed checkpoints every checkpoint.interval steps and at the end.
-
-    All ranks take part (ZeRO shards are saved by their owners). Pending losses are checked first,
-    so a model that has gone non-finite is never saved.
-    """
-
-    def __init__(self, directory: Path, interval: int, save_final: bool, provenance: dict[str, Any]):
-        self.directory, self.interval, self.save_final = directory, interval, save_final
-        self.provenance = provenance  # tokenizer hash, datasets, config: what the weights came from
-        self.saved_step = -1
-
-    def on_step_end(self, trainer: Trainer) -> None:
-        step = trainer.state.step
-        if (self.interval > 0 and step % self.interval == 0) or (
-            step == trainer.cfg.train.steps and self.save_final
-        ):
-            self.save(trainer)
-
-    def save(self, trainer: Trainer) -> None:
-        trainer.check_losses()  # raises before saving if the model went non-finite
-        step = trainer.state.step
-        trainer.engine.save_checkpoint(
-            str(self.directory), tag=f"step{step:08d}", client_state=trainer.state_dict()
-        )
-        self.saved_step = step
-        trainer.log({"step": step, "checkpoint": str(self.directory / f"step{step:08d}")})
-
-
 class JsonlWriter(Callback):
     """One JSON object per record in run.dir/metrics.jsonl."""
 
@@ -143,15 +125,23 @@ class JsonlWriter(Callback):
     def on_log(self, trainer: Trainer, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record) + "\n")
 
+    def on_restore(self, trainer: Trainer) -> None:
+        """A rollback mid-run: the steps after the checkpoint are trained again, so their records go."""
+        self._file.close()
+        truncate_metrics(self.path, trainer.state.step)
+        self._file = self.path.open("a", buffering=1)
+
     def on_train_end(self, trainer: Trainer) -> None:
         self._file.close()
 
 
 class TensorBoardWriter(Callback):
-    def __init__(self, directory: Path):
+    """The records' numbers as TensorBoard scalars; a resumed run purges events after its step."""
+
+    def __init__(self, directory: Path, purge_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(directory))
+        self.writer = SummaryWriter(log_dir=str(directory), purge_step=purge_step)
 
     def on_log(self, trainer: Trainer, record: dict[str, Any]) -> None:
         for key, value in record.items():

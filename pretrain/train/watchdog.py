@@ -1,8 +1,8 @@
 """Hang detection: when no step completes in time, every rank dumps its stacks and the job stops.
 
 A daemon thread on every rank watches the time since the last completed step (`step_timeout`,
-or `first_step_timeout` until the first step, which includes data indexing, compilation and a
-checkpoint load). Collectives are what hang, so the ranks do not talk through them: they talk
+or `first_step_timeout` from the start of fit() to the end of the first step, which includes
+compilation and warm-up; data and checkpoint loading come before fit() and are not watched). Collectives are what hang, so the ranks do not talk through them: they talk
 through rank 0's rendezvous TCPStore (served by a thread of rank 0's process, so it answers while
 rank 0's training thread is stuck), on their own connection:
 
@@ -183,6 +183,12 @@ class Watchdog(Callback):
 
     def on_train_end(self, trainer: Trainer) -> None:
         self.stop()
+
+    def on_abort(self, trainer: Trainer) -> None:  # a stop signal's save, or an error, leaves fit()
+        self.stop()
+
+    def on_restore(self, trainer: Trainer) -> None:  # a rollback: the loop goes on from an older step
+        self._step, self._last = trainer.state.step, time.monotonic()
 
     def stop(self) -> None:
         self._stop.set()

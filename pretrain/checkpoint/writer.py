@@ -1,0 +1,260 @@
+"""Writing a checkpoint: host copies on the training thread, bytes to disk on a background thread.
+
+DeepSpeed's `save_checkpoint` decides what each rank saves (its ZeRO partitions, the model states
+on data-parallel rank 0, pipeline layer files) and hands every file to a checkpoint engine. Ours,
+`SnapshotEngine`, copies the state off the device (the only part training waits for) and queues
+it for `BackgroundWriter`, which `torch.save`s it through a hashing, fsync-ing file. When a rank
+has written everything it fsyncs the folder; then the writer threads of all ranks gather their
+file lists on a gloo group of their own (never the training thread's groups, so the two cannot
+interleave), rank 0 commits (manifest, rename, `latest`, retention) and broadcasts the outcome.
+
+One save is in flight at a time: the next one waits for it, so host memory holds at most one
+copy of this rank's share of the state. Synchronous saving is the same path, waited on at once.
+"""
+
+from __future__ import annotations
+
+import copy
+import queue
+import threading
+import time
+import traceback
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
+
+from pretrain.checkpoint.files import HashingWriter, fsync_dir
+from pretrain.checkpoint.manifest import FileEntry, Manifest, apply_retention, commit, tag_for
+
+# A slow filesystem must not turn into a collective timeout: the writer threads wait for each other
+# this long (the training thread's groups are never involved).
+WRITER_TIMEOUT = timedelta(hours=2)
+
+
+def snapshot(obj: Any) -> Any:
+    """A deep copy of a state dict with every tensor copied into host memory."""
+    if isinstance(obj, torch.Tensor):
+        tensor = obj.detach()
+        return tensor.to("cpu", copy=True) if tensor.device.type != "cpu" else tensor.clone()
+    if isinstance(obj, dict):
+        out: dict[Any, Any] = OrderedDict() if isinstance(obj, OrderedDict) else {}
+        for key, value in obj.items():
+            out[key] = snapshot(value)
+        if hasattr(obj, "_metadata"):  # module state dicts carry per-module versions
+            out._metadata = copy.deepcopy(obj._metadata)  # type: ignore[attr-defined]
+        return out
+    if type(obj) is list:
+        return [snapshot(v) for v in obj]
+    if type(obj) is tuple:
+        return tuple(snapshot(v) for v in obj)
+    return copy.deepcopy(obj)  # anything else keeps its type (torch.Size, named tuples, enums, ...)
+
+
+@dataclass
+class SaveOutcome:
+    """What became of one save, the same on every rank."""
+
+    step: int
+    ok: bool
+    message: str = ""
+    path: str | None = None
+    total_bytes: int = 0
+    write_seconds: float = 0.0  # from the first byte queued to the commit
+    removed: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Save:
+    step: int
+    folder: Path
+    started: float
+    entries: dict[str, FileEntry] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    outcome: SaveOutcome | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class _Job:
+    save: _Save
+    kind: str  # "torch", "bytes" or "commit"
+    path: Path | None = None
+    payload: Any = None
+
+
+class BackgroundWriter:
+    """This rank's checkpoint writer thread; `submit_*` queue files of the save begun last."""
+
+    def __init__(self, rank: int, world_size: int, keep_last: int, keep_every: int):
+        self.rank, self.world_size = rank, world_size
+        self.keep_last, self.keep_every = keep_last, keep_every
+        self.group = dist.new_group(backend="gloo", timeout=WRITER_TIMEOUT) if world_size > 1 else None
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._current: _Save | None = None
+        self._thread = threading.Thread(target=self._loop, name="checkpoint-writer", daemon=True)
+        self._thread.start()
+
+    # ----- the training thread's side
+
+    def begin(self, step: int, folder: Path) -> None:
+        assert self._current is None or self._current.done.is_set(), "one save in flight at a time"
+        self._current = _Save(step, folder, time.perf_counter())
+
+    def submit_state(self, path: Path, state: Any) -> None:
+        self._put("torch", path, snapshot(state))
+
+    def submit_bytes(self, path: Path, data: bytes) -> None:
+        self._put("bytes", path, data)
+
+    def fail(self, message: str) -> None:
+        """This rank could not produce its share of the save begun last; the commit will fail everywhere."""
+        assert self._current is not None
+        self._current.errors.append(f"rank {self.rank}: {message}")
+
+    def finish(self) -> None:
+        """All of this rank's files are queued: commit once every rank has written its own."""
+        self._put("commit")
+
+    @property
+    def in_flight(self) -> bool:
+        return self._current is not None and not self._current.done.is_set()
+
+    @property
+    def pending_step(self) -> int | None:
+        return self._current.step if self.in_flight and self._current else None
+
+    def finished_outcome(self) -> SaveOutcome | None:
+        """The outcome of the last save if it has finished (without waiting), else None."""
+        if self._current is not None and self._current.done.is_set():
+            return self._current.outcome
+        return None
+
+    def wait(self, timeout: float | None = None) -> SaveOutcome | None:
+        """Block until the save in flight has committed or failed; None if there was none (or on timeout)."""
+        if self._current is None:
+            return None
+        self._current.done.wait(timeout)
+        return self._current.outcome
+
+    def close(self) -> None:
+        self._queue.put(None)
+
+    def _put(self, kind: str, path: Path | None = None, payload: Any = None) -> None:
+        assert self._current is not None, "begin() a save first"
+        self._queue.put(_Job(self._current, kind, path, payload))
+
+    # ----- the writer thread
+
+    def _loop(self) -> None:
+        while (job := self._queue.get()) is not None:
+            save = job.save
+            if job.kind == "commit":
+                self._commit(save)
+                continue
+            assert job.path is not None
+            if save.errors:
+                continue  # this save already failed here; the commit reports it
+            try:
+                save.entries[str(job.path.relative_to(save.folder))] = _write(job.path, job.kind, job.payload)
+            except Exception as e:  # reported through the commit, on every rank
+                save.errors.append(f"rank {self.rank} could not write {job.path}: {e!r}")
+            job.payload = None  # release the host copy as soon as it is on disk
+
+    def _commit(self, save: _Save) -> None:
+        try:
+            if not save.errors:  # the files are fsynced; now the folder entries that name them
+                for folder in {save.folder, *((save.folder / name).parent for name in save.entries)}:
+                    fsync_dir(folder)
+            reports = self._gather((save.entries, save.errors))
+            outcome = None
+            if self.rank == 0:
+                try:
+                    outcome = self._decide(save, reports)
+                except Exception as e:  # the others wait for rank 0's word: always send one
+                    outcome = SaveOutcome(save.step, False, f"rank 0 could not commit: {e!r}")
+            save.outcome = self._broadcast(outcome)
+        except Exception as e:
+            save.outcome = SaveOutcome(save.step, False, f"the commit failed on rank {self.rank}: {e!r}")
+            traceback.print_exc()
+        finally:
+            save.done.set()
+
+    def _decide(self, save: _Save, reports: list[tuple[dict[str, FileEntry], list[str]]]) -> SaveOutcome:
+        errors = [e for _, errs in reports for e in errs]
+        if errors:
+            return SaveOutcome(save.step, False, "; ".join(errors[:5]))
+        files: dict[str, FileEntry] = {}
+        for entries, _ in reports:
+            for name, entry in entries.items():
+                if name in files:
+                    return SaveOutcome(save.step, False, f"two ranks wrote {name}")
+                files[name] = entry
+        manifest = Manifest(tag_for(save.step), save.step, files, self.world_size)
+        final = commit(save.folder, manifest)
+        removed = apply_retention(final.parent, self.keep_last, self.keep_every)
+        seconds = time.perf_counter() - save.started
+        return SaveOutcome(
+            save.step, True, "", str(final), manifest.total_bytes, seconds, [p.name for p in removed]
+        )
+
+    def _gather(self, report: Any) -> list[Any]:
+        if self.group is None:
+            return [report]
+        reports: list[Any] = [None] * self.world_size if self.rank == 0 else []
+        dist.gather_object(report, reports if self.rank == 0 else None, dst=0, group=self.group)
+        return reports
+
+    def _broadcast(self, outcome: SaveOutcome | None) -> SaveOutcome:
+        if self.group is None:
+            assert outcome is not None
+            return outcome
+        box = [outcome]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        assert box[0] is not None
+        return box[0]
+
+
+def _write(path: Path, kind: str, payload: Any) -> FileEntry:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = HashingWriter(path)
+    try:
+        if kind == "torch":
+            torch.save(payload, writer)  # type: ignore[arg-type]
+        else:
+            writer.write(payload)
+    except BaseException:
+        writer.abort()
+        raise
+    checksum = writer.close()
+    return FileEntry(writer.size, checksum)
+
+
+class SnapshotEngine(CheckpointEngine):
+    """DeepSpeed's checkpoint engine interface, writing through `BackgroundWriter`."""
+
+    def __init__(self, writer: BackgroundWriter):
+        super().__init__()
+        self.name = "pretrain-snapshot"
+        self.writer = writer
+
+    def create(self, info: Any) -> None:
+        pass
+
+    def save(self, state_dict: Any, path: str) -> None:
+        self.writer.submit_state(Path(path), state_dict)
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        # DeepSpeed's own files pickle a few of its objects (enums, loss scalers, fragment addresses).
+        return torch.load(path, map_location=map_location, weights_only=False)
+
+    def commit(self, info: Any) -> bool:
+        return True
+
+    def preserves_storage_sharing(self) -> bool:
+        return False  # `snapshot` makes compact copies; DeepSpeed need not clone first

@@ -1,0 +1,82 @@
+"""The run directory: refusing to mix runs, starting over, and continuing a resumed run's records."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pretrain.config import Config, ConfigError
+
+RUN_OUTPUTS = ("metrics.jsonl", "tensorboard", "checkpoints", "metrics.png")
+
+
+def existing_run_outputs(run_dir: Path) -> list[str]:
+    return [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+
+
+def check_run_dir(cfg: Config) -> None:
+    """Refuse to mix a new run into a directory that already holds another one.
+
+    With checkpoint.resume=auto a run directory holding a run is continued, never clobbered; with
+    resume=none, or a checkpoint of another run, it must be empty unless run.overwrite=true."""
+    run_dir = Path(cfg.run.dir)
+    found = existing_run_outputs(run_dir)
+    if not found or cfg.run.overwrite or cfg.checkpoint.resume == "auto":
+        return
+    resume = cfg.checkpoint.resume
+    if resume != "none" and _inside(Path(resume), run_dir):
+        return  # an earlier checkpoint of this same run
+    why = (
+        "checkpoint.resume=none" if resume == "none" else f"checkpoint.resume={resume} belongs to another run"
+    )
+    raise ConfigError(
+        [
+            f"run.dir {cfg.run.dir!r} already holds a run ({', '.join(found)}) and {why}; nothing was changed. "
+            f"Use checkpoint.resume=auto to continue it, choose a new run.dir, or pass run.overwrite=true to delete "
+            f"those and start fresh"
+        ]
+    )
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    try:
+        path.resolve().relative_to(directory.resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def clear_run_outputs(run_dir: Path) -> None:
+    """run.overwrite=true: delete what an earlier run wrote (rank 0, before anything reads it)."""
+    for name in existing_run_outputs(run_dir):
+        target = run_dir / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+
+
+def write_run_files(run_dir: Path, cfg: Config, summary: dict[str, Any], ds_config: dict[str, Any]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+    (run_dir / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def truncate_metrics(path: Path, step: int) -> int:
+    """Keep the records of steps up to `step` (the resumed checkpoint's): what came after it was
+    trained again, and metrics.jsonl reads as one run. Returns how many records were dropped."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short when the process was killed
+            dropped += 1
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line)
+        else:
+            dropped += 1
+    path.write_text("".join(f"{line}\n" for line in kept))
+    return dropped

@@ -1,0 +1,183 @@
+"""When things go wrong: a damaged newest checkpoint, a bad batch (non-finite gradients), a failed
+save. Real trainer and DeepSpeed engines on CPU processes."""
+
+import json
+
+import pytest
+
+from pretrain.checkpoint.errors import CheckpointError
+from pretrain.checkpoint.resume import select_resume_point
+from pretrain.checkpoint.signals import StepAgreement
+from pretrain.config import load_config
+from pretrain.testing import run_distributed
+from training_runs import (
+    REPO,
+    step_records,
+    train_and_read_metrics,
+    train_skipping_batch,
+    train_until_checkpoint_error,
+    train_with_poisoned_batch,
+)
+
+pytestmark = pytest.mark.slow
+
+BATCH = 8  # train.global_batch_size of training_runs.SMALL
+SAVE_EVERY_2 = [
+    "train.steps=6",
+    "checkpoint.interval=2",
+    "checkpoint.keep_last=0",
+    "checkpoint.save_final=true",
+]
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    """A 2-rank run with complete checkpoints at steps 2, 4 and 6."""
+    run_dir = tmp_path_factory.mktemp("saved") / "run"
+    records = run_distributed(train_and_read_metrics, 2, SAVE_EVERY_2, str(run_dir))[0]
+    return run_dir, {r["step"]: r for r in step_records(records)}
+
+
+def copy_run(source, target):
+    import shutil
+
+    shutil.copytree(source, target)
+    return target
+
+
+def test_every_file_of_the_newest_checkpoint_is_covered_by_the_fallback(saved_run, tmp_path):
+    """Truncate each file of step 6 in turn: resuming reports it and picks step 4."""
+    source, _ = saved_run
+    names = sorted(json.loads((source / "checkpoints/step00000006/manifest.json").read_text())["files"])
+    assert len(names) >= 6  # model and optimizer states, RNG of both ranks, state.json, config.yaml
+    for name in names:
+        run_dir = copy_run(source, tmp_path / name.replace("/", "_"))
+        damaged = run_dir / "checkpoints/step00000006" / name
+        damaged.write_bytes(damaged.read_bytes()[:-1])
+        cfg = load_config(REPO / "configs/tiny.yaml", [f"run.dir={run_dir}"])
+        messages = []
+        point = select_resume_point(cfg, StepAgreement(1), 0, 1, messages.append)
+        assert point is not None and point.step == 4, name
+        assert messages == [
+            f"skipping {run_dir}/checkpoints/step00000006: {name} has {damaged.stat().st_size:,} bytes, the "
+            f"manifest says {damaged.stat().st_size + 1:,}; trying the previous checkpoint"
+        ]
+
+
+def test_a_corrupt_byte_is_caught_by_the_checksums_on_every_rank(saved_run, tmp_path):
+    source, _ = saved_run
+    run_dir = copy_run(source, tmp_path / "run")
+    target = run_dir / "checkpoints/step00000006/zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0x01  # same size: only the checksum can tell
+    target.write_bytes(bytes(data))
+    cfg = load_config(REPO / "configs/tiny.yaml", [f"run.dir={run_dir}"])
+    messages = []
+    assert select_resume_point(cfg, StepAgreement(1), 0, 1, messages.append).step == 4
+    assert "does not match its checksum (corrupt)" in messages[0]
+    size_only = load_config(REPO / "configs/tiny.yaml", [f"run.dir={run_dir}", "checkpoint.verify=size"])
+    assert select_resume_point(size_only, StepAgreement(1), 0, 1, messages.append).step == 6
+
+
+def test_an_explicit_checkpoint_that_is_damaged_is_an_error_not_a_substitute(saved_run, tmp_path):
+    source, _ = saved_run
+    run_dir = copy_run(source, tmp_path / "run")
+    (run_dir / "checkpoints/step00000004/manifest.json").unlink()
+    cfg = load_config(REPO / "configs/tiny.yaml", [f"checkpoint.resume={run_dir}/checkpoints/step00000004"])
+    with pytest.raises(
+        CheckpointError, match=r"step00000004 is not a complete checkpoint: it has no manifest\.json"
+    ):
+        select_resume_point(cfg, StepAgreement(1), 0, 1, print)
+
+
+def test_training_resumes_from_the_previous_checkpoint_when_the_newest_is_truncated(saved_run, tmp_path):
+    source, uninterrupted = saved_run
+    run_dir = copy_run(source, tmp_path / "run")
+    damaged = run_dir / "checkpoints/step00000006/mp_rank_00_model_states.pt"
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
+    records = run_distributed(train_and_read_metrics, 2, [*SAVE_EVERY_2, "train.steps=6"], str(run_dir))[0]
+    steps = {r["step"]: r for r in step_records(records)}
+    summary = json.loads((run_dir / "run_summary.json").read_text())
+    assert summary["resumed_from"]["step"] == 4
+    for step in (5, 6):  # trained again from step 4: the same numbers
+        assert steps[step]["loss"] == uninterrupted[step]["loss"]
+    # metrics.jsonl reads as one run: the lost steps' records were replaced, not duplicated
+    assert [r["step"] for r in step_records(records)] == [1, 2, 3, 4, 5, 6]
+    assert (run_dir / "checkpoints/step00000006/manifest.json").is_file()  # saved again, whole
+
+
+POISON = 2 * BATCH  # the batch of step 3 (0-based global sample position)
+
+
+def test_fail_policy_stops_at_the_bad_step_naming_its_samples(tmp_path):
+    (rank0, _) = run_distributed(
+        train_with_poisoned_batch, 2, ["train.steps=6", "train.on_nonfinite=fail"], str(tmp_path), POISON
+    )
+    assert rank0["error"]["step"] == 3
+    assert f"the batch at sample position {POISON}" in rank0["error"]["message"]
+    assert "train.on_nonfinite=skip|rollback" in rank0["error"]["message"]
+
+
+def test_skip_policy_logs_the_step_and_its_samples_and_trains_on(tmp_path):
+    (rank0, _) = run_distributed(
+        train_with_poisoned_batch, 2, ["train.steps=6", "train.on_nonfinite=skip"], str(tmp_path), POISON
+    )
+    assert rank0["error"] is None
+    events = [r for r in rank0["records"] if r.get("event")]
+    assert [(e["step"], e["event"], e["sample_position"]) for e in events] == [(3, "nonfinite_skip", POISON)]
+    assert len(events[0]["sample_ids"]) == BATCH and all(len(i) == 2 for i in events[0]["sample_ids"])
+    steps = {r["step"]: r for r in step_records(rank0["records"])}
+    assert all(steps[s]["loss"] == steps[s]["loss"] for s in (4, 5, 6))  # finite again (NaN != NaN)
+    assert steps[4]["lr"] == steps[3]["lr"]  # the skipped update did not advance the schedule either
+
+
+def test_rollback_policy_reloads_the_last_checkpoint_and_skips_exactly_the_bad_batch(tmp_path):
+    policy = [
+        "train.steps=6",
+        "train.on_nonfinite=rollback",
+        "checkpoint.interval=2",
+        "checkpoint.keep_last=0",
+    ]
+    bad = 4 * BATCH  # the batch of step 5: the run rolls back to step 4
+    (rank0, _) = run_distributed(train_with_poisoned_batch, 2, policy, str(tmp_path / "rollback"), bad)
+    assert rank0["error"] is None
+    events = [r for r in rank0["records"] if r.get("event")]
+    assert [(e["step"], e["event"], e["rolled_back_to"]) for e in events] == [(5, "nonfinite_rollback", 4)]
+    # The reference never met the bad batch: it skipped it from the start. After the rollback the
+    # run is at that reference's state of step 4, so steps 5 and 6 must be bitwise the same.
+    reference = {
+        r["step"]: r
+        for r in step_records(run_distributed(train_skipping_batch, 2, policy, str(tmp_path / "ref"), bad)[0])
+    }
+    steps = {r["step"]: r for r in step_records(rank0["records"])}
+    for step in (5, 6):
+        assert steps[step]["loss"] == reference[step]["loss"], step
+        assert steps[step]["grad_norm"] == reference[step]["grad_norm"], step
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs: room for the first checkpoint of the small model (~1.2 MB) and its run files,
+    not for a second one beside it."""
+    import os
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4M", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_save_that_would_not_fit_stops_every_rank_and_keeps_the_last_checkpoint(small_disk):
+    overrides = [*SAVE_EVERY_2, "checkpoint.keep_last=1", "logging.tensorboard=false", "logging.plot=false"]
+    results = run_distributed(train_until_checkpoint_error, 2, overrides, str(small_disk / "run"))
+    for result in results:  # both ranks, at the same step: the second save
+        assert result["step"] == 4
+        assert "not enough free disk space" in result["error"] and "Nothing was written" in result["error"]
+    checkpoints = small_disk / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["step00000002"]  # no partial left
+    cfg = load_config(REPO / "configs/tiny.yaml", [f"run.dir={small_disk / 'run'}"])
+    assert select_resume_point(cfg, StepAgreement(1), 0, 1, print).step == 2
