@@ -18,8 +18,9 @@ from launch.hostlist import HostlistError, expand
 
 def _env(args: argparse.Namespace) -> int:
     info = resolve(use_mpi4py=not args.no_mpi)
-    if args.json:
-        print(json.dumps(info.as_dict()))
+    if args.json:  # one write per line: the ranks of one launcher share a stdout
+        sys.stdout.write(json.dumps(info.as_dict()) + "\n")
+        sys.stdout.flush()
     elif args.export:
         for key, value in info.torch_env().items():
             print(f"export {key}={value}")

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from conftest import REPO
-from slurm.cluster import Cluster, start_cluster
+from slurm.cluster import Cluster, json_objects, start_cluster
 from training_runs import SMALL
 
 pytestmark = pytest.mark.slow
@@ -153,14 +153,14 @@ def test_preemption_saves_requeues_resumes_and_ends_with_the_uninterrupted_loss(
     script requeues the job, which restarts with SLURM_RESTART_COUNT=1, resumes from the checkpoint
     and finishes with the same final loss as the run nobody interrupted."""
     job, run_dir = jobs["preempted"]
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 480
     while max(losses(run_dir), default=0) < 3:
         assert time.monotonic() < deadline, job_log(run_dir, job)[-3000:]
         state = slurm_cluster.jobs(job)[0]["JobState"]
         assert state in ("PENDING", "RUNNING"), (state, job_log(run_dir, job)[-3000:])
         time.sleep(0.2)
     slurm_cluster.run("scancel", "--signal=USR1", "--batch", job)
-    (info,) = slurm_cluster.wait(job, timeout=400, log=run_dir / "logs" / f"slurm-{job}.log")
+    (info,) = slurm_cluster.wait(job, timeout=900, log=run_dir / "logs" / f"slurm-{job}.log")
     log = job_log(run_dir, job)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, log[-4000:])
     assert "received SIGUSR1" in log and "(exit 75); requeueing: restart 1" in log, log[-4000:]
@@ -223,15 +223,13 @@ def test_mpiexec_inside_an_allocation_trains_like_srun(slurm_cluster, jobs):
 
 def resolved(out: str) -> list[dict[str, Any]]:
     """The `python -m launch env --json` lines of a job's output, by rank."""
-    return sorted(
-        (json.loads(line) for line in out.splitlines() if line.startswith("{")), key=lambda i: i["rank"]
-    )
+    return sorted(json_objects(out), key=lambda i: i["rank"])
 
 
 def test_hostfile_from_the_allocation_drives_the_deepspeed_launcher(slurm_cluster, jobs):
     """`python -m launch hostfile` in a two-node allocation, then `deepspeed --hostfile ...
     --launcher slurm`: its srun tasks get their ranks and rendezvous from SLURM, no ssh, no MPI."""
-    (info,) = slurm_cluster.wait(jobs["deepspeed"], timeout=120)
+    (info,) = slurm_cluster.wait(jobs["deepspeed"], timeout=300)
     out = (jobs["root"] / "deepspeed.out").read_text()
     assert info["JobState"] == "COMPLETED", out[-3000:]
     assert (jobs["root"] / "hosts").read_text() == "n1 slots=1\nn2 slots=1\n"
@@ -245,7 +243,7 @@ def test_hostfile_from_the_allocation_drives_the_deepspeed_launcher(slurm_cluste
 
 
 def test_srun_mpi_pmi2_tasks_resolve_from_pmi_and_slurm(slurm_cluster, jobs):
-    (info,) = slurm_cluster.wait(jobs["pmi2"], timeout=120)
+    (info,) = slurm_cluster.wait(jobs["pmi2"], timeout=300)
     out = (jobs["root"] / "pmi2.out").read_text()
     assert info["JobState"] == "COMPLETED", out
     infos = resolved(out)
@@ -261,13 +259,13 @@ def test_srun_mpi_pmi2_tasks_resolve_from_pmi_and_slurm(slurm_cluster, jobs):
 
 def test_requeue_only_on_exit_75_and_at_most_max_restarts(slurm_cluster, jobs):
     job, run_dir = jobs["stub75"]
-    (info,) = slurm_cluster.wait(job, timeout=120)
+    (info,) = slurm_cluster.wait(job, timeout=300)
     log = job_log(run_dir, job)
     assert (info["JobState"], info["Restarts"], info["ExitCode"]) == ("FAILED", "1", "75:0"), (info, log)
     assert "stub trainer: exit 75 on restart 0" in log and "stub trainer: exit 75 on restart 1" in log
     assert "not requeued: PRETRAIN_MAX_RESTARTS=1 reached" in log
     job, run_dir = jobs["stub4"]
-    (info,) = slurm_cluster.wait(job, timeout=60)
+    (info,) = slurm_cluster.wait(job, timeout=300)
     log = job_log(run_dir, job)
     assert (info["JobState"], info["Restarts"], info["ExitCode"]) == ("FAILED", "0", "4:0"), (info, log)
     assert "training exited with 4 (unusable data); not requeued" in log
@@ -275,7 +273,7 @@ def test_requeue_only_on_exit_75_and_at_most_max_restarts(slurm_cluster, jobs):
 
 def test_prepare_array_job_writes_every_part_and_a_rerun_changes_nothing(slurm_cluster, jobs):
     root = jobs["root"]
-    tasks = slurm_cluster.wait(jobs["prepare"], timeout=240)
+    tasks = slurm_cluster.wait(jobs["prepare"], timeout=400)
     outputs = "".join(p.read_text() for p in root.glob("prepare-*.out"))
     assert [t["JobState"] for t in tasks] == ["COMPLETED", "COMPLETED"], outputs
     shards = root / "shards"
@@ -288,7 +286,7 @@ def test_prepare_array_job_writes_every_part_and_a_rerun_changes_nothing(slurm_c
         "--array=0-1", "--cpus-per-task=1", f"--output={root}/prepare-again-%a.out", "slurm/prepare.sbatch",
         *jobs["prepare_args"],
     )  # fmt: skip
-    tasks = slurm_cluster.wait(again, timeout=240)
+    tasks = slurm_cluster.wait(again, timeout=400)
     assert [t["JobState"] for t in tasks] == ["COMPLETED", "COMPLETED"]
     assert {p: p.stat().st_mtime_ns for p in shards.glob("part-*/*")} == before
     assert (shards / "manifest.json").read_bytes() == manifest
@@ -305,7 +303,7 @@ def test_prepare_array_job_writes_every_part_and_a_rerun_changes_nothing(slurm_c
 
 def test_convert_sbatch_exports_the_run_and_verifies_it(slurm_cluster, jobs):
     job, hf = jobs["convert"]
-    (info,) = slurm_cluster.wait(job, timeout=400)
+    (info,) = slurm_cluster.wait(job, timeout=600)
     out = (jobs["root"] / "convert.out").read_text()
     assert info["JobState"] == "COMPLETED", (info, out[-3000:])
     assert "verification passed" in out

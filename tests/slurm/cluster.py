@@ -3,6 +3,7 @@ and a small client for submitting jobs and waiting for them through the real com
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -16,6 +17,17 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 CLUSTER_SH = HERE / "cluster.sh"
 DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+def json_objects(text: str) -> list[dict[str, Any]]:
+    """Every JSON object in `text` (`python -m launch env --json` output of several ranks), also
+    where two processes' lines ran together in a launcher's shared stdout."""
+    decoder, found, i = json.JSONDecoder(), [], text.find("{")
+    while i >= 0:
+        value, end = decoder.raw_decode(text, i)
+        found.append(value)
+        i = text.find("{", end)
+    return found
 
 
 class Cluster:
@@ -49,7 +61,7 @@ class Cluster:
             records.append(record)
         return records
 
-    def wait(self, job_id: str, timeout: float = 300, log: Path | None = None) -> list[dict[str, str]]:
+    def wait(self, job_id: str, timeout: float = 600, log: Path | None = None) -> list[dict[str, str]]:
         """Poll until every task of the job has ended (a requeued job is pending again, not ended)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
