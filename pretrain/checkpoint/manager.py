@@ -138,7 +138,8 @@ class Checkpoints:
         problem = self.agreement.broadcast(problem)
         if problem:
             raise CheckpointError(problem)
-        self.writer.begin(step, partial)
+        # A synchronous save waits for the commit, so it can write the live tensors without a copy.
+        self.writer.begin(step, partial, copy_states=self.cfg.checkpoint.async_save)
         ds = self.engine.ds
         client_state = {
             "step": step,

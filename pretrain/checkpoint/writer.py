@@ -116,6 +116,7 @@ class _Save:
     step: int
     folder: Path
     started: float
+    copied: bool = True  # the states queued are host copies (else live tensors: a synchronous save)
     entries: dict[str, FileEntry] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     outcome: SaveOutcome | None = None
@@ -145,12 +146,15 @@ class BackgroundWriter:
 
     # ----- the training thread's side
 
-    def begin(self, step: int, folder: Path) -> None:
+    def begin(self, step: int, folder: Path, copy_states: bool = True) -> None:
+        """Start a save. With `copy_states=False` the states are written from the live tensors, which
+        is only right when the caller waits for the commit before training goes on (a synchronous save)."""
         assert self._current is None or self._current.done.is_set(), "one save in flight at a time"
-        self._current = _Save(step, folder, time.perf_counter())
+        self._current = _Save(step, folder, time.perf_counter(), copied=copy_states)
 
     def submit_state(self, path: Path, state: Any) -> None:
-        self._put("torch", path, self.buffers.snapshot(state))
+        assert self._current is not None, "begin() a save first"
+        self._put("torch", path, self.buffers.snapshot(state) if self._current.copied else state)
 
     def submit_bytes(self, path: Path, data: bytes) -> None:
         self._put("bytes", path, data)
@@ -202,14 +206,14 @@ class BackgroundWriter:
                 continue
             assert job.path is not None
             if save.errors:
-                if job.kind == "torch":
+                if job.kind == "torch" and save.copied:
                     self.buffers.release(job.payload)
                 continue  # this save already failed here; the commit reports it
             try:
                 save.entries[str(job.path.relative_to(save.folder))] = _write(job.path, job.kind, job.payload)
             except Exception as e:  # reported through the commit, on every rank
                 save.errors.append(f"rank {self.rank} could not write {job.path}: {e!r}")
-            if job.kind == "torch":
+            if job.kind == "torch" and save.copied:
                 self.buffers.release(job.payload)  # on disk: the host copy is free for the next save
             job.payload = None
 
