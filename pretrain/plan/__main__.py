@@ -3,7 +3,8 @@
 Plans the configured layout on a cluster (exact size, memory per GPU, step time, fits or not), or with
 --search ranks every layout that fits. Config overrides work as for the trainer (dotted key=value after
 the flags) and the layout is validated by the trainer's own checks for nodes x gpus-per-node ranks.
-Exit codes: 0 fits (with --search: some layout fits), 1 does not fit, 2 invalid configuration.
+Exit codes: 0 fits (with --search: some layout fits), 1 does not fit, 2 invalid configuration,
+3 --prove-construction found a problem.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ import argparse
 import json
 import sys
 
-from pretrain.config import ConfigError, load_config
+from pretrain.config import Config, ConfigError, load_config
 from pretrain.plan.hardware import GPUS, Assumptions, GiB, make_cluster
 
-EXIT_FITS, EXIT_DOES_NOT_FIT, EXIT_CONFIG_ERROR = 0, 1, 2
+EXIT_FITS, EXIT_DOES_NOT_FIT, EXIT_CONFIG_ERROR, EXIT_CONSTRUCTION_FAILED = 0, 1, 2, 3
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -36,6 +37,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="--search keeps layouts that leave this fraction of GPU memory free (e.g. 0.1)",
     )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the same numbers as JSON")
+    parser.add_argument(
+        "--prove-construction", action="store_true",
+        help="also build every stage and tensor-parallel shard on the meta device with the trainer's code "
+        "and check them (seconds to a minute for the largest models)",
+    )  # fmt: skip
     bw = parser.add_argument_group("interconnect and model assumptions (defaults: docs/LAYOUTS.md)")
     bw.add_argument("--intra-node-gbps", type=float, help="GB/s per GPU and direction in a node (NVLink)")
     bw.add_argument("--inter-node-gbps", type=float, help="GB/s per GPU and direction between nodes")
@@ -84,8 +90,36 @@ def main(argv: list[str] | None = None) -> int:
             print(format_search(result, args.config, cluster, args.top))
         return EXIT_FITS if result.ranked else EXIT_DOES_NOT_FIT
     plan = plan_layout(cfg, cluster)
-    print(json.dumps(plan_json(plan, args.config), indent=2) if args.json else format_plan(plan, args.config))
+    out = plan_json(plan, args.config)
+    proof_ok = True
+    if args.prove_construction:
+        from pretrain.plan.construct import prove_construction
+
+        proof = prove_construction(cfg)
+        proof_ok = proof.ok
+        out["construction"] = {"ranks": proof.ranks, "ok": proof.ok, "problems": proof.problems}
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(format_plan(plan, args.config))
+        if args.prove_construction:
+            print(format_proof(out["construction"], cfg))
+    if not proof_ok:
+        return EXIT_CONSTRUCTION_FAILED
     return EXIT_FITS if plan.fits else EXIT_DOES_NOT_FIT
+
+
+def format_proof(proof: dict, cfg: Config) -> str:
+    par = cfg.parallel
+    where = (
+        f"{proof['ranks']} ranks ({par.pp} stage(s) x {par.tp} tensor-parallel shard(s)) on the meta device"
+    )
+    if proof["ok"]:
+        return (
+            f"construction: built {where} with the trainer's code: every shard makes its plain parameter, "
+            f"every rank holds the parameters counted above"
+        )
+    return f"CONSTRUCTION FAILED: {where}:\n" + "\n".join(f"  - {p}" for p in proof["problems"])
 
 
 if __name__ == "__main__":

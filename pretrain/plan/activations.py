@@ -13,7 +13,8 @@ decoder block, no recomputation
                        linear saves its own all-gathered input instead: 3 p N d (q, k, v) + 2 p N d
                        (gate, up)
     attention          rotated q and k, v, the output, the log-sum-exp: p N (2q + 2k) / t + 4 N heads / t
-    o_proj input       the heads reshaped back: p N q / t
+                       (o_proj's input is the output itself: the flash kernels return it laid out
+                       (batch, seq, heads, dim), so reshaping the heads back is a view)
     SwiGLU             gate, silu(gate), up, their product: 4 p N f / t
     (rotary, residual adds and the tensor-parallel collectives save nothing)
 
@@ -107,7 +108,7 @@ def block_bytes(s: ActivationShape, mode: str) -> float:
         return kept + (_attention_output(s) if s.attention_output_saved else 0.0)
     assert mode == "none", mode
     attention = p * n * (s.q_width + 2 * s.kv_width) / t + _attention_output(s)
-    return _norm(s, 3) + _norm(s, 2) + attention + p * n * s.q_width / t + 4 * p * n * s.ffn / t
+    return _norm(s, 3) + _norm(s, 2) + attention + 4 * p * n * s.ffn / t
 
 
 def embedding_bytes(s: ActivationShape) -> float:

@@ -200,9 +200,14 @@ def candidate_worst_stages(cfg: Config, layers: list[list[int]]) -> list[int]:
 
 
 def in_flight(pp: int, stage: int, micro_batches: int) -> int:
-    """Micro-batches whose activations stage `stage` holds at once under 1F1B: DeepSpeed's
-    TrainSchedule.num_pipe_buffers, min(stages - stage, micro-batches)."""
+    """Micro-batches whose activations stage `stage` holds at once under 1F1B (forward done, backward
+    not yet): min(stages - stage, micro-batches)."""
     return min(pp - stage, micro_batches)
+
+
+def pipe_buffers(pp: int, stage: int, micro_batches: int) -> int:
+    """Input/output buffer slots DeepSpeed's pipeline engine keeps: TrainSchedule.num_pipe_buffers."""
+    return max(2, in_flight(pp, stage, micro_batches))
 
 
 def stage_activation_bytes(
@@ -283,7 +288,9 @@ def _stage_memory(
         activations=by_mode[mode],
         activations_by_mode=by_mode,
         in_flight=flight,
-        pipeline_buffers=int(_pipeline_buffers(cfg, shape, stage, flight)),
+        pipeline_buffers=int(
+            _pipeline_buffers(cfg, shape, stage, pipe_buffers(par.pp, stage, micro_batches))
+        ),
         communication_buffers=int(_backward_buffers(cfg, indices, p, runtime, a)),
         working=int(working),
         step_extra=int(_step_extra(cfg, params, dp, p, runtime, a)),
@@ -291,15 +298,15 @@ def _stage_memory(
     )
 
 
-def _pipeline_buffers(cfg: Config, shape: act.ActivationShape, stage: int, flight: int) -> float:
-    """DeepSpeed's pipe buffers: per in-flight micro-batch the stage's input (cloned) and its output,
-    split over TP ranks; plus one receive buffer and one gradient buffer."""
+def _pipeline_buffers(cfg: Config, shape: act.ActivationShape, stage: int, slots: int) -> float:
+    """DeepSpeed's pipe buffers: per slot the stage's input (cloned) and its output, split over TP
+    ranks; plus one receive buffer and one gradient buffer."""
     pp = cfg.parallel.pp
     if pp == 1:
         return 0.0
     boundary = act.boundary_bytes(shape)
     held = (stage > 0) + (stage < pp - 1)  # input from the stage before, output to the stage after
-    return flight * held * boundary + 2 * boundary
+    return slots * held * boundary + 2 * boundary
 
 
 def _backward_buffers(cfg: Config, indices: list[int], p: int, runtime: Runtime, a: Assumptions) -> float:
