@@ -16,8 +16,9 @@ What is measured, and why it is comparable to pretrain.plan's estimate:
   - A miniature model runs one step first in every recomputation mode and ZeRO stage measured, so the
     code pages of torch, DeepSpeed and their kernels that a step touches are resident before the
     baseline; they would otherwise appear as growth (a few MiB, more with recomputation, which runs
-    other code). The previous case's engine is deleted before the next baseline; the baseline is taken
-    per case, so what it leaves behind does not count.
+    other code). The previous case's engine is deleted before the next baseline, and glibc's
+    malloc_trim(0) hands the free pages inside its heap back to the kernel, so a later case that reuses
+    them counts them as growth as a fresh process would.
   - The peak is reset (writing 5 to /proc/self/clear_refs) after the engine is built, so what is kept
     is the steady state of training, not DeepSpeed's one-off copies while it flattens the weights;
     the baseline is the resident set before the model exists, so weights, master copies, optimizer
@@ -28,6 +29,7 @@ What is measured, and why it is comparable to pretrain.plan's estimate:
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import os
@@ -56,6 +58,11 @@ def _status_bytes(key: str) -> int:
         if name == key:
             return int(value.split()[0]) * 1024
     raise KeyError(key)
+
+
+def _release_free_memory() -> None:
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _steps(engine, cfg, steps: int) -> None:  # type: ignore[no-untyped-def]
@@ -95,17 +102,16 @@ def main() -> None:
         layout = [f"parallel.activation_checkpointing={mode}", f"parallel.zero_stage={zero}"]
         warm = load_config(tiny, [*MINIATURE, *layout], world_size=1)
         _steps(_engine(warm, dist), warm, 1)
-        gc.collect()
 
     growth = []
     for cfg in configs:
+        _release_free_memory()
         baseline = _status_bytes("VmRSS")
         engine = _engine(cfg, dist)
         Path("/proc/self/clear_refs").write_text("5")  # peak := now
         _steps(engine, cfg, steps)
         growth.append(_status_bytes("VmHWM") - baseline)
         del engine
-        gc.collect()
     print(json.dumps({"peak_growth_bytes": growth}))
 
 

@@ -49,10 +49,22 @@ def _memory_lines(plan: Plan) -> list[str]:
     return lines
 
 
+def _runs(values: list[int]) -> str:
+    """[5, 4, 4, 4, 6] -> '5, 4 x 3, 6'."""
+    parts: list[list[int]] = []
+    for v in values:
+        if parts and parts[-1][0] == v:
+            parts[-1][1] += 1
+        else:
+            parts.append([v, 1])
+    return ", ".join(str(v) if n == 1 else f"{v} x {n}" for v, n in parts)
+
+
 def _time_lines(plan: Plan) -> list[str]:
     t, lay = plan.step, plan.layout()
     return [
-        f"pipeline: {lay['pp']} stage(s) of {lay['pipeline_stage_layers']} layers, "
+        f"pipeline: {lay['pp']} stage(s) holding {_runs(lay['pipeline_stage_layers'])} of the "
+        f"{sum(lay['pipeline_stage_layers'])} layers (embedding, blocks, norm, output layer), "
         f"{lay['grad_accum_steps']} micro-batches per step, bubble {100 * t.bubble_fraction:.1f}% of the step",
         f"step time {t.step_s:.2f} s = micro-batches {t.compute_s + t.elementwise_s + t.tensor_parallel_s:.2f} "
         f"(matmul {t.compute_s:.2f}, elementwise {t.elementwise_s:.2f}, tensor-parallel {t.tensor_parallel_s:.2f}) "
