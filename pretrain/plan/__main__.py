@@ -10,6 +10,7 @@ Exit codes: 0 fits (with --search: some layout fits), 1 does not fit, 2 invalid 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
     gpu = GPUS[args.gpu]
     if args.matmul_efficiency is not None:
-        gpu = gpu.__class__(**{**gpu.__dict__, "matmul_efficiency": args.matmul_efficiency})
+        gpu = dataclasses.replace(gpu, matmul_efficiency=args.matmul_efficiency)
     assumptions = Assumptions(
         comm_efficiency=args.comm_efficiency,
         fragmentation=args.fragmentation,
