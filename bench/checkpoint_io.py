@@ -114,8 +114,11 @@ def first_step_seconds(run_dir: Path, steps: int, extra: list[str]) -> float:
     metrics = run_dir / "metrics.jsonl"
     seen = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
     start = time.perf_counter()
+    # A fresh process of its own: not the rendezvous this benchmark's own process group holds.
+    launcher = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launcher}
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "DS_ACCELERATOR": "cpu"})  # fmt: skip
+                            env={**env, "DS_ACCELERATOR": "cpu"})  # fmt: skip
     first = None
     while proc.poll() is None:
         lines = metrics.read_text().splitlines() if metrics.is_file() else []

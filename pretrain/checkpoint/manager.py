@@ -74,6 +74,9 @@ class Checkpoints:
         engine.ds.checkpoint_engine = SnapshotEngine(self.writer)
         self._estimate = parameters * _BYTES_PER_PARAMETER
         self.last_stall_seconds = 0.0
+        # The same at every save; computed once, off the training thread's save time.
+        self._config_yaml = cfg.to_yaml().encode()
+        self._universal_info = universal_checkpoint_info(cfg, engine.ctx.pp > 1)
 
     # ----- storage
 
@@ -135,12 +138,13 @@ class Checkpoints:
         problem = self.agreement.broadcast(problem)
         if problem:
             raise CheckpointError(problem)
-        self.writer.begin(step, partial)
+        # A synchronous save waits for the commit, so it can write the live tensors without a copy.
+        self.writer.begin(step, partial, copy_states=self.cfg.checkpoint.async_save)
         ds = self.engine.ds
         client_state = {
             "step": step,
             "tokens_seen": trainer.state.tokens_seen,
-            "universal_checkpoint_info": universal_checkpoint_info(self.cfg, self.engine.ctx.pp > 1),
+            "universal_checkpoint_info": self._universal_info,
         }
         try:
             ds.save_checkpoint(
@@ -150,7 +154,7 @@ class Checkpoints:
             if self.rank == 0:
                 state = json.dumps(self._state(trainer), indent=2).encode()
                 self.writer.submit_bytes(partial / STATE_FILE, state)
-                self.writer.submit_bytes(partial / CONFIG_FILE, self.cfg.to_yaml().encode())
+                self.writer.submit_bytes(partial / CONFIG_FILE, self._config_yaml)
         except Exception as e:
             # Not raised here, on this rank alone: the commit fails on every rank and all stop together.
             self.writer.fail(f"preparing the save failed: {e!r}")

@@ -19,7 +19,7 @@ import queue
 import threading
 import time
 import traceback
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -37,23 +37,65 @@ from pretrain.checkpoint.manifest import FileEntry, Manifest, apply_retention, c
 WRITER_TIMEOUT = timedelta(hours=2)
 
 
-def snapshot(obj: Any) -> Any:
-    """A deep copy of a state dict with every tensor copied into host memory."""
+class HostBuffers:
+    """Host memory for the copies of the state, kept from one save to the next.
+
+    The state has the same tensors at every save, so after the first one every copy lands in a
+    buffer that already exists: no allocation and no page faults on the training thread's time
+    (measured here: copying 1 GiB into fresh memory 1.54 s, into a reused buffer 0.29 s). Buffers
+    for CUDA tensors are pinned. The pool holds one copy of this rank's state, the bound the
+    one-save-in-flight rule promises."""
+
+    def __init__(self) -> None:
+        self._free: dict[tuple[Any, ...], list[torch.Tensor]] = defaultdict(list)
+        self._lock = threading.Lock()
+
+    def copy(self, tensor: torch.Tensor) -> torch.Tensor:
+        key = (tuple(tensor.shape), tensor.dtype)
+        with self._lock:
+            buffer = self._free[key].pop() if self._free[key] else None
+        if buffer is None:
+            buffer = torch.empty(key[0], dtype=tensor.dtype, pin_memory=tensor.is_cuda)
+        buffer.copy_(tensor.detach())
+        return buffer
+
+    def release(self, obj: Any) -> None:
+        """Return the buffers of a written snapshot for the next save."""
+        with self._lock:
+            for tensor in _tensors(obj):
+                self._free[(tuple(tensor.shape), tensor.dtype)].append(tensor)
+
+    def snapshot(self, obj: Any) -> Any:
+        """A deep copy of a state dict with every tensor copied into host memory."""
+        if isinstance(obj, torch.Tensor):
+            return self.copy(obj)
+        if isinstance(obj, dict):
+            out: dict[Any, Any] = OrderedDict() if isinstance(obj, OrderedDict) else {}
+            for key, value in obj.items():
+                out[key] = self.snapshot(value)
+            if hasattr(obj, "_metadata"):  # module state dicts carry per-module versions
+                out._metadata = copy.deepcopy(obj._metadata)  # type: ignore[attr-defined]
+            return out
+        if type(obj) is list:
+            return [self.snapshot(v) for v in obj]
+        if type(obj) is tuple:
+            return tuple(self.snapshot(v) for v in obj)
+        return copy.deepcopy(obj)  # anything else keeps its type (torch.Size, named tuples, enums, ...)
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
     if isinstance(obj, torch.Tensor):
-        tensor = obj.detach()
-        return tensor.to("cpu", copy=True) if tensor.device.type != "cpu" else tensor.clone()
+        return [obj]
     if isinstance(obj, dict):
-        out: dict[Any, Any] = OrderedDict() if isinstance(obj, OrderedDict) else {}
-        for key, value in obj.items():
-            out[key] = snapshot(value)
-        if hasattr(obj, "_metadata"):  # module state dicts carry per-module versions
-            out._metadata = copy.deepcopy(obj._metadata)  # type: ignore[attr-defined]
-        return out
-    if type(obj) is list:
-        return [snapshot(v) for v in obj]
-    if type(obj) is tuple:
-        return tuple(snapshot(v) for v in obj)
-    return copy.deepcopy(obj)  # anything else keeps its type (torch.Size, named tuples, enums, ...)
+        return [t for v in obj.values() for t in _tensors(v)]
+    if isinstance(obj, list | tuple):
+        return [t for v in obj for t in _tensors(v)]
+    return []
+
+
+def snapshot(obj: Any) -> Any:
+    """A deep copy of a state dict with every tensor copied into (new) host memory."""
+    return HostBuffers().snapshot(obj)
 
 
 @dataclass
@@ -74,6 +116,7 @@ class _Save:
     step: int
     folder: Path
     started: float
+    copied: bool = True  # the states queued are host copies (else live tensors: a synchronous save)
     entries: dict[str, FileEntry] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     outcome: SaveOutcome | None = None
@@ -96,18 +139,22 @@ class BackgroundWriter:
         self.keep_last, self.keep_every = keep_last, keep_every
         self.group = dist.new_group(backend="gloo", timeout=WRITER_TIMEOUT) if world_size > 1 else None
         self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self.buffers = HostBuffers()
         self._current: _Save | None = None
         self._thread = threading.Thread(target=self._loop, name="checkpoint-writer", daemon=True)
         self._thread.start()
 
     # ----- the training thread's side
 
-    def begin(self, step: int, folder: Path) -> None:
+    def begin(self, step: int, folder: Path, copy_states: bool = True) -> None:
+        """Start a save. With `copy_states=False` the states are written from the live tensors, which
+        is only right when the caller waits for the commit before training goes on (a synchronous save)."""
         assert self._current is None or self._current.done.is_set(), "one save in flight at a time"
-        self._current = _Save(step, folder, time.perf_counter())
+        self._current = _Save(step, folder, time.perf_counter(), copied=copy_states)
 
     def submit_state(self, path: Path, state: Any) -> None:
-        self._put("torch", path, snapshot(state))
+        assert self._current is not None, "begin() a save first"
+        self._put("torch", path, self.buffers.snapshot(state) if self._current.copied else state)
 
     def submit_bytes(self, path: Path, data: bytes) -> None:
         self._put("bytes", path, data)
@@ -159,12 +206,16 @@ class BackgroundWriter:
                 continue
             assert job.path is not None
             if save.errors:
+                if job.kind == "torch" and save.copied:
+                    self.buffers.release(job.payload)
                 continue  # this save already failed here; the commit reports it
             try:
                 save.entries[str(job.path.relative_to(save.folder))] = _write(job.path, job.kind, job.payload)
             except Exception as e:  # reported through the commit, on every rank
                 save.errors.append(f"rank {self.rank} could not write {job.path}: {e!r}")
-            job.payload = None  # release the host copy as soon as it is on disk
+            if job.kind == "torch" and save.copied:
+                self.buffers.release(job.payload)  # on disk: the host copy is free for the next save
+            job.payload = None
 
     def _commit(self, save: _Save) -> None:
         try:

@@ -107,6 +107,12 @@ def _selective_policy(ctx: object, op: object, *args: object, **kwargs: object) 
     return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
+def selective_recompute_keeps(op: object) -> bool:
+    """Whether selective recomputation keeps the output of `op` (an aten overload) instead of
+    recomputing it; pretrain.plan sizes activations from this."""
+    return op in _SAVED_OPS
+
+
 class DecoderBlock(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)).
 

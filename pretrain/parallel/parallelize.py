@@ -33,6 +33,21 @@ def layer_name(cfg: Config, index: int) -> str:
 def parallelize_model(cfg: Config, ctx: ParallelContext, device: torch.device) -> nn.Module:
     """This rank's model: a `Transformer` holding its tensor-parallel shards when pp == 1, else a
     DeepSpeed `PipelineModule` holding its stage."""
+    local = build_rank_layers(cfg, ctx, device)
+    indices = sorted(local)
+    loss = _loss(cfg, ctx)
+    if ctx.pp == 1:
+        return Transformer(cfg.model, cfg.padded_vocab_size, layers=[local[i] for i in indices], loss=loss)
+    from pretrain.parallel.partition import partition_layers
+    from pretrain.parallel.pipeline import build_pipeline
+
+    return build_pipeline(cfg, local, partition_layers(cfg), loss, ctx.topology)
+
+
+def rank_layer_sources(cfg: Config, ctx: ParallelContext) -> list[tuple[int, int]]:
+    """This rank's layers as (position in the layer list, layer whose definition it is built from):
+    all of them, or its pipeline stage's. The tied output layer of a pipeline is a copy of the
+    embedding (layer 0) on the last stage."""
     total = num_layers(cfg.model)
     if ctx.pp > 1:
         from pretrain.parallel.partition import partition_layers
@@ -42,6 +57,15 @@ def parallelize_model(cfg: Config, ctx: ParallelContext, device: torch.device) -
     else:
         indices = list(range(total))
     tied_pipeline_head = cfg.model.tie_embeddings and ctx.pp > 1 and total - 1 in indices
+    return [(i, 0 if tied_pipeline_head and i == total - 1 else i) for i in indices]
+
+
+def build_rank_layers(cfg: Config, ctx: ParallelContext, device: torch.device) -> dict[int, nn.Module]:
+    """Steps 1-4 for this rank, each layer moved to `device` as soon as it is cut (so at most one full
+    layer exists beyond this rank's shards): position in the layer list -> layer.
+
+    Under `torch.device("meta")` (with device meta) nothing is allocated or initialised and no process
+    group is touched, which is how `pretrain.plan` checks that a layout builds."""
     init, init_path = None, cfg.checkpoint.init_weights
     if init_path is not None:
         from pretrain.convert.consolidated import open_init_weights
@@ -49,9 +73,7 @@ def parallelize_model(cfg: Config, ctx: ParallelContext, device: torch.device) -
 
         init = all_ranks_succeed(lambda: open_init_weights(init_path, cfg.model))
     local: dict[int, nn.Module] = {}
-    for index in indices:
-        # The tied output layer of a pipeline is a copy of the embedding on the last stage.
-        source = 0 if tied_pipeline_head and index == total - 1 else index
+    for index, source in rank_layer_sources(cfg, ctx):
         if init is None:
             layer = build_layer(cfg.model, source, cfg.padded_vocab_size, cfg.seed)
         else:
@@ -60,13 +82,7 @@ def parallelize_model(cfg: Config, ctx: ParallelContext, device: torch.device) -
         if isinstance(layer, DecoderBlock):
             layer.recompute = cfg.parallel.activation_checkpointing
         local[index] = layer.to(device)
-
-    loss = _loss(cfg, ctx)
-    if ctx.pp == 1:
-        return Transformer(cfg.model, cfg.padded_vocab_size, layers=[local[i] for i in indices], loss=loss)
-    from pretrain.parallel.pipeline import build_pipeline
-
-    return build_pipeline(cfg, local, parts, loss, ctx.topology)
+    return local
 
 
 def _loss(cfg: Config, ctx: ParallelContext) -> nn.Module:

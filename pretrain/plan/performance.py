@@ -1,0 +1,198 @@
+"""Estimated step time, tokens/s and MFU of a layout: an analytic model, every term documented.
+
+Per micro-batch, on the slowest pipeline stage, the GPU time is the sum of
+  compute       its matmul FLOPs (the trainer's FLOP count, pretrain/model/flops.py, for the stage's
+                layers, divided over the tensor-parallel ranks), plus the recomputed forward of its
+                blocks under full recomputation (selective recomputes only elementwise work, and on a
+                GPU keeps the attention output), at peak x matmul_efficiency
+  elementwise   norms, rotary, SwiGLU activation, residual adds, softmax: memory-bound. Assumed to move
+                every activation the block creates four times through HBM (written and read forward,
+                read and its gradient written backward; twice more when it is recomputed), at
+                HBM bandwidth x hbm_efficiency
+  tensor-par.   this code's collectives per block: forward one all-reduce after attention and one after
+                the MLP; backward one per column-parallel linear (q, k, v, gate, up: five, since they are
+                separate linears) -> 7 all-reduces of p N d bytes (sequence parallelism: the same volume
+                as all-gathers and reduce-scatters), 9 with full recomputation; a ring all-reduce moves
+                2 (t-1)/t of the bytes, plus a fixed latency; not overlapped with compute (the calls are
+                synchronous)
+and the host time is the number of ATen operations of a block's forward and backward
+(HOST_OPS_PER_BLOCK, counted on a real block by the tests) x host_op_s; the GPU runs asynchronously, so a block takes the longer of the two.
+Per step:
+  pipeline      1F1B: (micro-batches + pp - 1) x the slowest stage's micro-batch time; the pp - 1 extra
+                slots are the bubble. Activations between stages (and their gradients): one send each
+                way per micro-batch, on the critical path
+  data-par.     gradients reduce-scattered and weights all-gathered once per step, 2 (Nd-1)/Nd of the
+                stage's gradient bytes (ZeRO-0: an all-reduce, the same volume; ZeRO-3: per micro-batch
+                and per layer, gathered forward and backward and reduce-scattered, overlapped with that
+                micro-batch's compute). Without a pipeline DeepSpeed overlaps the reduction with the last
+                backward pass (overlap_comm); the all-gather after the step is exposed
+  optimizer     fused Adam over the rank's optimizer partition: ~36 bytes of HBM traffic per parameter
+Bandwidth of a group: NVLink when all its ranks are in one node, else the network, x comm_efficiency.
+MFU = model FLOPs per token x tokens/s / (GPUs x peak), as the trainer reports it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from pretrain.config import Config
+from pretrain.model.flops import flops_per_token
+from pretrain.plan import activations as act
+from pretrain.plan.counts import stage_layers
+from pretrain.plan.hardware import Cluster
+from pretrain.plan.memory import CUDA, dtype_bytes, planned_precision
+
+ADAM_BYTES_PER_PARAMETER = 36  # read fp32 master, m, v, grad (bf16 + its fp32 copy); write master, m, v, bf16
+ELEMENTWISE_PASSES = 4  # HBM passes per activation byte, forward and backward (an assumption)
+TP_COLLECTIVES_PER_BLOCK = {"none": 7, "selective": 7, "full": 9}
+
+
+@dataclass(frozen=True)
+class StepEstimate:
+    """Seconds per optimizer step, by cause, and what follows from them."""
+
+    micro_batch_s: float  # the slowest stage, one micro-batch forward and backward
+    compute_s: float  # per step, the slowest stage's matmuls (all micro-batches)
+    elementwise_s: float
+    tensor_parallel_s: float
+    host_bound: bool  # the slowest stage waits for the host (eager PyTorch), not for the GPU
+    bubble_s: float
+    pipeline_p2p_s: float
+    data_parallel_s: float  # exposed
+    optimizer_s: float
+    step_s: float
+    tokens_per_s: float
+    mfu: float
+    bubble_fraction: float
+
+
+# ATen operations of one DecoderBlock's forward and backward (grouped-query attention), by recomputation
+# mode: counted on a real block by tests/test_plan.py (a dispatch mode that counts every op), which
+# fails when the block changes enough to make these stale.
+HOST_OPS_PER_BLOCK = {"none": 222, "selective": 334, "full": 333}
+
+
+def block_flops(cfg: Config) -> tuple[float, float]:
+    """(training FLOPs per token of one decoder block, of the output layer), split from the trainer's
+    own count: the output layer is what remains with no blocks."""
+    seq = cfg.train.seq_len
+    head = flops_per_token(dataclasses.replace(cfg.model, num_layers=0), seq)
+    return (flops_per_token(cfg.model, seq) - head) / cfg.model.num_layers, float(head)
+
+
+def _collective_s(cluster: Cluster, nbytes: float, ranks: int, span: int, passes: float) -> float:
+    """A ring collective over `ranks` ranks within `span` consecutive ranks moving `passes` x (r-1)/r
+    of `nbytes` per rank (all-reduce 2, reduce-scatter or all-gather 1)."""
+    if ranks == 1:
+        return 0.0
+    moved = passes * (ranks - 1) / ranks * nbytes
+    return cluster.group_latency_s(span) + moved / (cluster.group_bandwidth_gbps(span) * 1e9)
+
+
+@dataclass(frozen=True)
+class _MicroBatch:
+    compute: float
+    elementwise: float
+    tensor_parallel: float
+    host: float
+
+    @property
+    def gpu(self) -> float:
+        return self.compute + self.elementwise + self.tensor_parallel
+
+    @property
+    def total(self) -> float:
+        return max(self.gpu, self.host)
+
+
+def _stage_micro_batch(
+    cfg: Config, cluster: Cluster, shape: act.ActivationShape, blocks: int, has_head: bool, precision: str
+) -> _MicroBatch:
+    gpu, a, par = cluster.gpu, cluster.assumptions, cfg.parallel
+    mode = par.activation_checkpointing
+    per_block, head = block_flops(cfg)
+    flops = blocks * per_block * (4 / 3 if mode == "full" else 1.0) + (head if has_head else 0.0)
+    flops *= shape.tokens / par.tp
+    compute = flops / (gpu.peak_tflops(precision) * 1e12 * gpu.matmul_efficiency)
+    passes = ELEMENTWISE_PASSES + (2 if mode != "none" else 0)
+    traffic = passes * blocks * act.block_bytes(shape, "none")
+    elementwise = traffic / (gpu.hbm_gbps * 1e9 * a.hbm_efficiency)
+    message = shape.dtype_bytes * shape.tokens * shape.hidden
+    collectives = blocks * TP_COLLECTIVES_PER_BLOCK[mode]
+    tensor_parallel = collectives * _collective_s(cluster, message, par.tp, par.tp, passes=2)
+    host = (blocks * HOST_OPS_PER_BLOCK[mode] + (collectives if par.tp > 1 else 0)) * a.host_op_s
+    return _MicroBatch(compute, elementwise, tensor_parallel, host)
+
+
+def estimate_step(cfg: Config, cluster: Cluster, stage_parameters: list[int]) -> StepEstimate:
+    """Step time of `cfg` on `cluster`; `stage_parameters` are one rank's parameters per stage."""
+    par, world = cfg.parallel, cluster.world_size
+    precision = planned_precision(cfg.train.precision, CUDA)
+    shape = act.ActivationShape.of(cfg, dtype_bytes(precision), attention_output_saved=True)
+    dp, m = cfg.data_parallel_size(world), cfg.grad_accum_steps(world)
+    layer_lists = stage_layers(cfg)
+    kinds = set()  # stages differ only by their block count and whether they hold the output layer
+    for s, indices in enumerate(layer_lists):
+        kinds.add((sum(1 for i in indices if 1 <= i <= cfg.model.num_layers), s == par.pp - 1))
+    stages = [_stage_micro_batch(cfg, cluster, shape, blocks, head, precision) for blocks, head in kinds]
+    slowest = max(stages, key=lambda mb: mb.total)
+    slots = m + par.pp - 1
+    p2p = 0.0
+    if par.pp > 1:
+        # Stages are dp x tp ranks apart: one pipeline spans (pp - 1) dp tp + 1 consecutive ranks.
+        span = (par.pp - 1) * dp * par.tp + 1
+        p2p = 2 * slots * _collective_s(cluster, act.boundary_bytes(shape), 2, span, passes=2)
+    layers = max(len(indices) for indices in layer_lists)
+    dp_s = _data_parallel_s(cfg, cluster, max(stage_parameters), layers, dp, m, slowest, precision)
+    optimizer_params = max(stage_parameters) / (dp if par.zero_stage >= 1 or precision != "fp32" else 1)
+    optimizer = (
+        ADAM_BYTES_PER_PARAMETER
+        * optimizer_params
+        / (cluster.gpu.hbm_gbps * 1e9 * cluster.assumptions.hbm_efficiency)
+    )
+    step = slots * slowest.total + p2p + dp_s + optimizer
+    tokens = cfg.tokens_per_step / step
+    model_flops = flops_per_token(cfg.model, cfg.train.seq_len) * tokens
+    return StepEstimate(
+        micro_batch_s=slowest.total,
+        compute_s=m * slowest.compute,
+        elementwise_s=m * slowest.elementwise,
+        tensor_parallel_s=m * slowest.tensor_parallel,
+        host_bound=slowest.host > slowest.gpu,
+        bubble_s=(par.pp - 1) * slowest.total,
+        pipeline_p2p_s=p2p,
+        data_parallel_s=dp_s,
+        optimizer_s=optimizer,
+        step_s=step,
+        tokens_per_s=tokens,
+        mfu=model_flops / (world * cluster.gpu.peak_tflops(precision) * 1e12),
+        bubble_fraction=(par.pp - 1) / slots,
+    )
+
+
+def _data_parallel_s(
+    cfg: Config,
+    cluster: Cluster,
+    params: int,
+    layers: int,
+    dp: int,
+    micro_batches: int,
+    micro: _MicroBatch,
+    precision: str,
+) -> float:
+    """Exposed seconds of data-parallel gradient and weight traffic per step."""
+    if dp == 1:
+        return 0.0
+    span = dp * cfg.parallel.tp  # data-parallel peers are tp ranks apart
+    nbytes = dtype_bytes(precision) * params
+    stage = cfg.parallel.zero_stage
+    if stage == 3:
+        # Per layer: weights gathered for the forward and again for the backward, gradients scattered.
+        per_layer = 3 * _collective_s(cluster, nbytes / layers, dp, span, passes=1)
+        return micro_batches * max(0.0, layers * per_layer - micro.compute)
+    half = _collective_s(cluster, nbytes, dp, span, passes=1)  # one reduce-scatter, or one all-gather
+    if cfg.parallel.pp == 1 and stage in (1, 2):
+        backward = micro.total * 2 / 3  # the reduction overlaps the last backward pass (overlap_comm)
+        return max(0.0, half - backward) + half
+    return 2 * half
