@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -61,8 +62,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def is_rank_zero() -> bool:
-    import os
-
     return os.environ.get("RANK", "0") == "0"
 
 
@@ -111,12 +110,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
 
+    # Stop signals only raise a flag from here on (before the slow imports, distributed start-up and
+    # resume), so even an early one ends in EXIT_REQUEUE rather than a kill.
+    from pretrain.checkpoint.signals import STOP_SIGNALS, StopSignals
+
+    stop_signals = StopSignals(rank=int(os.environ.get("RANK", "0")))
+    stop_signals.install()
+
     from deepspeed.utils import logger as ds_logger
 
     from launch import current
     from launch.preflight import preflight
     from pretrain.checkpoint.errors import CheckpointError
-    from pretrain.checkpoint.signals import STOP_SIGNALS
     from pretrain.data import DataError
     from pretrain.parallel import init_distributed
     from pretrain.parallel.distributed import PeerFailure
@@ -136,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
         return EXIT_LAUNCH_ERROR
     try:
-        trainer = build_trainer(cfg, dist)
+        trainer = build_trainer(cfg, dist, stop_signals)
         trainer.fit()
     except Preempted as e:
         if dist.is_main:

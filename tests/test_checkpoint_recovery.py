@@ -5,9 +5,9 @@ import json
 
 import pytest
 
+from pretrain.checkpoint.agreement import StepAgreement
 from pretrain.checkpoint.errors import CheckpointError
 from pretrain.checkpoint.resume import select_resume_point
-from pretrain.checkpoint.signals import StepAgreement
 from pretrain.config import load_config
 from pretrain.testing import run_distributed
 from training_runs import (

@@ -150,3 +150,26 @@ def test_more_signals_during_the_save_do_not_cut_it_short(tmp_path):
     assert proc.returncode == EXIT_REQUEUE, out
     assert sent > 3 and "again: already stopping" in out
     assert newest_complete(run_dir) >= 3
+
+
+def test_a_signal_during_start_up_also_ends_in_75_with_the_checkpoint_intact(tmp_path):
+    """The handlers are installed as soon as the config is read: a signal while the run resumes
+    (before its first step) ends in the requeue code too, not in a kill."""
+    run_dir = tmp_path / "run"
+    first = start(run_dir, launcher="python")
+    wait_for_step(run_dir, 3, first)
+    first.send_signal(signal.SIGTERM)
+    first.communicate(timeout=300)
+    saved = newest_complete(run_dir)
+
+    again = start(run_dir, launcher="python")
+    out = ""
+    for line in again.stdout:  # the resume is done, the loop has not begun
+        out += line
+        if line.startswith("resumed from"):
+            again.send_signal(signal.SIGUSR1)
+            break
+    out += again.communicate(timeout=300)[0]
+    assert again.returncode == EXIT_REQUEUE, out
+    assert "stopped by SIGUSR1" in out
+    assert newest_complete(run_dir) >= saved

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from pretrain.checkpoint import rng
+from pretrain.checkpoint.agreement import StepAgreement
 from pretrain.checkpoint.errors import CheckpointError
 from pretrain.checkpoint.manifest import (
     check_free_space,
@@ -35,7 +36,7 @@ from pretrain.checkpoint.resume import (
     resume_changes,
     select_resume_point,
 )
-from pretrain.checkpoint.signals import StepAgreement, StopSignals
+from pretrain.checkpoint.signals import StopSignals
 from pretrain.checkpoint.universal_info import universal_checkpoint_info
 from pretrain.checkpoint.writer import BackgroundWriter, SaveOutcome, SnapshotEngine
 from pretrain.config import Config, ConfigError
@@ -63,12 +64,14 @@ class Checkpoints:
         layout: dict[str, Any],
         provenance: dict[str, Any],
         parameters: int,
+        signals: StopSignals | None = None,
     ):
         self.cfg, self.engine, self.rank, self.world_size = cfg, engine, rank, world_size
         self.layout, self.provenance = layout, provenance
         self.directory = Path(cfg.run.dir) / "checkpoints"
         self.agreement = StepAgreement(world_size)
-        self.signals = StopSignals(rank)
+        self.signals = signals or StopSignals(rank)
+        self.signals.rank = rank
         c = cfg.checkpoint
         self.writer = BackgroundWriter(rank, world_size, c.keep_last, c.keep_every)
         engine.ds.checkpoint_engine = SnapshotEngine(self.writer)

@@ -24,11 +24,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
+from pretrain.checkpoint.agreement import StepAgreement
 from pretrain.checkpoint.errors import CheckpointError
 from pretrain.checkpoint.files import fsync_dir, write_bytes_durably
 from pretrain.checkpoint.manifest import FileEntry, Manifest, check_sizes, read_manifest, write_manifest
 from pretrain.checkpoint.resume import ResumePoint
-from pretrain.checkpoint.signals import StepAgreement
 from pretrain.config import Config
 from pretrain.convert.consolidated import VOCAB_PARAMETERS, layer_parameters, plain_parameter_name
 from pretrain.parallel.plan import partition_dim

@@ -17,6 +17,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from pretrain.checkpoint.agreement import StepAgreement
 from pretrain.checkpoint.errors import CheckpointError, InvalidCheckpoint
 from pretrain.checkpoint.manifest import (
     Manifest,
@@ -27,7 +28,6 @@ from pretrain.checkpoint.manifest import (
     split_for_ranks,
     step_of,
 )
-from pretrain.checkpoint.signals import StepAgreement
 from pretrain.config import RESUME_GUARDED_KEYS, Config, ConfigError, load_config
 
 STATE_FILE = "state.json"

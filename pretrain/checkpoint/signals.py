@@ -1,9 +1,11 @@
 """Preemption: SIGTERM, SIGUSR1 and SIGINT only raise a flag; the ranks agree on it at a step boundary.
 
 A scheduler may signal one rank, some, or all, at slightly different moments. Each rank's flag is
-combined with the others' at every step boundary (one all-reduce of a few integers on a gloo group
-of its own, on the host: no device synchronisation), so all ranks stop after the same step, save
-together, and exit with EXIT_REQUEUE. Signals arriving while that save is written are noted and
+combined with the others' at every step boundary (`pretrain.checkpoint.agreement`: one all-reduce of
+a few integers on a gloo group of its own, on the host: no device synchronisation), so all ranks
+stop after the same step, save together, and exit with EXIT_REQUEUE. The handlers are installed as
+soon as the configuration is read (this module imports no torch), so a signal during start-up or
+resume also ends in EXIT_REQUEUE, with the newest complete checkpoint untouched. Signals arriving while that save is written are noted and
 ignored: nothing interrupts the save, and the checkpoint stays whole.
 """
 
@@ -12,12 +14,8 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from datetime import timedelta
 from types import FrameType
 from typing import Any
-
-import torch
-import torch.distributed as dist
 
 # "A complete checkpoint was saved because of a signal; run the same command again to continue."
 # 75 is EX_TEMPFAIL in sysexits.h: a temporary failure, try again later.
@@ -59,6 +57,8 @@ class StopSignals:
         return self.received is not None
 
     def install(self) -> None:
+        if self._previous:
+            return  # installed already (main.py does it as early as it can)
         for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
 
@@ -91,36 +91,3 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
-
-
-class StepAgreement:
-    """MAX over all ranks of a few flags, at every step boundary, on a gloo group of its own."""
-
-    def __init__(self, world_size: int):
-        self.group = dist.new_group(backend="gloo", timeout=timedelta(minutes=30)) if world_size > 1 else None
-
-    def any_rank(self, *flags: bool) -> list[bool]:
-        values = torch.tensor([int(f) for f in flags], dtype=torch.int64)
-        if self.group is not None:
-            dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.group)
-        return [bool(v) for v in values.tolist()]
-
-    def broadcast(self, obj: Any) -> Any:
-        """Rank 0's `obj` on every rank (decisions made once, taken everywhere)."""
-        if self.group is None:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0, group=self.group)
-        return box[0]
-
-    def gather(self, obj: Any) -> list[Any]:
-        """Every rank's `obj`, on every rank."""
-        if self.group is None:
-            return [obj]
-        out: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(out, obj, group=self.group)
-        return out
-
-    def barrier(self) -> None:
-        if self.group is not None:
-            dist.barrier(group=self.group)

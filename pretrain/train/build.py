@@ -14,6 +14,7 @@ import torch
 
 import pretrain
 from pretrain.checkpoint.manager import Checkpoints
+from pretrain.checkpoint.signals import StopSignals
 from pretrain.config import Config, ConfigError
 from pretrain.data import DistributedBatches, TrainingData, load_training_data
 from pretrain.model import Transformer, count_parameters, flops_per_token
@@ -109,8 +110,9 @@ def _fp16_supported() -> bool:
     return bool(get_accelerator().is_fp16_supported())
 
 
-def build_trainer(cfg: Config, dist: DistInfo) -> Trainer:
-    """Everything a run needs, resumed from its newest complete checkpoint when there is one."""
+def build_trainer(cfg: Config, dist: DistInfo, signals: StopSignals | None = None) -> Trainer:
+    """Everything a run needs, resumed from its newest complete checkpoint when there is one.
+    `signals`: stop-signal handlers installed earlier by the caller (else installed when fit starts)."""
     precision = resolve_precision(cfg.train.precision, dist.device)
     _check_precision(cfg, precision, dist)
     # Checksums are read once (rank 0); sizes and headers on every rank, which maps the shards anyway.
@@ -143,6 +145,7 @@ def build_trainer(cfg: Config, dist: DistInfo) -> Trainer:
         _layout(cfg, ctx, precision, dist.world_size),
         {"data": data.identity(), "versions": summary["versions"]},
         summary["parameters"],
+        signals,
     )
     checkpoints.check_shared_storage()
     warning = checkpoints.space_warning() if dist.is_main else None

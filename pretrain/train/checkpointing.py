@@ -29,7 +29,11 @@ class Preempted(Exception):
 
     def __init__(self, signal_name: str, step: int, checkpoint: str | None):
         self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
-        where = f"checkpoint {checkpoint}" if checkpoint else "the checkpoint of this step, saved before"
+        where = (
+            f"checkpoint {checkpoint}"
+            if checkpoint
+            else "the newest checkpoint on disk (nothing trained since)"
+        )
         super().__init__(
             f"stopped by {signal_name} after step {step}; {where} is complete. Run the same command again to "
             f"continue (exit code {EXIT_REQUEUE})"
@@ -48,6 +52,10 @@ class Checkpointer(Callback):
     def on_train_start(self, trainer: Trainer) -> None:
         self.checkpoints.signals.install()
         self.saved_step = max(self.saved_step, trainer.state.step if trainer.state.step > 0 else -1)
+        # A signal during start-up or resume: nothing was trained since the checkpoint on disk.
+        if self.checkpoints.agreement.any_rank(self.checkpoints.signals.stop_requested())[0]:
+            name = self.checkpoints.signals.name or "a signal on another rank"
+            raise Preempted(name, trainer.state.step, None)
 
     def on_restore(self, trainer: Trainer) -> None:
         self.saved_step = trainer.state.step
