@@ -1,5 +1,7 @@
 """The built-in corpus and the rank-independent batch order."""
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -166,3 +168,50 @@ def test_positions_restart_after_each_end_of_document():
         [0, 1, 2, 0, 1, 2, 3, 0, 0],
         [0, 0, 1, 2, 3, 4, 5, 6, 7],
     ]
+
+
+class ThreadRecordingSamples(PackedSamples):
+    """PackedSamples that remember which thread read each sample."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.readers: list[str] = []
+
+    def __getitem__(self, index):
+        self.readers.append(threading.current_thread().name)
+        return super().__getitem__(index)
+
+
+def test_prefetching_reads_the_next_step_off_the_training_thread_and_changes_nothing():
+    tokens = np.arange(4000, dtype=np.uint16)
+    plain = DistributedBatches(PackedSamples(tokens, 16), 5, 8, 2, 1, 2)
+    samples = ThreadRecordingSamples(tokens, 16)
+    ahead = DistributedBatches(samples, 5, 8, 2, 1, 2, prefetch=True)
+
+    def both(action):
+        return action(plain), action(ahead)
+
+    def same_step():
+        a, b = both(lambda loader: loader.next_step())
+        assert len(a) == len(b) == 2
+        for (ta, la), (tb, lb) in zip(a, b, strict=True):
+            assert torch.equal(ta, tb) and torch.equal(la, lb)
+            assert tb.is_contiguous() and lb.is_contiguous()
+        assert plain.last_step_start == ahead.last_step_start
+
+    same_step()
+    # The first step is read when asked for; 2 micro-batches x 2 samples, then the next step ahead.
+    assert samples.readers[:4] == [threading.current_thread().name] * 4
+    samples.readers.clear()
+    for _ in range(3):
+        same_step()
+    assert samples.readers and all(name.startswith("prefetch") for name in samples.readers)
+    # A batch skipped, a rewind and a jump forward between steps: what was read ahead is not used.
+    both(lambda loader: loader.skip_batch(loader.consumed_samples))
+    same_step()
+    both(lambda loader: loader.load_state_dict({"consumed_samples": 8, "skipped_batches": [16]}))
+    same_step()
+    same_step()
+    both(lambda loader: loader.load_state_dict({"consumed_samples": 200}))
+    same_step()
+    assert plain.state_dict() == ahead.state_dict()

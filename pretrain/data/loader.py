@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -137,7 +138,14 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 class DistributedBatches:
-    """Each call to `next_step()` gives this rank's micro-batches (inputs, labels) for one optimizer step."""
+    """Each call to `next_step()` gives this rank's micro-batches (inputs, labels) for one optimizer step.
+
+    With `prefetch`, the next step's samples are read (and, with `pin_memory`, copied into page-locked
+    memory so the engine's host-to-device copy is asynchronous) in a background thread while the
+    current step trains. Which samples a step holds is still decided on the calling thread from the
+    position alone, and a prefetched step is used only if it is the one asked for next, so prefetching
+    never changes what is trained on, whatever `load_state_dict` or `skip_batch` does in between.
+    """
 
     def __init__(
         self,
@@ -149,6 +157,8 @@ class DistributedBatches:
         dp_size: int,
         shuffle: bool = True,
         weights: Sequence[float] | None = None,
+        prefetch: bool = False,
+        pin_memory: bool = False,
     ):
         self.datasets = [datasets] if isinstance(datasets, PackedSamples) else list(datasets)
         for index, samples in enumerate(self.datasets):
@@ -166,6 +176,9 @@ class DistributedBatches:
         self.consumed_samples = 0
         self.skipped_batches: list[int] = []  # global positions whose batch is never trained on
         self.last_step_start = 0  # global position of the batch next_step() returned last
+        self.pin_memory = pin_memory
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if prefetch else None
+        self._prefetched: tuple[int, Future[list[Batch]]] | None = None
 
     @property
     def accumulation_steps(self) -> int:
@@ -197,15 +210,33 @@ class DistributedBatches:
             self.skipped_batches.append(step_start)
 
     def next_step(self) -> list[Batch]:
-        while self.consumed_samples in self.skipped_batches:
-            self.consumed_samples += self.global_batch_size
-        self.last_step_start = self.consumed_samples
+        start = self._next_position(self.consumed_samples)
+        self.last_step_start = start
+        prefetched, self._prefetched = self._prefetched, None
+        if prefetched is not None and prefetched[0] == start:
+            batches = prefetched[1].result()
+        else:
+            batches = self._read(self.step_sample_ids(start))
+        self.consumed_samples = start + self.global_batch_size
+        if self._reader is not None:
+            following = self._next_position(self.consumed_samples)
+            ids = self.step_sample_ids(following)  # here: the orders and the blend are not thread-safe
+            self._prefetched = (following, self._reader.submit(self._read, ids))
+        return batches
+
+    def _next_position(self, position: int) -> int:
+        while position in self.skipped_batches:
+            position += self.global_batch_size
+        return position
+
+    def _read(self, step_ids: list[list[tuple[int, int]]]) -> list[Batch]:
         batches = []
-        for ids in self.step_sample_ids(self.consumed_samples):
-            rows = np.stack([self.datasets[d][i] for d, i in ids]).astype(np.int64)
-            tensor = torch.from_numpy(rows)
-            batches.append((tensor[:, :-1], tensor[:, 1:]))
-        self.consumed_samples += self.global_batch_size
+        for ids in step_ids:
+            rows = torch.from_numpy(np.stack([self.datasets[d][i] for d, i in ids]).astype(np.int64))
+            tokens, labels = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+            if self.pin_memory:
+                tokens, labels = tokens.pin_memory(), labels.pin_memory()
+            batches.append((tokens, labels))
         return batches
 
     def consumed_per_dataset(self) -> list[int]:

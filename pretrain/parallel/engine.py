@@ -116,7 +116,10 @@ class TrainingEngine:
         else:
             losses = []
             for tokens, labels in micro_batches:
-                out = self.ds(tokens.to(self.device), labels.to(self.device))
+                # Asynchronous from page-locked memory (see DistributedBatches), a plain copy otherwise.
+                tokens = tokens.to(self.device, non_blocking=True)
+                labels = labels.to(self.device, non_blocking=True)
+                out = self.ds(tokens, labels)
                 self.ds.backward(out)
                 self.ds.step()  # DeepSpeed applies the update only at the accumulation boundary
                 losses.append(out.detach())

@@ -151,7 +151,7 @@ def build_trainer(cfg: Config, dist: DistInfo, signals: StopSignals | None = Non
     warning = checkpoints.space_warning() if dist.is_main else None
     if warning:
         print(f"warning: {warning}", flush=True)
-    trainer = Trainer(cfg, engine, *_batches(cfg, data, ctx), dist, callbacks=[])
+    trainer = Trainer(cfg, engine, *_batches(cfg, data, ctx, dist.device), dist, callbacks=[])
     resumed = _resume(cfg, checkpoints, trainer, data, dist)
     if dist.is_main:
         write_run_files(run_dir, cfg, {**summary, "resumed_from": resumed}, ds_config)
@@ -194,7 +194,7 @@ def _layout(cfg: Config, ctx: ParallelContext, precision: str, world_size: int) 
 
 
 def _batches(
-    cfg: Config, data: TrainingData, ctx: ParallelContext
+    cfg: Config, data: TrainingData, ctx: ParallelContext, device: torch.device
 ) -> tuple[DistributedBatches, DistributedBatches | None]:
     t = cfg.train
     train = DistributedBatches(
@@ -205,6 +205,9 @@ def _batches(
         ctx.dp_rank,
         ctx.dp,
         weights=data.weights,
+        # The next step is read while this one trains (validation reads a fixed set, rarely).
+        prefetch=True,
+        pin_memory=device.type == "cuda",
     )
     validation = None
     if t.eval_interval > 0 and all(len(v) > 0 for v in data.validation):
