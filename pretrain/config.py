@@ -189,6 +189,11 @@ class TrainConfig:
     )
     seq_len: int = _doc("Tokens per training sequence.", 1024)
     precision: str = _doc("auto (bf16 on GPUs that support it, else fp32), bf16, fp16 or fp32.", "auto")
+    compile: bool = _doc(
+        "Compile each decoder block with torch.compile (fused norms, rotary, SwiGLU and their backward; "
+        "the same weights and checkpoints). Costs compile time at the first steps (about a minute on a GPU).",
+        False,
+    )
     eval_interval: int = _doc("Compute validation loss every this many steps; 0 disables it.", 100)
     eval_batches: int = _doc("Global batches of validation data per evaluation.", 4)
     on_nonfinite: str = _doc(

@@ -50,6 +50,14 @@ def train_and_read_metrics(overrides: list[str], run_dir: str) -> list[dict[str,
     return [json.loads(line) for line in path.read_text().splitlines()] if dist.get_rank() == 0 else []
 
 
+def train_compiled(overrides: list[str], run_dir: str) -> tuple[list[dict[str, Any]], int]:
+    """train_and_read_metrics with train.compile=true; also how many graphs torch.compile built."""
+    from torch._dynamo.utils import counters
+
+    records = train_and_read_metrics(["train.compile=true", *overrides], run_dir)
+    return records, counters["stats"]["unique_graphs"]
+
+
 def step_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in records if "loss" in r]
 

@@ -5,7 +5,7 @@
    the layer's own seed (so every layout starts from the same numbers), or, with
    checkpoint.init_weights, with that layer's full tensors read from the consolidated file.
 3. Apply the tensor-parallel plan: slice the weights, swap in parallel layers and the loss.
-4. Set activation recomputation on the decoder blocks.
+4. Set activation recomputation on the decoder blocks, and compile them (train.compile).
 5. Move to the device, and assemble: a `Transformer` (one stage) or DeepSpeed's `PipelineModule`.
 
 At most one full layer exists beyond this rank's own shards at any time.
@@ -81,6 +81,9 @@ def build_rank_layers(cfg: Config, ctx: ParallelContext, device: torch.device) -
         layer = apply_tensor_parallel(layer, layer_name(cfg, source), ctx)
         if isinstance(layer, DecoderBlock):
             layer.recompute = cfg.parallel.activation_checkpointing
+            if cfg.train.compile and device.type != "meta":
+                # In place (Module.compile), so parameter names, checkpoints and exports stay the same.
+                layer.compile()
         local[index] = layer.to(device)
     return local
 
