@@ -398,6 +398,42 @@ def test_mpiexec_ranks_share_rank_0s_address_and_a_free_port_through_mpi4py():
     assert infos[0]["master_port"] != 29500 and (infos[0]["node_rank"], infos[0]["num_nodes"]) == (0, 1)
 
 
+WATCHDOG_THEN_ERROR = """
+import sys, time, types
+from pathlib import Path
+from torch.distributed import TCPStore
+from pretrain.train.watchdog import Watchdog
+
+def training(run_dir):
+    # World of 2 whose rank 1 never reports: the alarm's report waits its grace (10 s) for it.
+    store = TCPStore("127.0.0.1", 0, 1, True, wait_for_workers=False)
+    dog = Watchdog(run_dir, 0, 2, "n", step_timeout=0.5, first_step_timeout=0.5, store=store)
+    dog.on_train_start(types.SimpleNamespace(state=types.SimpleNamespace(step=0)))
+    dog._fit_code = training.__code__  # this function plays Trainer.fit
+    while not store.check(["watchdog/report/0"]):  # the alarm is being handled
+        time.sleep(0.05)
+    raise RuntimeError("Connection closed by peer")  # as a collective fails once a peer has exited
+
+training(Path(sys.argv[1]))
+"""
+
+
+@pytest.mark.slow
+def test_a_training_thread_that_fails_during_the_hang_dump_still_exits_with_the_hang_code(tmp_path):
+    """The first rank to exit after a hang makes its peers' collectives fail; they must still exit 6."""
+    from pretrain.train.watchdog import EXIT_HANG
+
+    proc = subprocess.run(
+        [sys.executable, "-c", WATCHDOG_THEN_ERROR, str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert "RuntimeError: Connection closed by peer" in proc.stderr
+    assert proc.returncode == EXIT_HANG, proc.stderr
+    (incident,) = (tmp_path / "hang").iterdir()
+    assert "last completed step 0" in (incident / "rank-00000.txt").read_text()
+    assert "no answer from rank 1" in (incident / "report.txt").read_text()
+
+
 def test_watchdog_settings_are_checked_and_the_exit_codes_agree():
     from pretrain import main
     from pretrain.config import ConfigError, load_config

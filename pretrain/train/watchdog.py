@@ -20,6 +20,7 @@ If the store is gone (rank 0 died), each rank still writes its own stacks before
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import sys
@@ -248,6 +249,9 @@ class Watchdog(Callback):
         self._on_alarm(alarm, reporter=True)
 
     def _on_alarm(self, alarm: dict[str, Any], reporter: bool) -> None:
+        # Once a rank exits, a peer waiting in a collective with it gets a connection error: its
+        # training thread then fails and the process would exit with 1 while this thread still works.
+        atexit.register(self._finish_alarm)
         directory = Path(alarm.get("dir") or self.run_dir / "hang" / "unknown")
         directory.mkdir(parents=True, exist_ok=True)
         main = sys._current_frames().get(threading.main_thread().ident or -1)
@@ -289,6 +293,11 @@ class Watchdog(Callback):
         sys.stdout.flush()
         sys.stderr.flush()
         self._exit(EXIT_HANG)
+
+    def _finish_alarm(self) -> None:
+        """At interpreter exit: let this thread finish the dump and exit with EXIT_HANG itself."""
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=60)
 
     def _report(self, alarm: dict[str, Any], directory: Path, grace: float) -> str:
         """Wait up to `grace` seconds for every rank's report, then name the ranks that are behind."""
