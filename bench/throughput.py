@@ -430,6 +430,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--output", help="also write the JSON to this file")
     parser.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args(argv)
+    if args.size:  # `--size 125m train.compile=true`: the override is not a size
+        rest = [*(s for s in args.size if "=" in s), *rest]
+        args.size = [s for s in args.size if "=" not in s] or None
     unknown = [a for a in rest if a.startswith("--") or "=" not in a]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
