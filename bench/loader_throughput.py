@@ -2,7 +2,11 @@
 
 Writes a synthetic dataset of random uint16 tokens in the Megatron layout (several shards), opens it
 the way training does (memory-mapped TokenStream), and times `next_step()` over a blend of two
-datasets at the tiny preset's batch shape and at a long-sequence shape. Prints JSON.
+datasets at the tiny preset's batch shape and at a long-sequence shape. Then, at each shape, how long
+`next_step()` holds the training thread per step when each step's compute takes `--step-ms` (a sleep:
+like a GPU step's wait for its kernels, it leaves the interpreter to other threads), reading inline
+against reading ahead in the loader's background thread (`prefetch=True`, as training uses it).
+Prints JSON.
 
     python bench/loader_throughput.py [--tokens 50000000] [--seconds 5]
 """
@@ -46,10 +50,30 @@ def measure(datasets: list[PackedSamples], global_batch: int, micro: int, second
     return delivered / (time.perf_counter() - start)
 
 
+def training_thread_ms(
+    datasets: list[PackedSamples], shape: tuple[int, int], prefetch: bool, step_ms: float
+) -> float:
+    global_batch, micro = shape
+    loader = DistributedBatches(
+        datasets, 1234, global_batch, micro, 0, 1, weights=[0.7, 0.3], prefetch=prefetch
+    )
+    loader.next_step()
+    held, steps = 0.0, 20
+    for _ in range(steps):
+        time.sleep(step_ms / 1000)  # the step's compute
+        start = time.perf_counter()
+        loader.next_step()
+        held += time.perf_counter() - start
+    return 1000 * held / steps
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tokens", type=int, default=50_000_000, help="tokens per dataset")
     parser.add_argument("--seconds", type=float, default=5.0, help="timing window per shape")
+    parser.add_argument(
+        "--step-ms", type=float, default=100.0, help="compute per step for the prefetch check"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         streams = []
@@ -57,10 +81,16 @@ def main() -> None:
             folder = Path(tmp) / f"d{index}"
             folder.mkdir()
             streams.append(TokenStream([s.tokens for s in write_dataset(folder, args.tokens, 4, index)]))
-        results = {}
+        results, held = {}, {}
         for name, seq_len, global_batch, micro in (("tiny_seq256", 256, 16, 4), ("seq4096", 4096, 64, 8)):
             datasets = [PackedSamples(stream, seq_len) for stream in streams]
             results[name] = measure(datasets, global_batch, micro, args.seconds)
+            held[name] = {
+                mode: round(
+                    training_thread_ms(datasets, (global_batch, micro), mode == "prefetch", args.step_ms), 3
+                )
+                for mode in ("inline", "prefetch")
+            }
     print(
         json.dumps(
             {
@@ -69,6 +99,8 @@ def main() -> None:
                 "tokens_per_sec_per_process": {k: round(v) for k, v in results.items()},
                 "target_tokens_per_sec": 5_000_000,
                 "meets_target": all(v >= 5_000_000 for v in results.values()),
+                "step_ms": args.step_ms,
+                "next_step_ms_on_training_thread": held,
             }
         )
     )
