@@ -1,0 +1,173 @@
+"""The framework's errors and the exit codes they carry, defined once for every entry point.
+
+Every error raised on purpose derives from `PretrainError`, whose class says the process's exit code
+and who reports it. `pretrain/main.py` maps them in one place: it prints `error.report(rank)` and exits
+with `error.exit_code`. This module imports nothing of the framework (and no torch), so every layer,
+`launch/` included, can raise these.
+
+    PretrainError                 1  an operation was refused (conversion, planning, preparing data)
+    ├── ConfigError               2  invalid configuration; nothing was started or changed
+    ├── NonFiniteLossError        3  the loss became non-finite
+    ├── DataError                 4  unusable data (missing, corrupt, mismatched)
+    ├── CheckpointError           5  a checkpoint or the run's outputs could not be written or read back
+    │   ├── InvalidCheckpoint        a folder that is not a complete, intact checkpoint
+    │   └── OutputError              run.dir (metrics, run files) could not be written
+    ├── LaunchError               7  the launch failed (environment, rendezvous, pre-flight)
+    ├── ConversionError           1  a checkpoint or model folder that cannot be converted as asked
+    ├── PeerFailure                  another rank failed: this one exits with that rank's code
+    └── Preempted                75  stopped by a signal after saving a complete checkpoint
+    (6, a hang, is not an exception: the watchdog thread exits the process with ExitCode.HANG.)
+"""
+
+from __future__ import annotations
+
+import errno
+from enum import IntEnum
+from pathlib import Path
+from typing import ClassVar
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    REFUSED = 1
+    CONFIG = 2
+    NON_FINITE = 3
+    DATA = 4
+    CHECKPOINT = 5
+    HANG = 6
+    LAUNCH = 7
+    # EX_TEMPFAIL in sysexits.h: a temporary failure, try again later (the SLURM script requeues).
+    REQUEUE = 75
+
+
+class PretrainError(Exception):
+    """Base of every error the framework raises on purpose; the message names the problem and the fix."""
+
+    exit_code: ClassVar[ExitCode] = ExitCode.REFUSED
+
+    def report(self, rank: int) -> str | None:
+        """The line to print on `rank`, or None. By default the error is the same on every rank
+        (the ranks agreed on it), so rank 0 alone reports it."""
+        return f"error: {self}" if rank == 0 else None
+
+
+class ConfigError(PretrainError, ValueError):
+    """Every problem found in a configuration, one per line."""
+
+    exit_code = ExitCode.CONFIG
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(
+            f"invalid configuration ({len(problems)} problem{'s' * (len(problems) > 1)}):\n{lines}"
+        )
+
+
+class NonFiniteLossError(PretrainError, RuntimeError):
+    exit_code = ExitCode.NON_FINITE
+
+    def __init__(self, step: int, value: float, detail: str = ""):
+        self.step, self.value = step, value
+        super().__init__(
+            f"the training loss became {value} at step {step}{detail}; stopping before anything is saved from it. "
+            f"Lower optim.lr, raise schedule.warmup_steps, set optim.grad_clip, use train.precision=bf16 "
+            f"instead of fp16, or set train.on_nonfinite=skip|rollback"
+        )
+
+
+class DataError(PretrainError, ValueError):
+    """Data that cannot be trained on; the message names the dataset or file and the fix."""
+
+    exit_code = ExitCode.DATA
+
+    def report(self, rank: int) -> str | None:
+        return f"error (rank {rank}): {self}"  # possibly the only rank that saw it
+
+
+class CheckpointError(PretrainError, RuntimeError):
+    """A checkpoint cannot be written or resumed as asked; the message names the problem and the fix."""
+
+    exit_code = ExitCode.CHECKPOINT
+
+
+class InvalidCheckpoint(CheckpointError):
+    """A folder that is not a complete, intact checkpoint."""
+
+    def __init__(self, folder: Path, reason: str):
+        self.folder, self.reason = folder, reason
+        super().__init__(f"{folder} is not a complete checkpoint: {reason}")
+
+
+class OutputError(CheckpointError):
+    """The run directory's outputs (metrics, TensorBoard events, run files) could not be written."""
+
+    def __init__(self, what: str, error: OSError):
+        self.error = error
+        hint = (
+            "free space there or move run.dir to a larger filesystem"
+            if error.errno in (errno.ENOSPC, errno.EDQUOT)
+            else "check that run.dir is writable by this user on every node"
+        )
+        super().__init__(
+            f"cannot write {what}: {error}; {hint}, then rerun the same command (it resumes from the newest "
+            f"complete checkpoint)"
+        )
+
+    def report(self, rank: int) -> str | None:
+        return f"error (rank {rank}): {self}"
+
+
+class LaunchError(PretrainError, RuntimeError):
+    """The launch environment is inconsistent or unusable; the message names the problem and the fix."""
+
+    exit_code = ExitCode.LAUNCH
+
+    def report(self, rank: int) -> str | None:
+        return f"error: {self}"  # before the ranks can agree on anything: every rank says what it saw
+
+
+class ConversionError(PretrainError):
+    """A checkpoint or model folder that cannot be converted as asked; the message names the file and the fix."""
+
+
+class PeerFailure(PretrainError, RuntimeError):
+    """Raised on ranks that succeeded when another rank failed the same collective step; they exit
+    with the failed rank's code, and only the failed rank reports."""
+
+    def __init__(self, exit_code: int):
+        super().__init__("another rank failed (its error is printed by that rank); stopping here too")
+        self.peer_exit_code = exit_code
+
+    def report(self, rank: int) -> str | None:
+        return None
+
+
+class Preempted(PretrainError):
+    """All ranks stopped after a stop signal, with a complete checkpoint of the last step on disk."""
+
+    exit_code = ExitCode.REQUEUE
+
+    def __init__(self, signal_name: str, step: int, checkpoint: str | None):
+        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
+        where = (
+            f"checkpoint {checkpoint}"
+            if checkpoint
+            else "the newest checkpoint on disk (nothing trained since)"
+        )
+        super().__init__(
+            f"stopped by {signal_name} after step {step}; {where} is complete. Run the same command again to "
+            f"continue (exit code {ExitCode.REQUEUE.value})"
+        )
+
+    def report(self, rank: int) -> str | None:
+        return str(self) if rank == 0 else None
+
+
+def exit_code_of(error: BaseException) -> int:
+    """The exit code a process ends with after `error` (1 for anything not raised on purpose)."""
+    if isinstance(error, PeerFailure):
+        return error.peer_exit_code
+    if isinstance(error, PretrainError):
+        return int(error.exit_code)
+    return int(ExitCode.REFUSED)
