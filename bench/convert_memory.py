@@ -89,7 +89,7 @@ def main() -> None:
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     # What importing torch, DeepSpeed and the converter costs before any tensor is read.
     imports = (
-        "import time, pretrain.convert.commands, pretrain.convert.deepspeed_checkpoint, pretrain.train.build"
+        "import time, pretrain.convert.commands, pretrain.checkpoint.deepspeed_reader, pretrain.train.build"
     )
     baseline = measure([sys.executable, "-c", f"{imports}; time.sleep(0.5)"])
     results = []

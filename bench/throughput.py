@@ -91,15 +91,16 @@ class PlainLoop:
         import torch
 
         from pretrain.model import Transformer
-        from pretrain.parallel.engine import parameter_groups
-        from pretrain.parallel.schedule import LRSchedule
+        from pretrain.optim import parameter_groups
+        from pretrain.optim.schedule import LRSchedule
+        from pretrain.parallel.recompute import apply_activation_checkpointing
 
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"the plain baseline runs fp32 or bf16, not {precision}")
         self.cfg, self.device, self.precision = cfg, device, precision
         model = Transformer(cfg.model, cfg.padded_vocab_size, seed=cfg.seed)
         for block in model.blocks:
-            block.recompute = cfg.parallel.activation_checkpointing
+            apply_activation_checkpointing(block, cfg.parallel.activation_checkpointing)
         if getattr(cfg.train, "compile", False):
             for block in model.blocks:
                 block.compile()

@@ -14,6 +14,7 @@ from pathlib import Path
 from launch.env import LaunchError, resolve
 from launch.hostfile import hostfile_lines
 from launch.hostlist import HostlistError, expand
+from pretrain.errors import ExitCode
 
 
 def _env(args: argparse.Namespace) -> int:
@@ -56,7 +57,7 @@ def _run_dir(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return ExitCode.CONFIG
     print(cfg.run.dir)
     return 0
 
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.run(args))
     except LaunchError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return ExitCode.REFUSED
 
 
 if __name__ == "__main__":

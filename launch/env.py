@@ -26,11 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from launch.hostlist import HostlistError, expand, expand_counts
-
-
-class LaunchError(RuntimeError):
-    """The launch environment is inconsistent or unusable; the message names the problem and the fix."""
-
+from pretrain.errors import LaunchError
 
 # Ports derived from a SLURM job id fall in [PORT_BASE, PORT_BASE + PORT_SPAN): below Linux's ephemeral
 # range (32768-60999), so they never collide with a port some process was handed by the kernel.

@@ -10,9 +10,11 @@ from __future__ import annotations
 import re
 from itertools import product
 
+from pretrain.errors import LaunchError
 
-class HostlistError(ValueError):
-    pass
+
+class HostlistError(LaunchError, ValueError):
+    """A host list or count list that SLURM would not have written."""
 
 
 def _split_top(text: str) -> list[str]:

@@ -24,6 +24,15 @@ from launch.hostlist import compress
 from launch.rendezvous import ranges
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+class PreflightMismatch(LaunchError):
+    """The ranks disagree on what they run; every rank found the same table, rank 0 prints it."""
+
+    def report(self, rank: int) -> str | None:
+        return f"error: {self}" if rank == 0 else None
+
+
 # Facts every rank must share; a difference is an error naming the odd ranks.
 MUST_AGREE = (
     "commit",
@@ -173,7 +182,7 @@ def summary(info: LaunchInfo, gathered: list[dict[str, Any]], details: Path | No
 
 
 def preflight(info: LaunchInfo, config_text: str, run_dir: Path | None = None) -> list[dict[str, Any]]:
-    """Gather every rank's facts (a collective: call it on every rank), raise LaunchError on any
+    """Gather every rank's facts (a collective: call it on every rank), raise PreflightMismatch on any
     disagreement, print the summary on rank 0 and write run_dir/launch.json there."""
     import torch.distributed as dist
 
@@ -185,7 +194,7 @@ def preflight(info: LaunchInfo, config_text: str, run_dir: Path | None = None) -
         gathered = [facts]
     found = problems(gathered)
     if found:
-        raise LaunchError(
+        raise PreflightMismatch(
             "pre-flight check failed, the ranks disagree (nothing was started):\n  - "
             + "\n  - ".join(found)
             + "\nEvery rank must run the same code, config and software on the same kind of device: "

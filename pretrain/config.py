@@ -22,16 +22,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-
-class ConfigError(ValueError):
-    """Every problem found in a configuration, one per line."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(
-            f"invalid configuration ({len(problems)} problem{'s' * (len(problems) > 1)}):\n{lines}"
-        )
+from pretrain.errors import ConfigError
 
 
 def _doc(text: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:

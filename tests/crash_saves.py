@@ -36,8 +36,8 @@ TRAINING = re.compile(r"step +\d+/\d+ \|")  # a console line of a trained step
 
 def complete_checkpoints(run_dir: Path) -> dict[int, str]:
     """step -> folder name of every complete checkpoint (manifest, sizes, checksums all good)."""
-    from pretrain.checkpoint.errors import InvalidCheckpoint
     from pretrain.checkpoint.manifest import check_checksums, check_sizes, checkpoint_folders, read_manifest
+    from pretrain.errors import InvalidCheckpoint
 
     found = {}
     for folder in checkpoint_folders(run_dir / "checkpoints"):

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from pretrain.config import ModelConfig
 from pretrain.model import build_layer
 from pretrain.model.transformer import IGNORE_INDEX
-from pretrain.parallel.plan import apply_tensor_parallel, partition_dim
 from pretrain.parallel.tensor_parallel import VocabParallelCausalLMLoss
 from pretrain.parallel.topology import ParallelContext
+from pretrain.parallel.tp_plan import apply_tensor_parallel, partition_dim
 
 # The layouts the 3D-parallelism issue names: name -> (processes, layout overrides, model overrides
 # shared with the single-process reference). tests/test_parallel_layouts.py adds more.

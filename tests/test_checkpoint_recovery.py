@@ -6,9 +6,9 @@ import json
 import pytest
 
 from pretrain.checkpoint.agreement import StepAgreement
-from pretrain.checkpoint.errors import CheckpointError
 from pretrain.checkpoint.resume import select_resume_point
 from pretrain.config import load_config
+from pretrain.errors import CheckpointError
 from pretrain.testing import run_distributed
 from training_runs import (
     REPO,

@@ -119,10 +119,10 @@ def test_deepspeeds_universal_checkpoint_tool_reads_our_checkpoints(source_run, 
 
     import torch
 
-    from pretrain.checkpoint.universal_info import engine_parameter_names
+    from pretrain.checkpoint.deepspeed_reader import DeepSpeedCheckpoint
     from pretrain.config import load_config
-    from pretrain.convert.consolidated import layer_parameters
-    from pretrain.convert.deepspeed_checkpoint import DeepSpeedCheckpoint
+    from pretrain.model.names import layer_parameters
+    from pretrain.parallel.pipeline import engine_parameter_names
 
     source_dir, _ = source_run("tp2-pp2")  # TP shards to merge, pipeline stages and their names
     checkpoint = source_dir / "checkpoints" / "step00000003"

@@ -12,7 +12,6 @@ import torch
 
 from conftest import TINY
 from pretrain.checkpoint import rng
-from pretrain.checkpoint.errors import CheckpointError, InvalidCheckpoint
 from pretrain.checkpoint.files import CHECKSUM, HashingWriter, file_checksum, write_bytes_durably
 from pretrain.checkpoint.manifest import (
     LATEST,
@@ -33,6 +32,7 @@ from pretrain.checkpoint.manifest import (
 from pretrain.checkpoint.resume import resume_changes
 from pretrain.checkpoint.writer import snapshot
 from pretrain.config import ConfigError, load_config
+from pretrain.errors import CheckpointError, InvalidCheckpoint
 from pretrain.train.run_dir import truncate_metrics
 
 

@@ -21,9 +21,9 @@ from conftest import REPO
 from convert_runs import train_and_capture_masters
 from pretrain.config import load_config
 from pretrain.convert import commands
-from pretrain.convert.errors import ConversionError
 from pretrain.convert.verify import LOGIT_TOLERANCE, build_model
-from pretrain.parallel.plan import partition_dim
+from pretrain.errors import ConversionError
+from pretrain.parallel.tp_plan import partition_dim
 from pretrain.testing import run_distributed
 from training_runs import step_records, train_and_read_metrics
 

@@ -10,10 +10,11 @@ from safetensors.torch import load_file
 
 from pretrain.config import ConfigError, ModelConfig, load_config
 from pretrain.convert import commands
-from pretrain.convert.consolidated import open_init_weights, parameter_shapes, write_consolidated
-from pretrain.convert.errors import ConversionError
-from pretrain.convert.safetensors_io import SafetensorsWriter, plan_shards
 from pretrain.data import ByteTokenizer
+from pretrain.errors import ConversionError
+from pretrain.model.names import parameter_shapes
+from pretrain.weights.consolidated import open_init_weights, write_consolidated
+from pretrain.weights.safetensors_io import SafetensorsWriter, plan_shards
 
 transformers = pytest.importorskip("transformers")
 

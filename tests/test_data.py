@@ -8,7 +8,7 @@ import torch
 
 from pretrain.data import ByteTokenizer, DistributedBatches, PackedSamples, TokenStream
 from pretrain.data.builtin import stdlib_documents, stdlib_tokens
-from pretrain.data.errors import DataError
+from pretrain.errors import DataError
 
 
 def test_stdlib_corpus_is_real_text_split_by_document(tmp_path):

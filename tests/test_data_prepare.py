@@ -8,11 +8,11 @@ import sys
 import pytest
 
 from conftest import REPO, TINY
-from pretrain.data.errors import DataError
 from pretrain.data.indexed import IndexedDataset, ShardError
 from pretrain.data.manifest import load_manifest, verify
 from pretrain.data.prepare import prepare
 from pretrain.data.tokenizer import load_tokenizer, train_tokenizer
+from pretrain.errors import DataError
 
 TEXTS = [f"def function_{i}(x):\n    return x * {i}  # doc {i}\n" * (1 + i % 5) for i in range(120)]
 

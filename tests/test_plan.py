@@ -165,6 +165,7 @@ def test_host_op_counts_are_those_of_a_real_block():
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from pretrain.model.layers import DecoderBlock
+    from pretrain.parallel.recompute import apply_activation_checkpointing
 
     class Count(TorchDispatchMode):
         n = 0
@@ -175,7 +176,7 @@ def test_host_op_counts_are_those_of_a_real_block():
 
     for mode, expected in HOST_OPS_PER_BLOCK.items():
         block = DecoderBlock(ModelConfig(hidden_size=32, num_heads=4, num_kv_heads=2, ffn_hidden_size=64))
-        block.recompute = mode
+        apply_activation_checkpointing(block, mode)
         x = torch.randn(1, 8, 32, requires_grad=True)
         Count.n = 0
         with Count():

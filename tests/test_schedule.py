@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pretrain.config import ScheduleConfig
-from pretrain.parallel.schedule import LRSchedule
+from pretrain.optim.schedule import LRSchedule
 
 
 def curve(kind, steps=100, warmup=10, min_ratio=0.1, decay_fraction=0.2):

@@ -142,6 +142,11 @@ def train_with_poisoned_batch(overrides: list[str], run_dir: str, poison_positio
     """Train with the output of the final norm turned to NaN during the step whose batch starts at
     global sample position `poison_position` (a bad batch: every rank's gradients become NaN).
     Returns the metrics records, or the NonFiniteLossError raised."""
+    return train_with_poisoned_batches(overrides, run_dir, [poison_position])
+
+
+def train_with_poisoned_batches(overrides: list[str], run_dir: str, positions: list[int]) -> dict[str, Any]:
+    """train_with_poisoned_batch for every batch starting at one of `positions`."""
     import torch.distributed as dist
 
     from pretrain.config import load_config
@@ -159,7 +164,7 @@ def train_with_poisoned_batch(overrides: list[str], run_dir: str, poison_positio
 
     def next_step_watching() -> Any:
         out = next_step()
-        poisoned["now"] = batches.last_step_start == poison_position
+        poisoned["now"] = batches.last_step_start in positions
         return out
 
     batches.next_step = next_step_watching  # type: ignore[method-assign]
@@ -202,8 +207,8 @@ def train_until_checkpoint_error(overrides: list[str], run_dir: str) -> dict[str
     """train_and_read_metrics, returning (on every rank) the CheckpointError that stopped it, if any."""
     import torch.distributed as dist
 
-    from pretrain.checkpoint.errors import CheckpointError
     from pretrain.config import load_config
+    from pretrain.errors import CheckpointError
     from pretrain.parallel import init_distributed
     from pretrain.train import build_trainer
 

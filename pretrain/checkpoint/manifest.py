@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pretrain.checkpoint.errors import CheckpointError, InvalidCheckpoint
 from pretrain.checkpoint.files import (
     CHECKSUM,
     file_checksum,
@@ -26,6 +25,7 @@ from pretrain.checkpoint.files import (
     replace_atomically,
     write_json_atomically,
 )
+from pretrain.errors import CheckpointError, InvalidCheckpoint
 
 FORMAT = "pretrain-checkpoint-v1"
 MANIFEST = "manifest.json"

@@ -5,11 +5,11 @@ safetensors file per parameter of the plain model, holding its full fp32 master 
 moments (vocabulary unpadded), with a manifest of its own. This is DeepSpeed's universal-checkpoint
 idea (`ds_to_universal`: per-parameter fp32 / exp_avg / exp_avg_sq) in safetensors and under the
 plain model's names, so one cache serves every target layout, ZeRO-0 and pipelines included. Every
-rank converts a share of the parameters (read through `pretrain.convert`'s reader of any layout).
+rank converts a share of the parameters (read through `deepspeed_reader`, the reader of any layout).
 
 Loading then gives each live parameter of the new engine its slice (vocabulary padded for the new
 TP degree, split along the TP plan's dimension) through DeepSpeed's tensor-fragment API
-(`safe_set_full_fp32_param` / `safe_set_full_optimizer_state`), which reaches the fp32 partitions
+(`safe_set_full_fp32_param` / `safe_set_full_optimizer_state`, via `pretrain.deepspeed_compat`), which reaches the fp32 partitions
 of ZeRO 1-3 and of the bf16 optimizer; the module's own (possibly bf16) weights are set to the same
 values; with ZeRO-0 in fp32 the module weights are the masters and the moments go into torch's AdamW.
 """
@@ -24,16 +24,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
+from pretrain import deepspeed_compat as compat
 from pretrain.checkpoint.agreement import StepAgreement
-from pretrain.checkpoint.errors import CheckpointError
 from pretrain.checkpoint.files import fsync_dir, write_bytes_durably
 from pretrain.checkpoint.manifest import FileEntry, Manifest, check_sizes, read_manifest, write_manifest
 from pretrain.checkpoint.resume import ResumePoint
 from pretrain.config import Config
-from pretrain.convert.consolidated import VOCAB_PARAMETERS, layer_parameters, plain_parameter_name
-from pretrain.parallel.plan import partition_dim
+from pretrain.errors import CheckpointError
+from pretrain.model.names import VOCAB_PARAMETERS, layer_parameters
+from pretrain.parallel.pipeline import plain_parameter_name
 from pretrain.parallel.tensor_parallel import shard
 from pretrain.parallel.topology import ParallelContext
+from pretrain.parallel.tp_plan import partition_dim
 
 CACHE_DIR = "universal"
 KINDS = ("fp32", "exp_avg", "exp_avg_sq")
@@ -86,7 +88,7 @@ def ensure_universal(point: ResumePoint, agreement: StepAgreement, rank: int, wo
 
 def _convert_share(point: ResumePoint, out: Path, rank: int, world_size: int) -> dict[str, FileEntry]:
     """Write this rank's share of the parameters (dealt largest first to the least loaded rank)."""
-    from pretrain.convert.deepspeed_checkpoint import DeepSpeedCheckpoint
+    from pretrain.checkpoint.deepspeed_reader import DeepSpeedCheckpoint
 
     params = [(i, name, shape) for i, ps in layer_parameters(point.config.model) for name, shape in ps]
     loads, mine = [0] * world_size, []
@@ -118,7 +120,7 @@ def local_slice(full: torch.Tensor, name: str, cfg: Config, ctx: ParallelContext
 def load_universal(ds_engine: Any, cfg: Config, ctx: ParallelContext, cache: Path, adam_step: int) -> None:
     """Give every live parameter of `ds_engine` its fp32 master, module weight and moments from `cache`."""
     expected = {name for _, ps in layer_parameters(cfg.model) for name, _ in ps}
-    _create_optimizer_state(ds_engine.optimizer, adam_step)
+    compat.create_optimizer_state(ds_engine.optimizer, adam_step)
     for module_name, param in ds_engine.module.named_parameters():
         name = plain_parameter_name(cfg.model, module_name, ctx.pp > 1)
         if name not in expected:
@@ -126,92 +128,5 @@ def load_universal(ds_engine: Any, cfg: Config, ctx: ParallelContext, cache: Pat
         with safe_open(str(cache / f"{name}.safetensors"), framework="pt") as f:
             for kind in KINDS:
                 value = local_slice(f.get_tensor(kind), name, cfg, ctx)
-                _set(ds_engine, param, kind, value, adam_step)
-    _set_adam_step(ds_engine, adam_step)
-
-
-def _set(ds_engine: Any, param: torch.nn.Parameter, kind: str, value: torch.Tensor, step: int) -> None:
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-    value = value.to(param.device)
-    zero3 = hasattr(param, "ds_id")
-    if zero3 or hasattr(param, "_hp_mapping"):  # ZeRO 1-3 and the bf16 optimizer keep fp32 partitions
-        if kind != "fp32":
-            safe_set_full_optimizer_state(param, value, kind)
-            return
-        safe_set_full_fp32_param(param, value)
-        if zero3:
-            _set_zero3_weight(param, value)
-        else:
-            param.data.copy_(value.view_as(param).to(param.dtype))
-        return
-    # torch's AdamW itself (fp32 without ZeRO): the module weight is the master
-    if kind == "fp32":
-        param.data.copy_(value.view_as(param))
-        return
-    state = ds_engine.optimizer.state[param]
-    if "step" not in state:
-        state["step"] = _step_tensor(ds_engine.optimizer, param, step)
-    state[kind] = value.view_as(param).clone()
-
-
-# Where DeepSpeed's optimizer wrappers keep this rank's flat fp32 partitions, one per parameter group:
-# ZeRO 1-2, the bf16 optimizer, ZeRO-3.
-_FLAT_PARTITIONS = (
-    "single_partition_of_fp32_groups",
-    "fp32_groups_flat_partition",
-    "fp32_partitioned_groups_flat",
-)
-
-
-def _create_optimizer_state(optimizer: Any, step: int) -> None:
-    """torch's AdamW creates its state at the first step; a resumed engine has taken none yet. Create
-    it (zeros, overwritten next) for DeepSpeed's flat partitions and let DeepSpeed link each
-    parameter's fragment of it, as it does after its first step."""
-    base = getattr(optimizer, "optimizer", None)
-    for attribute in _FLAT_PARTITIONS:
-        if base is not None and hasattr(optimizer, attribute):
-            for flat in getattr(optimizer, attribute):
-                state = base.state[flat]
-                if "exp_avg" not in state:
-                    state.update(
-                        step=_step_tensor(base, flat, step),
-                        exp_avg=torch.zeros_like(flat),
-                        exp_avg_sq=torch.zeros_like(flat),
-                    )
-            if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
-                optimizer._hp_optimizer_states_linked = False
-                optimizer._lazy_init_hp_params_optimizer_state()
-            return
-
-
-def _step_tensor(optimizer: Any, param: torch.Tensor, step: int) -> torch.Tensor:
-    """AdamW's step counter as torch itself makes it (on the device for fused or capturable AdamW)."""
-    on_device = bool(optimizer.defaults.get("fused") or optimizer.defaults.get("capturable"))
-    return torch.tensor(float(step), dtype=torch.float32, device=param.device if on_device else "cpu")
-
-
-def _set_zero3_weight(param: Any, value: torch.Tensor) -> None:
-    """ZeRO-3 keeps this rank's 1/dp of each weight (ceil-sized, zero-padded) in `ds_tensor`, and
-    small persistent parameters whole in `param.data` as well."""
-    import torch.distributed as dist
-
-    flat = value.flatten().to(param.ds_tensor.dtype)
-    size = param.ds_tensor.numel()
-    start = dist.get_rank(group=param.ds_process_group) * size
-    piece = flat[start : start + size]
-    param.ds_tensor.data.zero_()
-    param.ds_tensor.data[: piece.numel()].copy_(piece)
-    if param.data.numel() == value.numel():
-        param.data.copy_(value.view_as(param.data).to(param.data.dtype))
-
-
-def _set_adam_step(ds_engine: Any, step: int) -> None:
-    optimizer = ds_engine.optimizer
-    base = getattr(optimizer, "optimizer", optimizer)  # ZeRO and bf16 wrappers hold torch's AdamW
-    for state in base.state.values():
-        if "step" in state:
-            if torch.is_tensor(state["step"]):
-                state["step"].fill_(step)
-            else:
-                state["step"] = step
+                compat.set_full_state(ds_engine, param, kind, value, adam_step)
+    compat.set_adam_step(ds_engine.optimizer, adam_step)

@@ -9,7 +9,6 @@ agree on the verdict, so all ranks resume from the same folder or none does.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,6 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from pretrain.checkpoint.agreement import StepAgreement
-from pretrain.checkpoint.errors import CheckpointError, InvalidCheckpoint
 from pretrain.checkpoint.manifest import (
     Manifest,
     check_checksums,
@@ -28,18 +26,18 @@ from pretrain.checkpoint.manifest import (
     split_for_ranks,
     step_of,
 )
+from pretrain.checkpoint.state import STATE_FILE, read_state_document
 from pretrain.config import RESUME_GUARDED_KEYS, Config, ConfigError, load_config
+from pretrain.errors import CheckpointError, InvalidCheckpoint
 
-STATE_FILE = "state.json"
 CONFIG_FILE = "config.yaml"
-STATE_FORMAT = "pretrain-state-v1"
 
 
 @dataclass
 class ResumePoint:
     folder: Path
     manifest: Manifest
-    state: dict[str, Any]  # state.json: loop, data, scheduler, layout, provenance
+    state: dict[str, Any]  # state.json (pretrain.checkpoint.state): the parts, layout, provenance
     config: Config  # the resolved config the checkpoint was saved with
 
     @property
@@ -118,11 +116,7 @@ def _validate(
 def read_point(folder: Path, manifest: Manifest | None = None) -> ResumePoint:
     """A checkpoint folder already known to be complete, with its state and config read."""
     manifest = manifest or read_manifest(folder)
-    state = json.loads((folder / STATE_FILE).read_text())
-    if state.get("format") != STATE_FORMAT:
-        raise CheckpointError(
-            f"{folder / STATE_FILE} has format {state.get('format')!r}, not {STATE_FORMAT!r}"
-        )
+    state = read_state_document(folder)
     try:
         config = load_config(folder / CONFIG_FILE)
     except ConfigError as e:
@@ -152,7 +146,7 @@ def resume_changes(
     saved: Config, current: Config, saved_data: dict[str, Any], current_data: dict[str, Any]
 ) -> tuple[list[str], list[str]]:
     """(problems that stop the resume, each with its fix; notes on harmless changes)."""
-    from pretrain.convert.consolidated import architecture_differences
+    from pretrain.weights.consolidated import architecture_differences
 
     problems = [
         f"{p} (a resumed run keeps its model; start a new run.dir to train another)"

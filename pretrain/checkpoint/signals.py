@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 from types import FrameType
 from typing import Any
 
-# "A complete checkpoint was saved because of a signal; run the same command again to continue."
-# 75 is EX_TEMPFAIL in sysexits.h: a temporary failure, try again later.
-EXIT_REQUEUE = 75
+from pretrain.errors import ExitCode
+from pretrain.logs import EVERY_RANK, get_logger
+
+log = get_logger(__name__)
+
+EXIT_REQUEUE = ExitCode.REQUEUE  # a complete checkpoint was saved because of a signal: run again
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
@@ -81,7 +83,8 @@ class StopSignals:
             message = (
                 f"{name} again: already stopping; the checkpoint is being written and will not be cut short"
             )
-        print(f"rank {self.rank}: {message}", file=sys.stderr, flush=True)
+        # Every rank that got it says so (a scheduler may signal some ranks only).
+        log.warning(f"rank {self.rank}: {message}", extra=EVERY_RANK)
 
 
 def _alive(pid: int) -> bool:

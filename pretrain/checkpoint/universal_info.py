@@ -11,23 +11,9 @@ import re
 from typing import Any
 
 from pretrain.config import Config
-from pretrain.convert.consolidated import VOCAB_PARAMETERS, layer_name, layer_parameters
-from pretrain.parallel.plan import partition_dim
-
-
-def engine_parameter_names(cfg: Config, pipelined: bool) -> dict[str, str]:
-    """Plain name -> the name DeepSpeed's engine module gives that parameter."""
-    names = {}
-    for index, params in layer_parameters(cfg.model):
-        prefix = layer_name(cfg.model, index)
-        for name, _ in params:
-            if not pipelined:
-                names[name] = name
-            elif cfg.model.tie_embeddings and name == "embedding.weight":
-                names[name] = "tied_modules.embedding.weight"
-            else:
-                names[name] = f"{index}{name.removeprefix(prefix)}"
-    return names
+from pretrain.model.names import VOCAB_PARAMETERS
+from pretrain.parallel.pipeline import engine_parameter_names
+from pretrain.parallel.tp_plan import partition_dim
 
 
 def universal_checkpoint_info(cfg: Config, pipelined: bool) -> dict[str, Any]:

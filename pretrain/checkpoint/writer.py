@@ -27,10 +27,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
 
 from pretrain.checkpoint.files import HashingWriter, fsync_dir
 from pretrain.checkpoint.manifest import FileEntry, Manifest, apply_retention, commit, tag_for
+from pretrain.deepspeed_compat import CheckpointEngine
 
 # A slow filesystem must not turn into a collective timeout: the writer threads wait for each other
 # this long (the training thread's groups are never involved).

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass  # transformers is needed only for verification; --no-verify works without it
     from pretrain.convert import commands
-    from pretrain.convert.errors import ConversionError
+    from pretrain.errors import ConversionError
 
     try:
         if args.command == "to-hf":

@@ -18,13 +18,6 @@ from typing import Any
 import torch
 
 from pretrain.config import ModelConfig
-from pretrain.convert.consolidated import (
-    WEIGHTS_FILE,
-    model_config_to_json,
-    parameter_shapes,
-    write_consolidated,
-)
-from pretrain.convert.errors import ConversionError
 from pretrain.convert.hf import (
     DTYPE_NAMES,
     IGNORED_HF_TENSORS,
@@ -33,8 +26,12 @@ from pretrain.convert.hf import (
     model_config_from_hf,
     to_hf_name,
 )
-from pretrain.convert.safetensors_io import SafetensorsWriter, parse_size, plan_shards, shard_file_names
 from pretrain.convert.source import Weights, open_weights
+from pretrain.errors import ConversionError
+from pretrain.model.names import parameter_shapes
+from pretrain.provenance import code_version
+from pretrain.weights.consolidated import WEIGHTS_FILE, model_config_to_json, write_consolidated
+from pretrain.weights.safetensors_io import SafetensorsWriter, parse_size, plan_shards, shard_file_names
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -134,7 +131,7 @@ def to_hf(
         max_positions = (
             weights.config.train.seq_len if weights.config is not None else _max_positions(weights)
         )
-        provenance = {**weights.provenance, "exported_with": _code_version()}
+        provenance = {**weights.provenance, "exported_with": code_version()}
         (tmp / "config.json").write_text(
             json.dumps(hf_config(model, max_positions, out_dtype, special, provenance), indent=2) + "\n"
         )
@@ -175,7 +172,7 @@ def _verify(folder: Path, weights: Weights, dtype: torch.dtype) -> Any:
 
 def verify_hf(folder: str | Path, checkpoint: str | Path, config: str | Path | None = None) -> Any:
     """Check an existing export (e.g. one written with --no-verify) against the checkpoint it came from."""
-    from pretrain.convert.consolidated import architecture_differences
+    from pretrain.weights.consolidated import architecture_differences
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():
@@ -225,12 +222,6 @@ def _max_positions(weights: Weights) -> int:
     return int(weights.provenance.get("max_position_embeddings", 4096))
 
 
-def _code_version() -> str:
-    from pretrain.train.build import code_version
-
-    return code_version()
-
-
 # ---------------------------------------------------------------------------------------------
 
 
@@ -238,13 +229,13 @@ def to_fp32(
     checkpoint: str | Path, output: str | Path, config: str | Path | None = None, overwrite: bool = False
 ) -> Report:
     """Consolidated fp32 weights of the newest complete checkpoint under `checkpoint`: one safetensors
-    file (see pretrain.convert.consolidated), usable as `checkpoint.init_weights`."""
+    file (see pretrain.weights.consolidated), usable as `checkpoint.init_weights`."""
     output = Path(output)
     if output.suffix != ".safetensors":
         raise ConversionError(f"--output {output} should end in .safetensors")
     weights = open_weights(checkpoint, config)
     tmp = _fresh_output(output, overwrite)
-    provenance = {**weights.provenance, "consolidated_with": _code_version()}
+    provenance = {**weights.provenance, "consolidated_with": code_version()}
     if weights.config is not None:
         provenance["max_position_embeddings"] = weights.config.train.seq_len
     count = len(parameter_shapes(weights.model))
@@ -285,7 +276,7 @@ def from_hf(
         "source": str(folder.resolve()),
         "max_position_embeddings": hf.get("max_position_embeddings"),
         "source_dtype": hf.get("dtype") or hf.get("torch_dtype"),
-        "imported_with": _code_version(),
+        "imported_with": code_version(),
     }
     try:
         for name in HF_TOKENIZER_FILES:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from pretrain.config import ModelConfig
-from pretrain.convert.errors import ConversionError
+from pretrain.errors import ConversionError
 
 _BLOCK_NAMES = {
     "attn_norm": "input_layernorm",

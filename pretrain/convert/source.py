@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from pretrain.config import Config, ConfigError, ModelConfig, load_config
-from pretrain.convert.errors import ConversionError
+from pretrain.errors import ConversionError
 
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"  # DeepSpeed's pointer: the tag of the last save that finished on every rank
@@ -27,8 +27,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
     commit protocol, pretrain.checkpoint); checkpoints written by plain DeepSpeed, without
     manifests, fall back to DeepSpeed's `latest` pointer, which it writes after every rank saved.
     """
-    from pretrain.checkpoint.errors import InvalidCheckpoint
     from pretrain.checkpoint.manifest import check_sizes, checkpoint_folders, read_manifest
+    from pretrain.errors import InvalidCheckpoint
 
     path = Path(path)
     if not path.exists():
@@ -99,7 +99,7 @@ def open_weights(path: str | Path, config_path: str | Path | None = None) -> Wei
     """Weights from a training checkpoint (any layout, newest complete one under a run directory) or
     from a consolidated safetensors file or folder."""
     import pretrain
-    from pretrain.convert.consolidated import WEIGHTS_FILE, ConsolidatedWeights
+    from pretrain.weights.consolidated import WEIGHTS_FILE, ConsolidatedWeights
 
     path = Path(path)
     if path.suffix == ".safetensors" or (path / WEIGHTS_FILE).is_file():
@@ -110,7 +110,7 @@ def open_weights(path: str | Path, config_path: str | Path | None = None) -> Wei
         run_dir = path if path.is_dir() else None
         return Weights(consolidated.model_config, consolidated.provenance, None, run_dir, consolidated.items)
 
-    from pretrain.convert.deepspeed_checkpoint import DeepSpeedCheckpoint
+    from pretrain.checkpoint.deepspeed_reader import DeepSpeedCheckpoint
 
     step_dir = resolve_checkpoint(path)
     cfg = run_config(step_dir, config_path)

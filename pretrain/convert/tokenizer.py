@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pretrain.config import Config
-from pretrain.convert.errors import ConversionError
+from pretrain.errors import ConversionError
 
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 BYTE_EOS = "<|eos|>"
@@ -34,9 +34,9 @@ class ExportedTokenizer:
 def run_tokenizer(cfg: Config, override: str | Path | None = None) -> Path | None:
     """The tokenizer (a tokenizer.json or a folder holding one) of the run's data; None for the
     built-in byte-level corpus."""
-    from pretrain.data.errors import DataError
     from pretrain.data.manifest import load_manifest
     from pretrain.data.tokenizer import load_tokenizer
+    from pretrain.errors import DataError
 
     if not cfg.data.paths:
         if override is not None:

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from pretrain.config import DataConfig
 from pretrain.data.builtin import ByteTokenizer, stdlib_tokens
-from pretrain.data.errors import DataError
 from pretrain.data.loader import BlendSchedule, DistributedBatches, GlobalOrder, PackedSamples, TokenStream
+from pretrain.errors import DataError
 
 __all__ = [
     "BlendSchedule",

@@ -42,10 +42,10 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    from pretrain.data.errors import DataError
     from pretrain.data.indexed import IndexedDataset
     from pretrain.data.manifest import verify
     from pretrain.data.tokenizer import load_tokenizer
+    from pretrain.errors import DataError
 
     folder = Path(args.dataset)
     manifest = verify(folder, checksums=not args.no_checksums)
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(run=cmd_export_stdlib)
 
     args = parser.parse_args(argv)
-    from pretrain.data.errors import DataError
+    from pretrain.errors import DataError
 
     try:
         args.run(args)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pretrain.data.errors import DataError
+from pretrain.errors import DataError
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pretrain.data.errors import DataError
+from pretrain.errors import DataError
 
 # 1/phi: consecutive multiples modulo 1 are the most evenly spread sequence there is (Weyl/Kronecker).
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0

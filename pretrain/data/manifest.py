@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pretrain.data.errors import DataError
+from pretrain.errors import DataError
 
 FORMAT = "pretrain-megatron-shards"
 FORMAT_VERSION = 1

@@ -37,10 +37,10 @@ from typing import Any
 import numpy as np
 
 import pretrain
-from pretrain.data.errors import DataError
 from pretrain.data.indexed import IndexedDatasetWriter, best_dtype
 from pretrain.data.manifest import Manifest, ShardRecord, sha256_file, write_json_atomically
 from pretrain.data.tokenizer import Tokenizer, load_tokenizer
+from pretrain.errors import DataError
 
 DEFAULT_SHARD_TOKENS = 100_000_000
 # Batches are cut by size, not document count: 512 documents of a code corpus can be one worker's

@@ -12,11 +12,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pretrain.errors import DataError
+
 MANIFEST = "manifest.json"
 
 
-class RemoteDataError(OSError):
-    pass
+class RemoteDataError(DataError):
+    """A remote dataset that cannot be read (after retries); names the URL."""
 
 
 def is_remote(path: str) -> bool:

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pretrain.config import DataConfig
-from pretrain.data.errors import DataError
 from pretrain.data.loader import PackedSamples, TokenStream
+from pretrain.errors import DataError
 
 
 @dataclass

@@ -7,7 +7,7 @@ import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from pretrain.data.errors import DataError
+from pretrain.errors import DataError
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 # Special tokens of common tokenizer families, tried in order when a tokenizer's folder does not name

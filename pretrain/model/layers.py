@@ -13,7 +13,6 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from pretrain.config import ModelConfig
 
@@ -91,35 +90,9 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-# Selective recomputation keeps what is expensive to recompute (matrix products, attention) and
-# recomputes the cheap, memory-hungry rest (norms, rotary, SwiGLU's activation, residual adds).
-_SAVED_OPS = {
-    torch.ops.aten.mm.default,
-    torch.ops.aten.bmm.default,
-    torch.ops.aten.addmm.default,
-    torch.ops.aten._scaled_dot_product_flash_attention.default,
-    torch.ops.aten._scaled_dot_product_efficient_attention.default,
-    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
-}
-
-
-def _selective_policy(ctx: object, op: object, *args: object, **kwargs: object) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
-
-
-def selective_recompute_keeps(op: object) -> bool:
-    """Whether selective recomputation keeps the output of `op` (an aten overload) instead of
-    recomputing it; pretrain.plan sizes activations from this."""
-    return op in _SAVED_OPS
-
-
 class DecoderBlock(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)).
-
-    `recompute` trades compute for activation memory (set by pretrain.parallel from the config):
-    "full" keeps only the block's input and recomputes the rest in the backward pass; "selective"
-    keeps matrix-product and attention outputs and recomputes the elementwise work around them.
-    """
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)). (Activation recomputation
+    is applied to it from outside, by pretrain.parallel.recompute.)"""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -127,20 +100,7 @@ class DecoderBlock(nn.Module):
         self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
-        self.recompute = "none"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.recompute == "none" or not torch.is_grad_enabled():
-            return self._forward(x)
-        if self.recompute == "full":
-            return checkpoint(self._forward, x, use_reentrant=False)
-        return checkpoint(
-            self._forward,
-            x,
-            use_reentrant=False,
-            context_fn=functools.partial(create_selective_checkpoint_contexts, _selective_policy),
-        )
-
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x))
         return x + self.mlp(self.mlp_norm(x))

@@ -14,6 +14,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from pretrain.errors import PeerFailure, exit_code_of
+
 T = TypeVar("T")
 
 
@@ -105,27 +107,24 @@ def all_reduce_mean(values: torch.Tensor, group: dist.ProcessGroup | None = None
     return out
 
 
-class PeerFailure(RuntimeError):
-    """Raised on ranks that succeeded when another rank failed the same collective step."""
-
-
 def all_ranks_succeed(fn: Callable[[], T]) -> T:
     """Run `fn` on every rank and agree on the outcome (one all-reduce): if any rank raised, every
-    rank raises (the failing ones their own error, the others PeerFailure), instead of the healthy
-    ranks hanging in the next collective until a timeout hides the real error."""
+    rank raises (the failing ones their own error, the others PeerFailure carrying the failed ranks'
+    highest exit code), instead of the healthy ranks hanging in the next collective until a timeout
+    hides the real error."""
     error: BaseException | None = None
     result: T | None = None
     try:
         result = fn()
     except Exception as e:
         error = e
-    flag = torch.tensor([1.0 if error else 0.0], device=_collective_device())
+    code = torch.tensor([exit_code_of(error) if error else 0], device=_collective_device())
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        dist.all_reduce(code, op=dist.ReduceOp.MAX)
     if error is not None:
         raise error
-    if flag.item() > 0:
-        raise PeerFailure("another rank failed (its error is printed by that rank); stopping here too")
+    if code.item() > 0:
+        raise PeerFailure(int(code.item()))
     return result  # type: ignore[return-value]
 
 

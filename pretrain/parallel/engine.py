@@ -13,9 +13,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pretrain import deepspeed_compat as compat
 from pretrain.config import Config
+from pretrain.optim import LRScheduler, build_optimizer
 from pretrain.parallel.deepspeed_config import build_deepspeed_config, we_clip_gradients
-from pretrain.parallel.schedule import LRSchedule
 from pretrain.parallel.topology import ParallelContext, single_process_context
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -30,24 +31,13 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     return "fp32"
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices (linear and embedding weights); leave vectors (norm scales, biases) alone.
-    Always these two groups, in this order (checkpoint conversion and resuming rely on it)."""
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    for param in model.parameters():
-        if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def counts_towards_norm(param: nn.Parameter, tp_rank: int) -> bool:
     """Whether this rank adds `param`'s gradient to the global norm: every tensor-parallel shard
     counts, a replicated parameter once (on TP rank 0), and the last stage's copy of a tied embedding
     not at all (the first stage counts it)."""
-    if getattr(param, "ds_pipe_replicated", False):
+    if compat.is_pipeline_tied_copy(param):
         return False
-    return bool(getattr(param, "tensor_model_parallel", False)) or tp_rank == 0
+    return compat.is_tensor_parallel(param) or tp_rank == 0
 
 
 class GlobalNormClipper:
@@ -137,6 +127,10 @@ class TrainingEngine:
         return torch.stack(losses).mean()
 
     @property
+    def lr_scheduler(self) -> LRScheduler:
+        return self.ds.lr_scheduler
+
+    @property
     def lr(self) -> float:
         return float(self.ds.get_lr()[0])
 
@@ -144,6 +138,30 @@ class TrainingEngine:
         """Global gradient norm of the last step (before clipping), over every shard and stage."""
         norm = self.clipper.last_norm if self.clipper is not None else self.ds.get_global_grad_norm()
         return None if norm is None else float(norm)
+
+    # ----- Stateful: DeepSpeed's counters (the weights and optimizer state go into DeepSpeed's files)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**compat.engine_counters(self.ds), "adam_step": compat.adam_step(self.ds.optimizer)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """DeepSpeed's counters (its own load restores them; a resharded resume does not)."""
+        compat.set_engine_counters(self.ds, state)
+
+    def save_files(self, directory: str, tag: str, client_state: dict[str, Any]) -> None:
+        """DeepSpeed's checkpoint files of this rank (module, optimizer partitions, pipeline layers)."""
+        self.ds.save_checkpoint(directory, tag=tag, client_state=client_state, save_latest=False)
+
+    def load_files(self, directory: str, tag: str) -> bool:
+        """Load DeepSpeed's files of checkpoint `tag` saved in this very layout; False if it found none."""
+        path, _ = self.ds.load_checkpoint(
+            directory,
+            tag=tag,
+            load_module_strict=True,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )
+        return path is not None
 
 
 def build_engine(
@@ -159,23 +177,14 @@ def build_engine(
 
     ctx = ctx or single_process_context()
     ds_config = build_deepspeed_config(cfg, world_size, precision)
-    device_type = next(model.parameters()).device.type
-    optimizer = torch.optim.AdamW(
-        parameter_groups(model, cfg.optim.weight_decay),
-        lr=cfg.optim.lr,
-        betas=(cfg.optim.beta1, cfg.optim.beta2),
-        eps=cfg.optim.eps,
-        # One fused kernel per step on GPU; foreach (multi-tensor) elsewhere.
-        fused=device_type == "cuda" or None,
-        foreach=None if device_type == "cuda" else True,
-    )
+    optimizer = build_optimizer(model, cfg.optim)
     clipper = None
     if we_clip_gradients(cfg, precision):
         clipper = GlobalNormClipper(
             [p for p in model.parameters() if p.requires_grad], cfg.optim.grad_clip, ctx
         )
         optimizer.register_step_pre_hook(clipper)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LRSchedule(cfg.schedule, cfg.train.steps))
+    scheduler = LRScheduler(optimizer, cfg.optim, cfg.schedule, cfg.train.steps)
     mpu = ctx.grid if ctx.pp == 1 else None  # a PipelineModule brings its own
     engine, _, _, _ = deepspeed.initialize(
         model=model,

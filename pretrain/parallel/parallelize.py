@@ -18,16 +18,12 @@ from torch import nn
 
 from pretrain.config import Config
 from pretrain.model.layers import DecoderBlock
-from pretrain.model.transformer import CausalLMLoss, Transformer, build_layer, layer_kind, num_layers
-from pretrain.parallel.plan import apply_tensor_parallel
+from pretrain.model.names import layer_name
+from pretrain.model.transformer import CausalLMLoss, Transformer, build_layer, num_layers
+from pretrain.parallel.recompute import apply_activation_checkpointing
 from pretrain.parallel.tensor_parallel import VocabParallelCausalLMLoss
 from pretrain.parallel.topology import ParallelContext
-
-
-def layer_name(cfg: Config, index: int) -> str:
-    """The layer's module name in the plain Transformer."""
-    kind = layer_kind(cfg.model, index)
-    return f"blocks.{index - 1}" if kind == "block" else kind
+from pretrain.parallel.tp_plan import apply_tensor_parallel
 
 
 def parallelize_model(cfg: Config, ctx: ParallelContext, device: torch.device) -> nn.Module:
@@ -68,8 +64,8 @@ def build_rank_layers(cfg: Config, ctx: ParallelContext, device: torch.device) -
     group is touched, which is how `pretrain.plan` checks that a layout builds."""
     init, init_path = None, cfg.checkpoint.init_weights
     if init_path is not None:
-        from pretrain.convert.consolidated import open_init_weights
         from pretrain.parallel.distributed import all_ranks_succeed
+        from pretrain.weights.consolidated import open_init_weights
 
         init = all_ranks_succeed(lambda: open_init_weights(init_path, cfg.model))
     local: dict[int, nn.Module] = {}
@@ -78,9 +74,9 @@ def build_rank_layers(cfg: Config, ctx: ParallelContext, device: torch.device) -
             layer = build_layer(cfg.model, source, cfg.padded_vocab_size, cfg.seed)
         else:
             layer = init.build_layer(cfg.model, source, cfg.padded_vocab_size)
-        layer = apply_tensor_parallel(layer, layer_name(cfg, source), ctx)
+        layer = apply_tensor_parallel(layer, layer_name(cfg.model, source), ctx)
         if isinstance(layer, DecoderBlock):
-            layer.recompute = cfg.parallel.activation_checkpointing
+            apply_activation_checkpointing(layer, cfg.parallel.activation_checkpointing)
             if cfg.train.compile and device.type != "meta":
                 # In place (Module.compile), so parameter names, checkpoints and exports stay the same.
                 layer.compile()

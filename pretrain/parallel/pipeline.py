@@ -17,7 +17,9 @@ import torch
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from torch import nn
 
-from pretrain.config import Config
+from pretrain.config import Config, ModelConfig
+from pretrain.deepspeed_compat import PresetPartitionPipeline
+from pretrain.model.names import layer_name, layer_parameters
 from pretrain.model.transformer import num_layers
 
 TIED_EMBEDDING_KEY = "embedding"
@@ -33,20 +35,6 @@ class _BuiltTiedLayer(TiedLayerSpec):
     def build(self, log: bool = False) -> nn.Module:
         assert self.module is not None, "DeepSpeed asked for a tied layer of another stage"
         return self.module
-
-
-class _PresetPartitionPipeline(PipelineModule):
-    """PipelineModule with the stage boundaries we computed (DeepSpeed's own methods would build
-    every layer on every rank just to count parameters)."""
-
-    def __init__(self, layers: list[Any], parts: list[int], **kwargs: Any):
-        object.__setattr__(self, "_preset_parts", parts)
-        super().__init__(layers, **kwargs)
-
-    def _partition_layers(self, method: str = "uniform") -> None:
-        self.parts = self._preset_parts
-        stage = self._topo.get_coord(self.global_rank).pipe
-        self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
 
 
 def _tied_output(embedding: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -72,4 +60,33 @@ def build_pipeline(
             specs.append(_BuiltTiedLayer(module, forward_fn=_tied_output))
         else:
             specs.append(module if module is not None else LayerSpec(nn.Identity))
-    return _PresetPartitionPipeline(specs, parts, topology=topology, loss_fn=loss_fn)
+    return PresetPartitionPipeline(specs, parts, topology=topology, loss_fn=loss_fn)
+
+
+def plain_parameter_name(cfg: ModelConfig, module_name: str, pipelined: bool) -> str:
+    """The plain model's name of a parameter as DeepSpeed's engine module names it. A pipeline
+    (PipelineModule) names layers by their index in the layer list ('3.attn.q_proj.weight') and the
+    tied embedding 'tied_modules.embedding.weight' on both stages that hold it."""
+    if not pipelined:
+        return module_name
+    head, _, rest = module_name.partition(".")
+    if head == "tied_modules":
+        key, _, rest = rest.partition(".")
+        return f"{key}.{rest}"
+    return f"{layer_name(cfg, int(head))}.{rest}"
+
+
+def engine_parameter_names(cfg: Config, pipelined: bool) -> dict[str, str]:
+    """Plain name -> the name DeepSpeed's engine module gives that parameter (the inverse of
+    `plain_parameter_name`)."""
+    names = {}
+    for index, params in layer_parameters(cfg.model):
+        prefix = layer_name(cfg.model, index)
+        for name, _ in params:
+            if not pipelined:
+                names[name] = name
+            elif cfg.model.tie_embeddings and name == "embedding.weight":
+                names[name] = f"tied_modules.{TIED_EMBEDDING_KEY}.weight"
+            else:
+                names[name] = f"{index}{name.removeprefix(prefix)}"
+    return names

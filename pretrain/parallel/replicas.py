@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pretrain import deepspeed_compat as compat
 from pretrain.parallel.topology import ParallelContext
 
 
@@ -47,14 +48,11 @@ def _differing(params: list[tuple[str, nn.Parameter]], group: Any, kind: str) ->
 def check_replicas(module: nn.Module, ctx: ParallelContext) -> list[str]:
     """Every replicated parameter that is not equal on all ranks holding a copy; [] when consistent.
     Collective over the world: every rank must call it at the same step."""
-    named = [
-        (n, p) for n, p in module.named_parameters() if not hasattr(p, "ds_status")
-    ]  # ZeRO-3: partitioned
+    # ZeRO-3 parameters are partitioned: each rank holds a different piece.
+    named = [(n, p) for n, p in module.named_parameters() if not compat.is_zero3_partitioned(p)]
     problems = _differing(named, ctx.dp_group, "data-parallel")
-    replicated = [(n, p) for n, p in named if not getattr(p, "tensor_model_parallel", False)]
+    replicated = [(n, p) for n, p in named if not compat.is_tensor_parallel(p)]
     problems += _differing(replicated, ctx.tp_group, "tensor-parallel")
-    for key, comm in getattr(module, "tied_comms", {}).items():
-        owner: nn.Module = comm["module"]
-        tied = [(f"tied {key}.{attr}", owner.get_parameter(attr)) for attr in comm["weight_attr"]]
-        problems += _differing(tied, comm["group"], "pipeline-stage (tied)")
+    for name, param, group in compat.tied_weights(module):
+        problems += _differing([(f"tied {name}", param)], group, "pipeline-stage (tied)")
     return problems

@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from pretrain import deepspeed_compat as compat
 from pretrain.model.layers import rms_normalize
 from pretrain.model.transformer import IGNORE_INDEX
 
@@ -121,7 +122,7 @@ def shard(tensor: torch.Tensor, dim: int, rank: int, world: int) -> torch.Tensor
 
 def _sharded_parameter(data: torch.Tensor, partition_dim: int) -> nn.Parameter:
     param = nn.Parameter(data)
-    param.tensor_model_parallel = True  # type: ignore[attr-defined]
+    compat.mark_tensor_parallel(param)
     param.partition_dim = partition_dim  # type: ignore[attr-defined]
     return param
 

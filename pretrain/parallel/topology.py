@@ -51,7 +51,20 @@ class ParallelContext:
         return None if self.grid is None else self.grid.get_model_parallel_group()
 
     def describe(self) -> str:
-        return f"data-parallel {self.dp} x tensor-parallel {self.tp} x pipeline-parallel {self.pp}"
+        return describe_layout(self.dp, self.tp, self.pp)
+
+
+def describe_layout(
+    dp: int, tp: int, pp: int, zero_stage: int | None = None, precision: str | None = None
+) -> str:
+    """The one way a layout is written for people: 'data-parallel 2 x tensor-parallel 1 x
+    pipeline-parallel 1[, ZeRO-1][, bf16]'."""
+    parts = [f"data-parallel {dp} x tensor-parallel {tp} x pipeline-parallel {pp}"]
+    if zero_stage is not None:
+        parts.append(f"ZeRO-{zero_stage}")
+    if precision is not None:
+        parts.append(precision)
+    return ", ".join(parts)
 
 
 def build_parallel_context(cfg: Config, rank: int, world_size: int) -> ParallelContext:

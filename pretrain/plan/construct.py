@@ -22,10 +22,11 @@ import torch
 from torch import nn
 
 from pretrain.config import Config
+from pretrain.model.names import layer_name
 from pretrain.model.transformer import build_layer, num_layers
-from pretrain.parallel.parallelize import build_rank_layers, layer_name, parallelize_model
-from pretrain.parallel.plan import partition_dim
+from pretrain.parallel.parallelize import build_rank_layers, parallelize_model
 from pretrain.parallel.topology import ParallelContext
+from pretrain.parallel.tp_plan import partition_dim
 from pretrain.plan.counts import rank_parameters
 
 META = torch.device("meta")
@@ -71,7 +72,7 @@ def build_rank_on_meta(cfg: Config, stage: int, tp_rank: int) -> dict[str, torch
             return {name: p.shape for name, p in model.named_parameters()}
         layers = build_rank_layers(cfg, ctx, META)
     return {
-        f"{layer_name(cfg, index)}.{name}": p.shape
+        f"{layer_name(cfg.model, index)}.{name}": p.shape
         for index, layer in layers.items()
         for name, p in layer.named_parameters()
     }
@@ -84,7 +85,7 @@ def plain_shapes(cfg: Config) -> dict[str, torch.Size]:
         for index in range(num_layers(cfg.model)):
             layer: nn.Module = build_layer(cfg.model, index, cfg.padded_vocab_size, cfg.seed)
             for name, p in layer.named_parameters():
-                shapes[f"{layer_name(cfg, index)}.{name}"] = p.shape
+                shapes[f"{layer_name(cfg.model, index)}.{name}"] = p.shape
     if cfg.model.tie_embeddings and cfg.parallel.pp == 1:
         del shapes["head.weight"]  # the embedding's matrix
     return shapes

@@ -2,7 +2,7 @@
 
 Each layer of the plain layer list is built by the trainer's own `build_layer` under
 `torch.device("meta")`; each parameter is classed as split by tensor parallelism or replicated by the
-trainer's own plan (`pretrain.parallel.plan.partition_dim`), and pipeline stages come from the trainer's
+trainer's own plan (`pretrain.parallel.tp_plan.partition_dim`), and pipeline stages come from the trainer's
 own `partition_layers`. So the per-rank counts are those of the code that runs, not of a formula.
 `pretrain.plan.construct` builds every rank's shards the way the trainer does and checks them against
 these numbers.
@@ -18,10 +18,10 @@ import torch
 
 from pretrain.config import Config, ModelConfig
 from pretrain.model.flops import count_parameters
+from pretrain.model.names import layer_name
 from pretrain.model.transformer import build_layer, num_layers
-from pretrain.parallel.parallelize import layer_name
 from pretrain.parallel.partition import partition_layers
-from pretrain.parallel.plan import partition_dim
+from pretrain.parallel.tp_plan import partition_dim
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def _layer_counts(model_fields: tuple, padded_vocab_size: int) -> tuple[LayerCou
             layer = build_layer(key.model, index, padded_vocab_size, seed=0)
             sharded = replicated = largest = 0
             for name, param in layer.named_parameters():
-                if partition_dim(f"{layer_name(key, index)}.{name}") is None:
+                if partition_dim(f"{layer_name(key.model, index)}.{name}") is None:
                     replicated += param.numel()
                 else:
                     sharded += param.numel()

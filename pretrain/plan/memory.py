@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from pretrain.config import Config
-from pretrain.model.layers import selective_recompute_keeps
+from pretrain.parallel.recompute import selective_recompute_keeps
 from pretrain.plan import activations as act
 from pretrain.plan.counts import layer_counts, rank_parameters, stage_layers
 from pretrain.plan.hardware import Assumptions
@@ -65,7 +65,7 @@ class Runtime:
     @property
     def attention_output_saved(self) -> bool:
         """Whether selective recomputation caches the attention output: is the device's SDPA op in the
-        policy's list (pretrain/model/layers.py)?"""
+        policy's list (pretrain/parallel/recompute.py)?"""
         ops = torch.ops.aten
         op = (
             ops._scaled_dot_product_flash_attention.default

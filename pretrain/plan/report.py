@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from pretrain.parallel.topology import describe_layout
 from pretrain.plan.hardware import Cluster, GiB
 from pretrain.plan.planner import Plan, plan_layout
 from pretrain.plan.search import SearchResult
@@ -18,8 +19,8 @@ def _describe_layout(plan: Plan) -> str:
     lay = plan.layout()
     sp = ", sequence parallel" if lay["sequence_parallel"] else ""
     return (
-        f"data-parallel {lay['dp']} x tensor-parallel {lay['tp']} x pipeline-parallel {lay['pp']}, "
-        f"ZeRO-{lay['zero_stage']}, micro-batch {lay['micro_batch_size']} x accumulation "
+        f"{describe_layout(lay['dp'], lay['tp'], lay['pp'], lay['zero_stage'])}, "
+        f"micro-batch {lay['micro_batch_size']} x accumulation "
         f"{lay['grad_accum_steps']}, recomputation {lay['activation_checkpointing']}{sp}, {lay['precision']}"
     )
 

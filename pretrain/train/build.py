@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
-import platform
 import random
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-import pretrain
-from pretrain.checkpoint.manager import Checkpoints
 from pretrain.checkpoint.signals import StopSignals
-from pretrain.config import Config, ConfigError
+from pretrain.checkpoint.store import CheckpointStore
+from pretrain.config import Config
 from pretrain.data import DistributedBatches, TrainingData, load_training_data
+from pretrain.deepspeed_compat import version_warning
+from pretrain.errors import ConfigError, OutputError
+from pretrain.logs import get_logger, setup_logging
 from pretrain.model import Transformer, count_parameters, flops_per_token
 from pretrain.parallel import (
     DistInfo,
@@ -27,23 +27,28 @@ from pretrain.parallel import (
     resolve_precision,
 )
 from pretrain.parallel.distributed import all_ranks_succeed
+from pretrain.parallel.topology import describe_layout
+from pretrain.provenance import versions
 from pretrain.train.callbacks import (
     Callback,
     ConsoleProgress,
     Evaluator,
     JsonlWriter,
     Plotter,
+    ReplicaChecker,
+    SavePolicy,
     TensorBoardWriter,
     ThroughputMonitor,
 )
-from pretrain.train.checkpointing import Checkpointer, NonFiniteGuard
+from pretrain.train.callbacks.nonfinite import NonFiniteGuard
 from pretrain.train.mfu import peak_tflops
-from pretrain.train.replica_check import ReplicaChecker
 from pretrain.train.run_dir import check_run_dir, clear_run_outputs, truncate_metrics, write_run_files
 from pretrain.train.trainer import Trainer
 from pretrain.train.watchdog import Watchdog
 
 __all__ = ["build_trainer", "check_run_dir", "run_summary"]
+
+log = get_logger(__name__)
 
 
 def seed_everything(seed: int) -> None:
@@ -52,24 +57,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def code_version() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def run_summary(cfg: Config, world_size: int, precision: str) -> dict[str, Any]:
     """Derived quantities, each with the numbers it came from: printed by --dry-run, saved with the run."""
-    import deepspeed
-
     with torch.device("meta"):
         built = Transformer(cfg.model, cfg.padded_vocab_size)
     # Unique tensors (tied weights count once), less the zero rows that pad the vocabulary.
@@ -89,13 +78,7 @@ def run_summary(cfg: Config, world_size: int, precision: str) -> dict[str, Any]:
         "padded_vocab_size": cfg.padded_vocab_size,
         "ffn_hidden_size": cfg.model.ffn_size,
         "flops_per_token": flops_per_token(cfg.model, cfg.train.seq_len),
-        "versions": {
-            "pretrain": pretrain.__version__,
-            "code": code_version(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "deepspeed": deepspeed.__version__,
-        },
+        "versions": versions(),
     }
     if cfg.parallel.pp > 1:
         from pretrain.parallel.partition import partition_layers
@@ -113,19 +96,12 @@ def _fp16_supported() -> bool:
 def build_trainer(cfg: Config, dist: DistInfo, signals: StopSignals | None = None) -> Trainer:
     """Everything a run needs, resumed from its newest complete checkpoint when there is one.
     `signals`: stop-signal handlers installed earlier by the caller (else installed when fit starts)."""
+    setup_logging(dist.rank)
+    if dist.is_main and (note := version_warning()):
+        log.warning(note)
     precision = resolve_precision(cfg.train.precision, dist.device)
     _check_precision(cfg, precision, dist)
-    # Checksums are read once (rank 0); sizes and headers on every rank, which maps the shards anyway.
-    data_cfg = dataclasses.replace(cfg.data, verify_checksums=cfg.data.verify_checksums and dist.is_main)
-    data = all_ranks_succeed(lambda: load_training_data(data_cfg, cfg.train.seq_len))
-    if data.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(
-            [
-                f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the vocabulary of the tokenizer the data "
-                f"was made with ({data.vocab_size}, datasets {', '.join(data.names)}); "
-                f"set model.vocab_size >= {data.vocab_size}"
-            ]
-        )
+    data = _load_data(cfg, dist)
     seed_everything(cfg.seed)
     ctx = build_parallel_context(cfg, dist.rank, dist.world_size)
     model = parallelize_model(cfg, ctx, dist.device)
@@ -137,7 +113,7 @@ def build_trainer(cfg: Config, dist: DistInfo, signals: StopSignals | None = Non
     if dist.is_main and cfg.run.overwrite:
         clear_run_outputs(run_dir)
     torch.distributed.barrier()
-    checkpoints = Checkpoints(
+    store = CheckpointStore(
         cfg,
         engine,
         dist.rank,
@@ -147,18 +123,36 @@ def build_trainer(cfg: Config, dist: DistInfo, signals: StopSignals | None = Non
         summary["parameters"],
         signals,
     )
-    checkpoints.check_shared_storage()
-    warning = checkpoints.space_warning() if dist.is_main else None
+    store.check_shared_storage()
+    warning = store.space_warning() if dist.is_main else None
     if warning:
-        print(f"warning: {warning}", flush=True)
-    trainer = Trainer(cfg, engine, *_batches(cfg, data, ctx, dist.device), dist, callbacks=[])
-    resumed = _resume(cfg, checkpoints, trainer, data, dist)
+        log.warning(warning)
+    callbacks = _callbacks(cfg, dist, summary, data, precision, store)
+    trainer = Trainer(cfg, engine, *_batches(cfg, data, ctx, dist.device), dist, callbacks)
+    resumed = _resume(cfg, store, trainer, data)
     if dist.is_main:
-        write_run_files(run_dir, cfg, {**summary, "resumed_from": resumed}, ds_config)
-        truncate_metrics(run_dir / "metrics.jsonl", trainer.state.step)
+        try:
+            write_run_files(run_dir, cfg, {**summary, "resumed_from": resumed}, ds_config)
+            truncate_metrics(run_dir / "metrics.jsonl", trainer.state.step)
+        except OSError as e:
+            raise OutputError(f"the run's files in {run_dir}", e) from e
     torch.distributed.barrier()
-    trainer.callbacks = _callbacks(cfg, dist, summary, data, precision, checkpoints, trainer.state.step)
     return trainer
+
+
+def _load_data(cfg: Config, dist: DistInfo) -> TrainingData:
+    # Checksums are read once (rank 0); sizes and headers on every rank, which maps the shards anyway.
+    data_cfg = dataclasses.replace(cfg.data, verify_checksums=cfg.data.verify_checksums and dist.is_main)
+    data = all_ranks_succeed(lambda: load_training_data(data_cfg, cfg.train.seq_len))
+    if data.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            [
+                f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the vocabulary of the tokenizer the data "
+                f"was made with ({data.vocab_size}, datasets {', '.join(data.names)}); "
+                f"set model.vocab_size >= {data.vocab_size}"
+            ]
+        )
+    return data
 
 
 def _check_precision(cfg: Config, precision: str, dist: DistInfo) -> None:
@@ -219,20 +213,16 @@ def _batches(
 
 
 def _resume(
-    cfg: Config, checkpoints: Checkpoints, trainer: Trainer, data: TrainingData, dist: DistInfo
+    cfg: Config, store: CheckpointStore, trainer: Trainer, data: TrainingData
 ) -> dict[str, Any] | None:
-    def say(message: str) -> None:
-        if dist.is_main:
-            print(message, flush=True)
-
-    point = None if cfg.run.overwrite else checkpoints.select(say)
+    point = None if cfg.run.overwrite else store.select(log.info)
     if point is None:
         return None
-    notes = checkpoints.check_changes(point, data.identity())
-    how = checkpoints.restore(point, trainer)
-    say(f"resumed from {point.folder} (step {point.step}, {how})")
+    notes = store.check_changes(point, data.identity())
+    how = store.restore(point, trainer.run_state)
+    log.info(f"resumed from {point.folder} (step {point.step}, {how})")
     for note in notes:
-        say(f"  changed since the checkpoint: {note}")
+        log.info(f"  changed since the checkpoint: {note}")
     return {"checkpoint": str(point.folder), "step": point.step, "how": how, "changes": notes}
 
 
@@ -242,27 +232,29 @@ def _callbacks(
     summary: dict[str, Any],
     data: TrainingData,
     precision: str,
-    checkpoints: Checkpoints,
-    start_step: int,
+    store: CheckpointStore,
 ) -> list[Callback]:
+    """The run's callbacks; the order they run in is their declared priority (callbacks.base)."""
     run_dir = Path(cfg.run.dir)
     peak = peak_tflops(dist.device, precision, cfg.logging.peak_tflops)
-    # Order matters: the non-finite policy acts on a step before anything logs or saves it.
     callbacks: list[Callback] = [
-        NonFiniteGuard(cfg.train.on_nonfinite, cfg.train.max_nonfinite_events, checkpoints, precision),
+        NonFiniteGuard(cfg.train.on_nonfinite, cfg.train.max_nonfinite_events, store, precision),
         ThroughputMonitor(
             cfg.logging.interval, summary["flops_per_token"], peak, dist.world_size, data.names
         ),
         Evaluator(cfg.train.eval_interval),
-        Checkpointer(checkpoints, cfg.checkpoint.interval, cfg.checkpoint.save_final),
+        SavePolicy(store, cfg.checkpoint.interval, cfg.checkpoint.save_final),
+        Watchdog.for_run(cfg.watchdog, run_dir, dist.rank, dist.world_size),
     ]
     if cfg.parallel.check_replicas_interval > 0:  # a collective: on every rank
         callbacks.append(ReplicaChecker(cfg.parallel.check_replicas_interval))
     if dist.is_main:
-        callbacks += [ConsoleProgress(summary), JsonlWriter(run_dir / "metrics.jsonl")]
+        layout = describe_layout(
+            summary["data_parallel_size"], cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.zero_stage
+        )
+        callbacks += [ConsoleProgress(summary, layout), JsonlWriter(run_dir / "metrics.jsonl")]
         if cfg.logging.tensorboard:
-            callbacks.append(TensorBoardWriter(run_dir / "tensorboard", purge_step=start_step + 1))
+            callbacks.append(TensorBoardWriter(run_dir / "tensorboard"))
         if cfg.logging.plot:
             callbacks.append(Plotter(run_dir))
-    callbacks.append(Watchdog.for_run(cfg.watchdog, run_dir, dist.rank, dist.world_size))  # last: after saves
     return callbacks

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-from pretrain.config import Config, ConfigError
+from pretrain.config import Config
+from pretrain.errors import ConfigError
 
 RUN_OUTPUTS = ("metrics.jsonl", "tensorboard", "checkpoints", "metrics.png")
 
@@ -22,6 +25,7 @@ def check_run_dir(cfg: Config) -> None:
     With checkpoint.resume=auto a run directory holding a run is continued, never clobbered; with
     resume=none, or a checkpoint of another run, it must be empty unless run.overwrite=true."""
     run_dir = Path(cfg.run.dir)
+    _check_writable(run_dir)
     found = existing_run_outputs(run_dir)
     if not found or cfg.run.overwrite or cfg.checkpoint.resume == "auto":
         return
@@ -38,6 +42,20 @@ def check_run_dir(cfg: Config) -> None:
             f"those and start fresh"
         ]
     )
+
+
+def _check_writable(run_dir: Path) -> None:
+    """run.dir must exist (it is created here) and be writable, before anything starts."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(run_dir, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "not writable by this user", str(run_dir))
+    except OSError as e:
+        raise ConfigError(
+            [
+                f"run.dir {str(run_dir)!r} cannot be used ({e}); choose a run.dir on a filesystem this user can write to"
+            ]
+        ) from e
 
 
 def _inside(path: Path, directory: Path) -> bool:

@@ -1,36 +1,40 @@
-"""The training loop. Side concerns (metrics, evaluation, checkpoints, non-finite steps, sinks) are callbacks."""
+"""The training loop. Side concerns (metrics, evaluation, checkpoints, non-finite steps, sinks) are
+callbacks, called in the order of their declared priority (`pretrain.train.callbacks.base`)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from pretrain.checkpoint.rng import RandomState
+from pretrain.checkpoint.state import RunState, Stateful
 from pretrain.config import Config
 from pretrain.data import DistributedBatches
 from pretrain.data.loader import Batch
+from pretrain.errors import NonFiniteLossError
 from pretrain.parallel import DistInfo, TrainingEngine, all_reduce_mean
-from pretrain.train.callbacks import Callback
-
-
-class NonFiniteLossError(RuntimeError):
-    def __init__(self, step: int, value: float, detail: str = ""):
-        self.step, self.value = step, value
-        super().__init__(
-            f"the training loss became {value} at step {step}{detail}; stopping before anything is saved from it. "
-            f"Lower optim.lr, raise schedule.warmup_steps, set optim.grad_clip, use train.precision=bf16 "
-            f"instead of fp16, or set train.on_nonfinite=skip|rollback"
-        )
+from pretrain.train.callbacks.base import Callback, ordered
 
 
 @dataclass
 class TrainState:
-    """What the loop itself must carry across a restart (the engine and the data loader hold the rest)."""
+    """Where the loop is (the engine and the data loader hold the rest of the run's position)."""
 
     step: int = 0
     tokens_seen: int = 0
+
+
+@dataclass
+class Rollback:
+    """A callback's request to go back to a checkpoint, carried out by the loop between steps."""
+
+    restore: Callable[[], str]  # loads the checkpoint into the run's state; returns how
+    skip_batch: int  # global sample position of the batch never to train on again
+    announce: Callable[[str], None]  # told how the restore went, once the loop goes on from there
 
 
 class Trainer:
@@ -51,9 +55,27 @@ class Trainer:
         self.skipped_steps: set[int] = set()  # steps whose update was skipped on purpose (non-finite)
         self._pending: list[tuple[int, torch.Tensor]] = []  # (step, local loss) not yet reduced over ranks
         self._reduced: list[tuple[int, float]] = []  # reduced, not yet taken by the metrics
-        self._restores = 0  # times the loop state was loaded; a rollback ends the current hook's round
+        self._rollback: Rollback | None = None
+        self.run_state = self._register_state()
+
+    def _register_state(self) -> RunState:
+        """Everything that survives a restart, in the order it is restored (RNG last: nothing after
+        it draws random numbers)."""
+        state = RunState()
+        state.register("engine", self.engine)
+        state.register("lr_schedule", self.engine.lr_scheduler)
+        state.register("loop", self)
+        state.register("data", self.train_batches)
+        for callback in self.callbacks:
+            name = getattr(callback, "state_name", None)
+            if name is not None and isinstance(callback, Stateful):
+                # The run's history (e.g. how many non-finite steps it met) survives rollbacks.
+                state.register(f"callback.{name}", callback, rolled_back=False, required=False)
+        state.register("rng", RandomState(self.cfg.seed, self.dist.rank), per_rank=True)
+        return state
 
     def fit(self) -> None:
+        self.callbacks = ordered(self.callbacks)
         self._emit("on_train_start")
         try:
             while self.state.step < self.cfg.train.steps:
@@ -62,6 +84,8 @@ class Trainer:
                 self.state.tokens_seen += self.cfg.tokens_per_step
                 self._pending.append((self.state.step, loss))
                 self._emit("on_step_end")
+                if self._rollback is not None:
+                    self._carry_out_rollback()
         except BaseException:
             self._emit("on_abort")
             raise
@@ -71,6 +95,8 @@ class Trainer:
         """One optimizer step over this rank's micro-batches; returns their mean loss (on device, no sync)."""
         self.last_lr = self.engine.lr
         return self.engine.train_step(micro_batches)
+
+    # ----- what callbacks may ask of the loop
 
     def check_losses(self) -> None:
         """Reduce every pending step's loss over data-parallel ranks (one collective, one host sync)
@@ -107,27 +133,43 @@ class Trainer:
     def log(self, record: dict[str, Any]) -> None:
         self._emit("on_log", record)
 
+    def excuse_step(self, step: int) -> None:
+        """The update of `step` was skipped on purpose: its non-finite loss does not stop the run."""
+        self.skipped_steps.add(step)
+
+    def request_rollback(self, rollback: Rollback) -> None:
+        """Go back to a checkpoint once the current hook returns; the callbacks after it are not told
+        about a step that no longer exists."""
+        self._rollback = rollback
+
+    # ----- Stateful: the loop's part of a checkpoint
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "step": self.state.step,
             "tokens_seen": self.state.tokens_seen,
-            "data": self.train_batches.state_dict(),
             "skipped_steps": sorted(self.skipped_steps),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """The loop's part of a checkpoint (the engine's is DeepSpeed's); losses of steps after it are dropped."""
+        """The loop's position; losses of steps after it are dropped."""
         self.state = TrainState(int(state["step"]), int(state["tokens_seen"]))
-        self.train_batches.load_state_dict(state["data"])
         self.skipped_steps = set(state.get("skipped_steps", []))
         self._pending = [(s, v) for s, v in self._pending if s <= self.state.step]
         self._reduced = [(s, v) for s, v in self._reduced if s <= self.state.step]
-        self._restores += 1
+
+    # ----- internals
+
+    def _carry_out_rollback(self) -> None:
+        rollback, self._rollback = self._rollback, None
+        assert rollback is not None
+        how = rollback.restore()
+        self.train_batches.skip_batch(rollback.skip_batch)
         self._emit("on_restore")
+        rollback.announce(how)
 
     def _emit(self, hook: str, *args: Any) -> None:
-        restores = self._restores
         for callback in self.callbacks:
             getattr(callback, hook)(self, *args)
-            if hook == "on_step_end" and self._restores != restores:
-                return  # rolled back: the step these callbacks were told about no longer exists
+            if self._rollback is not None:
+                return  # the step the rest would be told about is about to be undone

@@ -31,14 +31,15 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from pretrain.train.callbacks import Callback
+from pretrain.errors import ExitCode
+from pretrain.logs import EVERY_RANK, get_logger
+from pretrain.train.callbacks.base import WATCH, Callback, TrainerView
 
-if TYPE_CHECKING:
-    from pretrain.train.trainer import Trainer
+log = get_logger(__name__)
 
-EXIT_HANG = 6
+EXIT_HANG = ExitCode.HANG
 _COLLECTIVE_FILES = (
     os.sep + os.path.join("torch", "distributed") + os.sep,
     os.sep + os.path.join("deepspeed", "comm") + os.sep,
@@ -121,7 +122,9 @@ def _fit_running(code: Any) -> bool:
 
 
 class Watchdog(Callback):
-    """Install last among the callbacks: a step counts as done after its evaluation and checkpoint."""
+    """Runs last among the callbacks: a step counts as done after its evaluation and checkpoint."""
+
+    priority = WATCH
 
     def __init__(
         self,
@@ -169,7 +172,7 @@ class Watchdog(Callback):
 
     # ----- callback hooks (training thread) -----
 
-    def on_train_start(self, trainer: Trainer) -> None:
+    def on_train_start(self, trainer: TrainerView) -> None:
         if not self.enabled:
             return
         from pretrain.train.trainer import Trainer as TrainerClass
@@ -179,16 +182,16 @@ class Watchdog(Callback):
         self._thread = threading.Thread(target=self._run, name="pretrain-watchdog", daemon=True)
         self._thread.start()
 
-    def on_step_end(self, trainer: Trainer) -> None:
+    def on_step_end(self, trainer: TrainerView) -> None:
         self._step, self._last, self._first_done = trainer.state.step, time.monotonic(), True
 
-    def on_train_end(self, trainer: Trainer) -> None:
+    def on_train_end(self, trainer: TrainerView) -> None:
         self.stop()
 
-    def on_abort(self, trainer: Trainer) -> None:  # a stop signal's save, or an error, leaves fit()
+    def on_abort(self, trainer: TrainerView) -> None:  # a stop signal's save, or an error, leaves fit()
         self.stop()
 
-    def on_restore(self, trainer: Trainer) -> None:  # a rollback: the loop goes on from an older step
+    def on_restore(self, trainer: TrainerView) -> None:  # a rollback: the loop goes on from an older step
         self._step, self._last = trainer.state.step, time.monotonic()
 
     def stop(self) -> None:
@@ -275,7 +278,7 @@ class Watchdog(Callback):
         if reporter:
             text = self._report(alarm, directory, grace)
             (directory / "report.txt").write_text(text + "\n")
-            print(f"error: {text}", file=sys.stderr, flush=True)
+            log.error(text, extra=EVERY_RANK)
             self._store_call("set", "watchdog/reported", str(directory / "report.txt"))
         else:
             deadline = time.monotonic() + 3 * grace
@@ -284,11 +287,10 @@ class Watchdog(Callback):
                     break
                 time.sleep(0.1)
             if self.store is None:
-                print(
-                    f"error: rank {self.rank} on {self.node}: no step completed in time and rank 0's store is "
+                log.error(
+                    f"rank {self.rank} on {self.node}: no step completed in time and rank 0's store is "
                     f"unreachable (rank 0 died?); stacks in {stack_file}",
-                    file=sys.stderr,
-                    flush=True,
+                    extra=EVERY_RANK,
                 )
         sys.stdout.flush()
         sys.stderr.flush()

@@ -1,6 +1,7 @@
 """A DeepSpeed checkpoint of any layout, read as the plain model's full tensors, one at a time.
 
-Where the weights are, per layout (checked against files our trainer writes, DeepSpeed 0.16-0.19):
+Where the weights are, per layout (file names and keys from `pretrain.deepspeed_compat`, checked
+against files our trainer writes by tests/test_deepspeed_compat.py):
 
 | layout | file | what it holds |
 | --- | --- | --- |
@@ -21,7 +22,7 @@ keeps no full module copy at all. So bf16 runs read the partitions, fp32 runs th
 
 Files are opened with `torch.load(mmap=True, weights_only=True)`: nothing in them runs as code, and
 only the bytes of the tensors taken are read; the optimizer moments stored beside the masters are
-never touched. Tensor-parallel shards are merged along `pretrain.parallel.plan.partition_dim`.
+never touched. Tensor-parallel shards are merged along `pretrain.parallel.tp_plan.partition_dim`.
 """
 
 from __future__ import annotations
@@ -34,23 +35,18 @@ from typing import Any
 
 import torch
 
+from pretrain import deepspeed_compat as compat
 from pretrain.config import Config
-from pretrain.convert.consolidated import VOCAB_PARAMETERS, layer_name, layer_parameters, plain_parameter_name
-from pretrain.convert.errors import ConversionError
+from pretrain.errors import ConversionError
+from pretrain.model.names import VOCAB_PARAMETERS, layer_name, layer_parameters
 from pretrain.model.transformer import num_layers
-from pretrain.parallel.plan import partition_dim
+from pretrain.parallel.partition import partition_layers
+from pretrain.parallel.pipeline import plain_parameter_name
+from pretrain.parallel.topology import describe_layout
+from pretrain.parallel.tp_plan import partition_dim
 
 # What an optimizer holds per parameter: the fp32 master weight and AdamW's two moments.
 STATE_KINDS = ("fp32", "exp_avg", "exp_avg_sq")
-
-
-def _allowed_globals() -> list[Any]:
-    """The only non-tensor objects DeepSpeed pickles into its checkpoints (enum, loss-scaler state)."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [DynamicLossScaler, LossScaler, ZeroStageEnum, fragment_address]
 
 
 def load_file(path: Path) -> dict[str, Any]:
@@ -61,7 +57,7 @@ def load_file(path: Path) -> dict[str, Any]:
             f"convert an earlier checkpoint (give its step directory)"
         )
     try:
-        with torch.serialization.safe_globals(_allowed_globals()):
+        with torch.serialization.safe_globals(compat.pickled_globals()):
             return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as e:
         raise ConversionError(
@@ -80,7 +76,7 @@ class Layout:
     zero_stage: int
 
     def describe(self) -> str:
-        return f"data-parallel {self.dp} x tensor-parallel {self.tp} x pipeline-parallel {self.pp}, ZeRO-{self.zero_stage}"
+        return describe_layout(self.dp, self.tp, self.pp, self.zero_stage)
 
 
 class _FlatPartitions:
@@ -104,7 +100,7 @@ class _FlatPartitions:
         load: Callable[[Path], dict[str, Any]],
         kind: str = "fp32",
     ):
-        states = [load(p)["optimizer_state_dict"] for p in rank_files]
+        states = [load(p)[compat.OPTIMIZER_STATE_KEY] for p in rank_files]
         # [rank][group]
         self.groups: list[list[torch.Tensor]] = [
             _flat_buffers(s, zero_stage, kind, path) for s, path in zip(states, rank_files, strict=True)
@@ -178,11 +174,11 @@ def _flat_buffers(state: dict[str, Any], zero_stage: int, kind: str, path: Path)
     The moments live in the wrapped torch optimizer's state, one flat tensor per group, laid out
     exactly like the masters."""
     if kind == "fp32":
-        key = "fp32_flat_groups" if zero_stage == 3 else "single_partition_of_fp32_groups"
+        key = compat.flat_masters_key(zero_stage)
         if key not in state:
             raise ConversionError(f"{path} has no {key}: not a ZeRO-{zero_stage} optimizer file")
         return list(state[key])
-    base = state.get("optimizer_state_dict" if zero_stage == 3 else "base_optimizer_state") or {}
+    base = state.get(compat.base_optimizer_key(zero_stage)) or {}
     per_group = base.get("state")
     if not per_group:
         raise ConversionError(
@@ -294,8 +290,8 @@ class DeepSpeedCheckpoint:
         self.dir, self.cfg = step_dir, cfg
         self._files: dict[Path, dict[str, Any]] = {}
         # ZeRO-3 names its model-states files differently; the files, not the config, decide.
-        self._zero3 = not (step_dir / "mp_rank_00_model_states.pt").is_file() and any(
-            step_dir.glob("zero_pp_rank_*_mp_rank_00_model_states.pt")
+        self._zero3 = not (step_dir / compat.model_states_file(0)).is_file() and any(
+            step_dir.glob(compat.ZERO3_FIRST_MODEL_STATES_GLOB)
         )
         par = cfg.parallel
         first = self._model_states(0, dp_rank=0)
@@ -328,17 +324,14 @@ class DeepSpeedCheckpoint:
         return self._files[path]
 
     def _model_states(self, mp_rank: int, dp_rank: int = 0) -> Path:
-        if self._zero3:
-            return self.dir / f"zero_pp_rank_{dp_rank}_mp_rank_{mp_rank:02d}_model_states.pt"
-        return self.dir / f"mp_rank_{mp_rank:02d}_model_states.pt"
+        return self.dir / compat.model_states_file(mp_rank, dp_rank, self._zero3)
 
     def _optim_states(self, mp_rank: int, dp_rank: int) -> Path:
-        name = f"zero_pp_rank_{dp_rank}_mp_rank_{mp_rank:02d}_optim_states.pt"
-        bf16 = self.dir / f"bf16_{name}"
-        return bf16 if bf16.is_file() else self.dir / name
+        zero, bf16 = (self.dir / name for name in compat.optim_states_files(mp_rank, dp_rank))
+        return bf16 if bf16.is_file() else zero
 
     def _layer_file(self, index: int, tp_rank: int) -> Path:
-        return self.dir / f"layer_{index:02d}-model_{tp_rank:02d}-model_states.pt"
+        return self.dir / compat.layer_file(index, tp_rank)
 
     def _module_dtype(self) -> torch.dtype:
         if self.layout.pp > 1:
@@ -351,14 +344,12 @@ class DeepSpeedCheckpoint:
         """AdamW's step count (its bias correction) as saved; the same for every parameter."""
         optim_file = self._optim_states(0, 0)
         if optim_file.is_file():
-            state = self._load(optim_file)["optimizer_state_dict"]
-            base = state.get(
-                "optimizer_state_dict" if self.layout.zero_stage == 3 else "base_optimizer_state"
-            )
+            state = self._load(optim_file)[compat.OPTIMIZER_STATE_KEY]
+            base = state.get(compat.base_optimizer_key(self.layout.zero_stage))
         else:
             optimizer = self._load(self._model_states(0)).get("optimizer") or {}
             base = optimizer.get(
-                "optimizer_state_dict", optimizer
+                compat.OPTIMIZER_STATE_KEY, optimizer
             )  # DeepSpeed's fp16 optimizer wraps torch's
         per_param = (base or {}).get("state") or {}
         if not per_param:
@@ -436,8 +427,6 @@ class DeepSpeedCheckpoint:
         model, layout = self.cfg.model, self.layout
         total = num_layers(model)
         if layout.pp > 1:
-            from pretrain.parallel.partition import partition_layers
-
             parts = partition_layers(self.cfg)
             stage = mp // layout.tp
             indices = list(range(parts[stage], parts[stage + 1]))

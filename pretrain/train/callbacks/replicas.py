@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-from typing import TYPE_CHECKING
-
+from pretrain.logs import EVERY_RANK, get_logger
 from pretrain.parallel.replicas import check_replicas
-from pretrain.train.callbacks import Callback
+from pretrain.train.callbacks.base import CHECK, Callback, TrainerView
 
-if TYPE_CHECKING:
-    from pretrain.train.trainer import Trainer
+log = get_logger(__name__)
 
 
 class ReplicaChecker(Callback):
@@ -17,18 +14,19 @@ class ReplicaChecker(Callback):
     logged (metrics record `replica_divergence`, and stderr on the ranks that hold them). Training
     goes on: tiny drift from nondeterministic GPU kernels is a warning, not a failure."""
 
+    priority = CHECK
+
     def __init__(self, interval: int):
         self.interval = interval
 
-    def on_step_end(self, trainer: Trainer) -> None:
+    def on_step_end(self, trainer: TrainerView) -> None:
         step = trainer.state.step
         if step % self.interval:
             return
         problems = check_replicas(trainer.engine.module, trainer.engine.ctx)
         if problems:
             listing = "\n  ".join(problems)
-            print(
-                f"warning (rank {trainer.dist.rank}, step {step}): replicas differ:\n  {listing}",
-                file=sys.stderr,
+            log.warning(
+                f"rank {trainer.dist.rank}, step {step}: replicas differ:\n  {listing}", extra=EVERY_RANK
             )
         trainer.log({"step": step, "replica_divergence": problems})

@@ -24,12 +24,13 @@ from typing import Any
 
 import torch
 
-from pretrain.config import ConfigError, ModelConfig
-from pretrain.model.transformer import build_layer, layer_kind, num_layers
+from pretrain.config import ModelConfig
+from pretrain.errors import ConfigError
+from pretrain.model.names import VOCAB_PARAMETERS, layer_name, parameter_shapes
+from pretrain.model.transformer import build_layer, layer_kind
 
 FORMAT = "pretrain-consolidated-v1"
 WEIGHTS_FILE = "model.safetensors"  # inside a folder given as an init source
-VOCAB_PARAMETERS = ("embedding.weight", "head.weight")
 # The fields that decide what the weights compute; the rest of ModelConfig (init_std, padding
 # multiples, ffn rounding) only shapes how a model is initialised or laid out.
 ARCHITECTURE_FIELDS = (
@@ -44,45 +45,6 @@ ARCHITECTURE_FIELDS = (
     "tie_embeddings",
 )
 _OVERRIDE_KEY = {"kv_heads": "num_kv_heads", "ffn_size": "ffn_hidden_size"}
-
-
-def layer_name(cfg: ModelConfig, index: int) -> str:
-    """Module name of layer `index` of the layer list in the plain Transformer."""
-    kind = layer_kind(cfg, index)
-    return f"blocks.{index - 1}" if kind == "block" else kind
-
-
-def plain_parameter_name(cfg: ModelConfig, module_name: str, pipelined: bool) -> str:
-    """The plain model's name of a parameter as DeepSpeed's engine module names it. A pipeline
-    (PipelineModule) names layers by their index in the layer list ('3.attn.q_proj.weight') and the
-    tied embedding 'tied_modules.embedding.weight' on both stages that hold it."""
-    if not pipelined:
-        return module_name
-    head, _, rest = module_name.partition(".")
-    if head == "tied_modules":
-        key, _, rest = rest.partition(".")
-        return f"{key}.{rest}"
-    return f"{layer_name(cfg, int(head))}.{rest}"
-
-
-def layer_parameters(cfg: ModelConfig) -> list[tuple[int, list[tuple[str, torch.Size]]]]:
-    """(layer index, [(parameter name, unpadded shape), ...]) for every layer, in layer order; the
-    tied output layer has no parameters of its own."""
-    out: list[tuple[int, list[tuple[str, torch.Size]]]] = []
-    with torch.device("meta"):
-        for index in range(num_layers(cfg)):
-            prefix = layer_name(cfg, index)
-            if prefix == "head" and cfg.tie_embeddings:
-                out.append((index, []))
-                continue
-            layer = build_layer(cfg, index, cfg.vocab_size, seed=0)
-            out.append((index, [(f"{prefix}.{name}", p.shape) for name, p in layer.named_parameters()]))
-    return out
-
-
-def parameter_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
-    """Every stored tensor's name and unpadded shape, in layer order."""
-    return {name: shape for _, params in layer_parameters(cfg) for name, shape in params}
 
 
 def model_config_to_json(cfg: ModelConfig) -> str:
@@ -230,7 +192,7 @@ def write_consolidated(
     dtype: torch.dtype = torch.float32,
 ) -> Path:
     """Stream `tensors` (plain names, unpadded, in layer order) into a consolidated safetensors file."""
-    from pretrain.convert.safetensors_io import SafetensorsWriter
+    from pretrain.weights.safetensors_io import SafetensorsWriter
 
     shapes = parameter_shapes(cfg)
     metadata = {

@@ -1,2 +1,0 @@
-class DataError(ValueError):
-    """Data that cannot be trained on; the message names the dataset or file and the fix."""

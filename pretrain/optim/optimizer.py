@@ -1,0 +1,42 @@
+"""AdamW over two parameter groups (matrices decay, vectors do not), built once per rank."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from pretrain.config import OptimConfig
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices (linear and embedding weights); leave vectors (norm scales, biases) alone.
+    Always these two groups, in this order (checkpoint conversion and resuming rely on it)."""
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """torch's AdamW over `parameter_groups`: one fused kernel per step on GPU, foreach elsewhere."""
+    on_gpu = next(model.parameters()).device.type == "cuda"
+    return torch.optim.AdamW(
+        parameter_groups(model, cfg.weight_decay),
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+        fused=on_gpu or None,
+        foreach=None if on_gpu else True,
+    )
+
+
+def apply_hyperparameters(groups: list[dict[str, Any]], cfg: OptimConfig) -> None:
+    """Set optim.* on the groups of `parameter_groups` (a resumed run's config wins over the
+    checkpoint's: the loaded optimizer state brings its old betas, eps and weight decay)."""
+    for index, group in enumerate(groups):
+        group.update(betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+        group["weight_decay"] = cfg.weight_decay if index == 0 else 0.0  # matrices, then vectors

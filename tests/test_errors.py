@@ -1,0 +1,139 @@
+"""One error hierarchy: each error raised on purpose carries its exit code, `main` maps them once,
+and an OSError is reported for what it is (not as unusable data)."""
+
+import errno
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, TINY
+from pretrain.errors import (
+    CheckpointError,
+    ConfigError,
+    ConversionError,
+    DataError,
+    ExitCode,
+    InvalidCheckpoint,
+    LaunchError,
+    NonFiniteLossError,
+    OutputError,
+    PeerFailure,
+    Preempted,
+    PretrainError,
+    exit_code_of,
+)
+
+SMALL = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
+         "model.ffn_hidden_size=128", "train.seq_len=32", "train.global_batch_size=4", "train.micro_batch_size=2",
+         "train.eval_interval=0", "logging.tensorboard=false", "logging.plot=false"]  # fmt: skip
+
+
+def test_each_error_carries_the_exit_code_the_readme_documents():
+    cases = [
+        (ConfigError(["x"]), 2),
+        (NonFiniteLossError(3, float("nan")), 3),
+        (DataError("x"), 4),
+        (CheckpointError("x"), 5),
+        (InvalidCheckpoint(Path("c"), "x"), 5),
+        (OutputError("metrics", OSError(errno.ENOSPC, "No space left on device")), 5),
+        (LaunchError("x"), 7),
+        (Preempted("SIGTERM", 4, None), 75),
+        (ConversionError("x"), 1),
+        (PeerFailure(4), 4),  # the failed rank's code, not one of its own
+        (RuntimeError("a bug"), 1),
+    ]
+    for error, code in cases:
+        assert exit_code_of(error) == code, error
+    # Every framework error is a PretrainError; the subclasses keep the builtin bases callers catch.
+    assert all(isinstance(e, PretrainError) for e, _ in cases[:-1])
+    assert isinstance(DataError("x"), ValueError) and isinstance(ConfigError(["x"]), ValueError)
+    from launch.hostlist import HostlistError
+    from pretrain.data.indexed import ShardError
+    from pretrain.data.remote import RemoteDataError
+
+    assert exit_code_of(HostlistError("x")) == ExitCode.LAUNCH and isinstance(HostlistError("x"), ValueError)
+    assert exit_code_of(ShardError("x")) == exit_code_of(RemoteDataError("x")) == ExitCode.DATA
+
+
+def test_who_reports_an_error():
+    # The same on every rank (they agreed on it): rank 0 says it once.
+    assert ConfigError(["bad"]).report(0).startswith("error: invalid configuration")
+    assert ConfigError(["bad"]).report(3) is None
+    assert CheckpointError("x").report(1) is None
+    # Found by one rank, possibly alone: every rank says what it found, with its rank.
+    assert DataError("shard 7 is corrupt").report(3) == "error (rank 3): shard 7 is corrupt"
+    # The ranks that only heard of another rank's failure stay quiet.
+    assert PeerFailure(4).report(0) is None
+
+
+def test_a_full_disk_while_writing_metrics_is_an_output_error_naming_the_fix(tmp_path):
+    from pretrain.train.callbacks.sinks import JsonlWriter
+
+    writer = JsonlWriter(Path("/dev/full"))  # every write fails with ENOSPC, as on a full disk
+    writer.on_train_start(None)  # type: ignore[arg-type]
+    with pytest.raises(OutputError) as error:
+        writer.on_log(None, {"step": 3, "loss": 1.0})  # type: ignore[arg-type]
+    message = str(error.value)
+    assert "step 3" in message and "No space left on device" in message and "free space there" in message
+    assert exit_code_of(error.value) == ExitCode.CHECKPOINT
+
+
+def test_an_unexpected_os_error_in_main_is_named_with_its_traceback_and_exit_code_1(capsys):
+    from pretrain.main import report
+
+    try:
+        raise PermissionError(errno.EACCES, "Permission denied", "/somewhere/file")
+    except PermissionError as e:
+        code = report(e)
+    err = capsys.readouterr().err
+    assert code == 1
+    assert (
+        "error (rank 0): unexpected PermissionError: [Errno 13] Permission denied: '/somewhere/file'" in err
+    )
+    assert "Traceback" in err
+
+
+def run_main(*args, env=None):
+    return subprocess.run(
+        [sys.executable, str(REPO / "pretrain" / "main.py"), "--config", str(TINY), *SMALL, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_a_run_dir_that_cannot_be_created_is_a_config_error_not_a_data_error(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = run_main(f"run.dir={blocker / 'run'}", "train.steps=1")
+    assert result.returncode == ExitCode.CONFIG, result.stderr
+    assert f"run.dir '{blocker / 'run'}' cannot be used" in result.stderr
+    assert "Not a directory" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_a_disk_too_full_for_the_next_save_exits_5_and_keeps_the_earlier_checkpoint(tmp_path):
+    """A 4 MiB tmpfs holds the run files and the first checkpoint (2.0 MB), not a second one beside it: the
+    run stops at the second save (refused before writing, or ENOSPC while writing) with exit 5."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4M", "tmpfs", str(disk)], check=True)
+    try:
+        result = run_main(
+            f"run.dir={disk / 'run'}", "train.steps=4", "checkpoint.interval=2", "checkpoint.keep_last=0",
+            "checkpoint.async_save=false",
+        )  # fmt: skip
+        complete = sorted(p.name for p in (disk / "run" / "checkpoints").iterdir() if p.is_dir())
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+    assert result.returncode == ExitCode.CHECKPOINT, result.stderr[-3000:]
+    assert "could not be written" in result.stderr or "not enough free disk space" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert complete == ["step00000002"]
