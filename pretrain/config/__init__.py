@@ -6,7 +6,7 @@ are YAML files in `configs/`; the command line adds dotted overrides (`optim.lr=
 parallel.zero_stage=2`). Loading is strict: unknown keys, wrong types and impossible values are
 collected and reported together in one `ConfigError`.
 
-    fields.py      documented fields, the wording of the common checks
+    fields.py      documented fields, Literal choices, the wording of the common checks
     model.py       model.*                      parallel.py   parallel.*
     data.py        data.*                       training.py   optim.*, schedule.*, train.*
     checkpoint.py  checkpoint.*, RESUME_GUARDED_KEYS
@@ -24,6 +24,7 @@ from pretrain.config.checkpoint import (
     RESUME_GUARDED_KEYS,
     RESUME_VERIFICATION,
     CheckpointConfig,
+    ResumeVerification,
 )
 from pretrain.config.data import DataConfig
 from pretrain.config.loader import all_keys, load_config
@@ -33,6 +34,9 @@ from pretrain.config.parallel import (
     RECOMPUTE_MODES,
     ZERO_STAGES,
     ParallelConfig,
+    PipelinePartition,
+    RecomputeMode,
+    ZeroStage,
 )
 from pretrain.config.reference import describe_fields, reference_markdown
 from pretrain.config.root import Config, validate
@@ -41,7 +45,10 @@ from pretrain.config.training import (
     NONFINITE_POLICIES,
     PRECISIONS,
     SCHEDULES,
+    NonfinitePolicy,
     OptimConfig,
+    Precision,
+    Schedule,
     ScheduleConfig,
     TrainConfig,
 )
@@ -62,12 +69,19 @@ __all__ = [
     "DataConfig",
     "LoggingConfig",
     "ModelConfig",
+    "NonfinitePolicy",
     "OptimConfig",
     "ParallelConfig",
+    "PipelinePartition",
+    "Precision",
+    "RecomputeMode",
+    "ResumeVerification",
     "RunConfig",
+    "Schedule",
     "ScheduleConfig",
     "TrainConfig",
     "WatchdogConfig",
+    "ZeroStage",
     "all_keys",
     "describe_fields",
     "load_config",

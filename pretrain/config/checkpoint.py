@@ -4,10 +4,12 @@ the weights start from; with the settings a resume guards (`RESUME_GUARDED_KEYS`
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
-from pretrain.config.fields import documented, one_of
+from pretrain.config.fields import choices, documented, one_of
 
-RESUME_VERIFICATION = ("checksum", "size")
+ResumeVerification = Literal["checksum", "size"]
+RESUME_VERIFICATION: tuple[ResumeVerification, ...] = choices(ResumeVerification)
 # Settings a resumed run must share with its checkpoint, unless listed in checkpoint.allow_changes:
 # each changes which tokens the following steps train on. Model shapes can never change (the weights
 # would not fit); everything else (LR, schedule, steps, layout, logging) may change freely.
@@ -47,7 +49,7 @@ class CheckpointConfig:
         "memory (one save in flight at a time, so host memory holds at most one extra copy of the state).",
         True,
     )
-    verify: str = documented(
+    verify: ResumeVerification = documented(
         "What resuming checks before it trusts a checkpoint: checksum (every file against the manifest's "
         "checksum, the reading spread over all ranks) or size (file sizes only; for huge checkpoints).",
         "checksum",

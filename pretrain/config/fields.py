@@ -1,5 +1,5 @@
-"""What every section module of the schema shares: documented fields, the type hints the loader and
-the reference walk, and the wording of the common checks."""
+"""What every section module of the schema shares: documented fields, choice lists taken from `Literal`
+annotations, the type hints the loader and the reference walk, and the wording of the common checks."""
 
 from __future__ import annotations
 
@@ -13,6 +13,11 @@ def documented(text: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> 
     if default is not dataclasses.MISSING:
         kwargs["default"] = default
     return dataclasses.field(metadata={"doc": text}, **kwargs)
+
+
+def choices(literal: Any) -> tuple[Any, ...]:
+    """The values a `Literal[...]` annotation allows, in the order written: the one list of choices."""
+    return typing.get_args(literal)
 
 
 def field_types(cls: type) -> dict[str, Any]:

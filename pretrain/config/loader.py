@@ -10,7 +10,7 @@ import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -131,12 +131,16 @@ def _build(cls: type, raw: Any, path: str, problems: list[str]) -> Any:
 
 
 def _coerce(value: Any, ftype: Any) -> Any:
-    """`value` as `ftype`, or TypeError saying what was expected."""
+    """`value` as `ftype`, or TypeError saying what was expected. A Literal field is coerced to the
+    type of its choices only: whether the value is one of them is the section's check, whose message
+    lists the choices (and is reported with the other impossible values)."""
     args = typing.get_args(ftype)
     if typing.get_origin(ftype) in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         (ftype,) = [a for a in args if a is not type(None)]
+    if typing.get_origin(ftype) is Literal:
+        (ftype,) = {type(choice) for choice in typing.get_args(ftype)}
     if typing.get_origin(ftype) is list:
         (item_type,) = typing.get_args(ftype)
         if isinstance(value, str | int | float) and not isinstance(value, bool):

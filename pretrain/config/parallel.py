@@ -4,21 +4,25 @@ model's shape and the sequence length (the layout against the world size is `Con
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
-from pretrain.config.fields import documented, one_of, positive
+from pretrain.config.fields import choices, documented, one_of, positive
 from pretrain.config.model import ModelConfig
 from pretrain.config.training import TrainConfig
 
-ZERO_STAGES = (0, 1, 2, 3)
-RECOMPUTE_MODES = ("none", "full", "selective")
-PIPELINE_PARTITIONS = ("layers", "parameters")
+ZeroStage = Literal[0, 1, 2, 3]
+RecomputeMode = Literal["none", "full", "selective"]
+PipelinePartition = Literal["layers", "parameters"]
+ZERO_STAGES: tuple[ZeroStage, ...] = choices(ZeroStage)
+RECOMPUTE_MODES: tuple[RecomputeMode, ...] = choices(RecomputeMode)
+PIPELINE_PARTITIONS: tuple[PipelinePartition, ...] = choices(PipelinePartition)
 
 
 @dataclass
 class ParallelConfig:
     """How the model is spread over processes. World size = data-parallel x tp x pp."""
 
-    zero_stage: int = documented(
+    zero_stage: ZeroStage = documented(
         "DeepSpeed ZeRO stage: 0 (plain DP), 1 (optimizer states), 2 (+gradients), 3 (+weights).", 1
     )
     tp: int = documented(
@@ -31,7 +35,7 @@ class ParallelConfig:
         "(Megatron-LM sequence parallelism): activation memory / tp, same communication volume.",
         False,
     )
-    activation_checkpointing: str = documented(
+    activation_checkpointing: RecomputeMode = documented(
         "Recompute activations in the backward pass: none; full (keep each block's input only); selective "
         "(keep matmul and attention outputs, recompute norms, rotary and activations).",
         "none",
@@ -42,7 +46,7 @@ class ParallelConfig:
         "ones that differ by name; 0 disables it (a debugging aid: one small all-gather per group).",
         0,
     )
-    pipeline_partition: str = documented(
+    pipeline_partition: PipelinePartition = documented(
         "How decoder blocks are split over pipeline stages: layers (equal block counts; the embedding joins "
         "the first stage, the norm and head the last) or parameters (balance parameter counts).",
         "layers",

@@ -7,14 +7,18 @@ import dataclasses
 import json
 import types
 import typing
-from typing import Any
+from typing import Any, Literal
 
 from pretrain.config.fields import field_types
 from pretrain.config.root import Config
 
 
 def type_name(ftype: Any) -> str:
-    """How the reference writes a field's type: `int`, `list[str]`, `float | null`."""
+    """How the reference writes a field's type: `int`, `list[str]`, `float | null`, and a choice as the
+    type of its values with the values, `str (none, full, selective)`."""
+    if typing.get_origin(ftype) is Literal:
+        values = typing.get_args(ftype)
+        return f"{type(values[0]).__name__} ({', '.join(map(str, values))})"
     if typing.get_origin(ftype) is list:
         return f"list[{type_name(typing.get_args(ftype)[0])}]"
     if typing.get_origin(ftype) in (typing.Union, types.UnionType):

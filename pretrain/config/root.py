@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -53,8 +55,16 @@ class Config:
     def tokens_per_step(self) -> int:
         return self.train.global_batch_size * self.train.seq_len
 
+    # ----- plain forms -----
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every section as nested plain dicts and lists, keyed as in the YAML."""
+        return dataclasses.asdict(self)
+
     def to_yaml(self) -> str:
-        return OmegaConf.to_yaml(OmegaConf.structured(self))
+        # From plain dicts, not OmegaConf.structured(self): OmegaConf 2.3 (which pyproject.toml allows)
+        # rejects Literal annotations; only 2.4 accepts them.
+        return OmegaConf.to_yaml(self.to_dict())
 
     # ----- checks -----
 

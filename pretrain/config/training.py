@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
+from typing import Literal
 
 from pretrain.config.checkpoint import CheckpointConfig
-from pretrain.config.fields import documented, one_of, positive
+from pretrain.config.fields import choices, documented, one_of, positive
 
-SCHEDULES = ("cosine", "wsd", "constant")
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-NONFINITE_POLICIES = ("fail", "skip", "rollback")
+Schedule = Literal["cosine", "wsd", "constant"]
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+NonfinitePolicy = Literal["fail", "skip", "rollback"]
+SCHEDULES: tuple[Schedule, ...] = choices(Schedule)
+PRECISIONS: tuple[Precision, ...] = choices(Precision)
+NONFINITE_POLICIES: tuple[NonfinitePolicy, ...] = choices(NonfinitePolicy)
 
 
 @dataclass
@@ -43,7 +47,7 @@ class OptimConfig:
 class ScheduleConfig:
     """Learning-rate schedule: linear warmup, then cosine decay, warmup-stable-decay, or constant."""
 
-    kind: str = documented("One of: cosine, wsd (warmup-stable-decay), constant.", "cosine")
+    kind: Schedule = documented("One of: cosine, wsd (warmup-stable-decay), constant.", "cosine")
     warmup_steps: int = documented("Steps of linear warmup from 0 to optim.lr.", 100)
     min_lr_ratio: float = documented("Final learning rate as a fraction of optim.lr.", 0.1)
     decay_fraction: float = documented(
@@ -77,7 +81,9 @@ class TrainConfig:
         None,
     )
     seq_len: int = documented("Tokens per training sequence.", 1024)
-    precision: str = documented("auto (bf16 on GPUs that support it, else fp32), bf16, fp16 or fp32.", "auto")
+    precision: Precision = documented(
+        "auto (bf16 on GPUs that support it, else fp32), bf16, fp16 or fp32.", "auto"
+    )
     compile: bool = documented(
         "Compile each decoder block with torch.compile (fused norms, rotary, SwiGLU and their backward; "
         "the same weights and checkpoints). Costs compile time at the first steps (about a minute on a GPU).",
@@ -85,7 +91,7 @@ class TrainConfig:
     )
     eval_interval: int = documented("Compute validation loss every this many steps; 0 disables it.", 100)
     eval_batches: int = documented("Global batches of validation data per evaluation.", 4)
-    on_nonfinite: str = documented(
+    on_nonfinite: NonfinitePolicy = documented(
         "When a step's gradient norm is not finite (its update is never applied): fail (stop, exit 3), skip "
         "(log the step and its sample ids, go on), or rollback (reload the newest complete checkpoint and skip "
         "the offending batches).",

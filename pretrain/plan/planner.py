@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from pretrain.config import Config, validate
+from pretrain.config import Config, RecomputeMode, ZeroStage, validate
 from pretrain.model.flops import flops_per_token
 from pretrain.plan.counts import parameter_count, rank_parameters, stage_layers
 from pretrain.plan.hardware import Cluster
@@ -92,12 +92,13 @@ def with_layout(
     sequence_parallel: bool,
 ) -> Config:
     """`cfg` with another layout (gradient accumulation re-derived from the global batch)."""
+    # The casts only tell mypy: an unknown stage or mode is reported by layout_problems, as for any config.
     parallel = dataclasses.replace(
         cfg.parallel,
         tp=tp,
         pp=pp,
-        zero_stage=zero_stage,
-        activation_checkpointing=activation_checkpointing,
+        zero_stage=cast(ZeroStage, zero_stage),
+        activation_checkpointing=cast(RecomputeMode, activation_checkpointing),
         sequence_parallel=sequence_parallel,
     )
     train = dataclasses.replace(cfg.train, micro_batch_size=micro_batch_size, grad_accum_steps=None)
