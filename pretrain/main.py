@@ -98,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_LAUNCH_ERROR
     try:
         cfg = load_config(args.config, args.overrides, world_size=world_size)
+        from pretrain.parallel.layout import check_layout
+
+        check_layout(cfg, world_size)
         if args.dry_run:
             if is_rank_zero():
                 dry_run(cfg, world_size)

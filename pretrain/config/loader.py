@@ -28,6 +28,8 @@ def load_config(
     """Read a YAML preset, apply dotted overrides, and return a validated `Config`.
 
     `world_size` enables the checks that need it (batch arithmetic, layout); None skips them.
+    The split into pipeline stages, which needs the model, is checked by
+    `pretrain.parallel.layout.check_layout`.
     """
     problems: list[str] = []
     raw = _read_preset(Path(path)) if path is not None else {}

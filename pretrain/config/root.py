@@ -16,7 +16,6 @@ from pretrain.config.model import ModelConfig
 from pretrain.config.parallel import ParallelConfig
 from pretrain.config.run import LoggingConfig, RunConfig, WatchdogConfig
 from pretrain.config.training import OptimConfig, ScheduleConfig, TrainConfig
-from pretrain.errors import ConfigError
 
 
 @dataclass
@@ -89,7 +88,8 @@ class Config:
 
     def world_size_problems(self, world_size: int) -> list[str]:
         """The layout and batch arithmetic on `world_size` ranks; the first problem only, since each
-        check assumes the ones before it passed."""
+        check assumes the ones before it passed. (Splitting the model into pipeline stages is checked
+        by pretrain.parallel.layout, which needs the model.)"""
         par, t = self.parallel, self.train
         model_parallel = par.tp * par.pp
         if world_size % model_parallel:
@@ -97,13 +97,6 @@ class Config:
                 f"world size {world_size} is not divisible by parallel.tp x parallel.pp = {par.tp} x {par.pp} = "
                 f"{model_parallel}; launch a multiple of {model_parallel} processes or change the layout"
             ]
-        if par.pp > 1:
-            from pretrain.parallel.partition import partition_layers  # needs the model; imported only here
-
-            try:
-                partition_layers(self)
-            except ConfigError as e:
-                return e.problems
         dp = world_size // model_parallel
         per_step = t.micro_batch_size * dp
         if t.grad_accum_steps is not None:
@@ -127,7 +120,7 @@ class Config:
 def validate(cfg: Config, world_size: int | None = None) -> list[str]:
     """Every problem of `cfg`, as messages with a fix; with `world_size`, also the layout and batch
     arithmetic on that many ranks, checked only when everything else is clean (it needs every number
-    right)."""
+    right). The pipeline split, which needs the model, is pretrain.parallel.layout's."""
     problems = cfg.problems()
     if world_size is not None and not problems:
         problems = cfg.world_size_problems(world_size)
