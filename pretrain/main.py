@@ -92,6 +92,10 @@ def train(args: argparse.Namespace) -> None:
 
     world_size = args.world_size or env_world_size()
     cfg = load_config(args.config, args.overrides, world_size=world_size)
+    # The split into pipeline stages needs the model (and DeepSpeed): not for --help-config's sake.
+    from pretrain.parallel.layout import check_layout
+
+    check_layout(cfg, world_size)
     if args.dry_run:
         if current_rank() == 0:
             dry_run(cfg, world_size)

@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-
 from pretrain.checkpoint.agreement import StepAgreement
 from pretrain.checkpoint.manifest import (
     Manifest,
@@ -139,7 +137,7 @@ def _flat(cfg: Config) -> dict[str, Any]:
             return out
         return {prefix.rstrip("."): node}
 
-    return walk(OmegaConf.to_container(OmegaConf.structured(cfg)), "")
+    return walk(cfg.to_dict(), "")
 
 
 def resume_changes(

@@ -1,17 +1,19 @@
 """One layout, planned: exact size, memory per GPU, step time, and whether it fits.
 
-`plan_layout` takes a config that pretrain.config has already validated for the cluster's world size
-(the same checks the trainer runs), so an impossible layout never gets this far.
+`plan_layout` takes a config that pretrain.config and pretrain.parallel.layout have already validated
+for the cluster's world size (the same checks the trainer runs), so an impossible layout never gets
+this far.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from pretrain.config import Config, validate
+from pretrain.config import Config, RecomputeMode, ZeroStage, validate
 from pretrain.model.flops import flops_per_token
+from pretrain.parallel.layout import layout_problems as model_layout_problems
 from pretrain.plan.counts import parameter_count, rank_parameters, stage_layers
 from pretrain.plan.hardware import Cluster
 from pretrain.plan.memory import CUDA, MemoryPlan, estimate_memory, planned_precision
@@ -92,12 +94,13 @@ def with_layout(
     sequence_parallel: bool,
 ) -> Config:
     """`cfg` with another layout (gradient accumulation re-derived from the global batch)."""
+    # The casts only tell mypy: an unknown stage or mode is reported by layout_problems, as for any config.
     parallel = dataclasses.replace(
         cfg.parallel,
         tp=tp,
         pp=pp,
-        zero_stage=zero_stage,
-        activation_checkpointing=activation_checkpointing,
+        zero_stage=cast(ZeroStage, zero_stage),
+        activation_checkpointing=cast(RecomputeMode, activation_checkpointing),
         sequence_parallel=sequence_parallel,
     )
     train = dataclasses.replace(cfg.train, micro_batch_size=micro_batch_size, grad_accum_steps=None)
@@ -105,10 +108,11 @@ def with_layout(
 
 
 def layout_problems(cfg: Config, world_size: int) -> list[str]:
-    """Why the trainer would refuse `cfg` on `world_size` ranks: pretrain.config's validation, plus the
-    refusal pretrain/train/build.py adds once the precision is known (bf16 without ZeRO and without a
+    """Why the trainer would refuse `cfg` on `world_size` ranks: pretrain.config's validation and the
+    split into pipeline stages (pretrain.parallel.layout), each only once the checks before it pass, plus
+    the refusal pretrain/train/build.py adds once the precision is known (bf16 without ZeRO and without a
     pipeline accumulates gradients in bf16)."""
-    problems = validate(cfg, world_size)
+    problems = validate(cfg, world_size) or model_layout_problems(cfg, world_size)
     precision = planned_precision(cfg.train.precision, CUDA)
     if not problems and precision == "bf16" and cfg.parallel.zero_stage == 0 and cfg.parallel.pp == 1:
         problems.append(

@@ -1,0 +1,115 @@
+"""`parallel.*`: how the model is spread over processes, and the checks of the degrees against the
+model's shape and the sequence length (the layout against the world size is `Config.world_size_problems`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pretrain.config.fields import choices, documented, one_of, positive
+from pretrain.config.model import ModelConfig
+from pretrain.config.training import TrainConfig
+
+ZeroStage = Literal[0, 1, 2, 3]
+RecomputeMode = Literal["none", "full", "selective"]
+PipelinePartition = Literal["layers", "parameters"]
+ZERO_STAGES: tuple[ZeroStage, ...] = choices(ZeroStage)
+RECOMPUTE_MODES: tuple[RecomputeMode, ...] = choices(RecomputeMode)
+PIPELINE_PARTITIONS: tuple[PipelinePartition, ...] = choices(PipelinePartition)
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is spread over processes. World size = data-parallel x tp x pp."""
+
+    zero_stage: ZeroStage = documented(
+        "DeepSpeed ZeRO stage: 0 (plain DP), 1 (optimizer states), 2 (+gradients), 3 (+weights).", 1
+    )
+    tp: int = documented(
+        "Tensor-parallel degree (model.num_heads and num_kv_heads must be divisible by it).", 1
+    )
+    pp: int = documented("Pipeline-parallel degree (at most model.num_layers; needs zero_stage 0 or 1).", 1)
+    offload_optimizer: bool = documented("Keep optimizer states in CPU memory (ZeRO stage >= 1).", False)
+    sequence_parallel: bool = documented(
+        "With tp > 1, split norms and the activations between tensor-parallel regions along the sequence "
+        "(Megatron-LM sequence parallelism): activation memory / tp, same communication volume.",
+        False,
+    )
+    activation_checkpointing: RecomputeMode = documented(
+        "Recompute activations in the backward pass: none; full (keep each block's input only); selective "
+        "(keep matmul and attention outputs, recompute norms, rotary and activations).",
+        "none",
+    )
+    check_replicas_interval: int = documented(
+        "Every this many steps, check that replicated parameters (data-parallel copies, norm weights on "
+        "tensor-parallel ranks, the tied embedding on first and last stage) are still equal, and log the "
+        "ones that differ by name; 0 disables it (a debugging aid: one small all-gather per group).",
+        0,
+    )
+    pipeline_partition: PipelinePartition = documented(
+        "How decoder blocks are split over pipeline stages: layers (equal block counts; the embedding joins "
+        "the first stage, the norm and head the last) or parameters (balance parameter counts).",
+        "layers",
+    )
+
+    def problems(self, model: ModelConfig, train: TrainConfig) -> list[str]:
+        """Impossible degrees and choices, and degrees the model's shape (or, with sequence parallelism,
+        train.seq_len) cannot be split by."""
+        p: list[str] = []
+        if self.zero_stage not in ZERO_STAGES:
+            *first, last = ZERO_STAGES
+            p.append(
+                f"parallel.zero_stage must be {', '.join(map(str, first))} or {last}, got {self.zero_stage}"
+            )
+        p += positive("parallel.tp", self.tp)
+        p += positive("parallel.pp", self.pp)
+        # Here rather than with model.*: the vocabulary is padded to vocab_pad_multiple x tp.
+        p += positive("model.vocab_pad_multiple", model.vocab_pad_multiple)
+        if self.tp > 1:
+            p += self._tensor_parallel_problems(model, train)
+        if self.check_replicas_interval < 0:
+            p.append(
+                "parallel.check_replicas_interval must be >= 0 (0 disables it), "
+                f"got {self.check_replicas_interval}"
+            )
+        p += one_of("parallel.activation_checkpointing", self.activation_checkpointing, RECOMPUTE_MODES)
+        p += one_of("parallel.pipeline_partition", self.pipeline_partition, PIPELINE_PARTITIONS)
+        if self.pp > 1:
+            p += self._pipeline_problems(model)
+        if self.offload_optimizer and self.zero_stage == 0:
+            p.append("parallel.offload_optimizer needs parallel.zero_stage >= 1")
+        return p
+
+    def _tensor_parallel_problems(self, model: ModelConfig, train: TrainConfig) -> list[str]:
+        p: list[str] = []
+        for name, heads in (("num_heads", model.num_heads), ("num_kv_heads", model.kv_heads)):
+            if heads > 0 and heads % self.tp:
+                p.append(
+                    f"model.{name} ({heads}) must be divisible by parallel.tp ({self.tp}): each tensor-parallel "
+                    f"rank holds whole heads; use a parallel.tp that divides {heads}"
+                )
+        if model.ffn_size > 0 and model.ffn_size % self.tp:
+            p.append(
+                f"the SwiGLU width ({model.ffn_size}, model.ffn_hidden_size) must be divisible by parallel.tp "
+                f"({self.tp}); choose a width that is a multiple of {self.tp}"
+            )
+        if self.sequence_parallel and train.seq_len > 0 and train.seq_len % self.tp:
+            p.append(
+                f"train.seq_len ({train.seq_len}) must be divisible by parallel.tp ({self.tp}) with "
+                f"parallel.sequence_parallel=true (each rank holds an equal slice of the sequence)"
+            )
+        return p
+
+    def _pipeline_problems(self, model: ModelConfig) -> list[str]:
+        p: list[str] = []
+        if model.num_layers < self.pp:
+            p.append(
+                f"parallel.pp ({self.pp}) exceeds model.num_layers ({model.num_layers}); each stage needs a layer"
+            )
+        if self.zero_stage >= 2:
+            p.append(
+                f"parallel.zero_stage={self.zero_stage} cannot be combined with pipeline parallelism "
+                f"(parallel.pp={self.pp}): DeepSpeed's pipeline engine supports ZeRO stage 0 or 1. "
+                f"Use parallel.zero_stage=1, or parallel.pp=1 to keep ZeRO-{self.zero_stage}"
+            )
+        return p

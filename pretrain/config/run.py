@@ -1,0 +1,71 @@
+"""`logging.*`, `run.*` and `watchdog.*`: what the run reports and where it writes, and the deadlines past
+which it counts as hung; with their checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pretrain.config.fields import documented, positive
+
+
+@dataclass
+class LoggingConfig:
+    """Console, metrics.jsonl, TensorBoard and plots."""
+
+    interval: int = documented("Log metrics every this many steps.", 10)
+    tensorboard: bool = documented("Write TensorBoard event files to run.dir/tensorboard.", True)
+    plot: bool = documented("Write run.dir/metrics.png (loss, LR, tokens/s) at the end of the run.", True)
+    peak_tflops: float | None = documented(
+        "Peak TFLOP/s per device for MFU; null looks the detected GPU up in a table (n/a when unknown).", None
+    )
+
+    def problems(self) -> list[str]:
+        p = positive("logging.interval", self.interval)
+        if self.peak_tflops is not None:
+            p += positive("logging.peak_tflops", self.peak_tflops)
+        return p
+
+
+@dataclass
+class RunConfig:
+    """Where the run writes everything."""
+
+    dir: str = documented(
+        "Run directory: config, metrics, TensorBoard, plots and checkpoints go here.", "runs/default"
+    )
+    overwrite: bool = documented(
+        "Start fresh in a run.dir that already holds a run, deleting its metrics, TensorBoard events and checkpoints.",
+        False,
+    )
+
+    def problems(self) -> list[str]:
+        return [] if self.dir else ["run.dir must not be empty"]
+
+
+@dataclass
+class WatchdogConfig:
+    """Deadlines for joining, the first step and every later step; what happens past them."""
+
+    join_timeout: float = documented(
+        "Seconds rank 0 waits for every rank to join the rendezvous; past it every rank that joined exits "
+        "(code 7) with the missing ranks and the nodes they should have come from.",
+        300.0,
+    )
+    first_step_timeout: float = documented(
+        "Seconds from the start of the training loop (after data loading and any resume) to the end of the "
+        "first step (compilation, warm-up); past it the job is treated as hung, as for step_timeout. 0 disables.",
+        1800.0,
+    )
+    step_timeout: float = documented(
+        "Seconds without a completed step (its evaluation and checkpoint save included); past it every rank "
+        "writes its Python stacks to run.dir/hang/<time>/, report.txt names the ranks that are behind, and "
+        "the job exits with code 6. 0 disables.",
+        600.0,
+    )
+
+    def problems(self) -> list[str]:
+        p = positive("watchdog.join_timeout", self.join_timeout)
+        for name in ("first_step_timeout", "step_timeout"):
+            if getattr(self, name) < 0:
+                p.append(f"watchdog.{name} must be >= 0 seconds (0 disables it), got {getattr(self, name)}")
+        return p
