@@ -107,6 +107,13 @@ def run_main(*args, env=None):
     )
 
 
+def test_a_config_file_that_cannot_be_read_is_a_config_error():
+    from pretrain.config import load_config
+
+    with pytest.raises(ConfigError, match=r"config file '/proc/self/mem' cannot be read \(\[Errno 5\]"):
+        load_config("/proc/self/mem")  # a file that every read fails on (EIO), even for root
+
+
 def test_a_run_dir_that_cannot_be_created_is_a_config_error_not_a_data_error(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
