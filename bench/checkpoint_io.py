@@ -65,28 +65,28 @@ def dd_seconds(directory: Path, size: int) -> float:
 
 
 def save_numbers(args: argparse.Namespace, directory: Path) -> dict:
-    from pretrain.checkpoint.manager import Checkpoints
+    from pretrain.checkpoint.store import CheckpointStore
 
     trainer = build(directory / "run", args, async_save=True)
-    checkpoints: Checkpoints = next(c.checkpoints for c in trainer.callbacks if hasattr(c, "checkpoints"))
+    store: CheckpointStore = next(c.store for c in trainer.callbacks if hasattr(c, "store"))
     sync_s, async_stall_s, async_total_s, dd_s, sizes = [], [], [], [], []
     for repeat in range(args.repeats):
         trainer.state.step += 1
-        checkpoints.cfg.checkpoint.async_save = False
+        store.cfg.checkpoint.async_save = False
         start = time.perf_counter()
-        checkpoints.save(trainer)
+        store.save(trainer.run_state, trainer.state.step)
         sync_s.append(time.perf_counter() - start)
-        outcome = checkpoints.wait()
+        outcome = store.wait()
         assert outcome is not None and outcome.ok, outcome
         sizes.append(outcome.total_bytes)
         dd_s.append(dd_seconds(directory, outcome.total_bytes))
 
         trainer.state.step += 1
-        checkpoints.cfg.checkpoint.async_save = True
+        store.cfg.checkpoint.async_save = True
         start = time.perf_counter()
-        checkpoints.save(trainer)
+        store.save(trainer.run_state, trainer.state.step)
         async_stall_s.append(time.perf_counter() - start)
-        outcome = checkpoints.wait()
+        outcome = store.wait()
         async_total_s.append(time.perf_counter() - start)
         assert outcome is not None and outcome.ok, outcome
         print(f"repeat {repeat}: sync {sync_s[-1]:.2f}s, dd {dd_s[-1]:.2f}s, async stall {async_stall_s[-1]:.3f}s",

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def save_checkpoint_after_one_step(run_dir: Path, overrides: list[str]) -> None:
     """Build the engine on one process, take one optimizer step (so the Adam moments exist and are
-    saved) and save a checkpoint as the trainer's Checkpointer does."""
+    saved) and save it with plain DeepSpeed (its files and `latest` pointer, no manifest)."""
     import torch
 
     from pretrain.config import load_config

@@ -22,8 +22,10 @@ from typing import Any
 from launch.env import LaunchError, LaunchInfo
 from launch.hostlist import compress
 from launch.rendezvous import ranges
+from pretrain.logs import get_logger
 
 REPO = Path(__file__).resolve().parent.parent
+log = get_logger("launch.preflight")
 
 
 class PreflightMismatch(LaunchError):
@@ -207,5 +209,5 @@ def preflight(info: LaunchInfo, config_text: str, run_dir: Path | None = None) -
             details = run_dir / "launch.json"
             record = {"launch": info.as_dict(), "ranks": gathered}
             details.write_text(json.dumps(record, indent=1) + "\n")
-        print(summary(info, gathered, details), flush=True)
+        log.info(summary(info, gathered, details))
     return gathered

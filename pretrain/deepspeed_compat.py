@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from deepspeed.pipe import PipelineModule
+from deepspeed.pipe import PipelineModule, TiedLayerSpec
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
 
 from pretrain.errors import PretrainError
@@ -231,7 +231,40 @@ def tied_weights(module: Any) -> Iterator[tuple[str, torch.nn.Parameter, Any]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# The pipeline's stage boundaries
+# The layout's groups and the pipeline's stage boundaries
+
+
+def pipeline_grid(pp: int, tp: int, dp: int) -> tuple[Any, Any]:
+    """DeepSpeed's (PipeModelDataParallelTopology, PipelineParallelGrid) for this layout: the grid is
+    the `mpu` DeepSpeed shards ZeRO state by (it lives in an internal module)."""
+    import torch.distributed as dist
+    from deepspeed.runtime.pipe.topology import PipelineParallelGrid, PipeModelDataParallelTopology
+
+    topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
+    return topology, PipelineParallelGrid(topology=topology, process_group=dist.group.WORLD)
+
+
+def tensor_parallel_group(grid: Any) -> Any:
+    """The grid's group of this rank's tensor-parallel peers (DeepSpeed calls it the slice group)."""
+    return _require(grid, "get_slice_parallel_group", "the tensor-parallel group")()
+
+
+def skipped_steps(ds_engine: Any) -> int:
+    """Updates the engine refused so far (non-finite gradients); read on the host after every step."""
+    return int(_require(ds_engine, "skipped_steps", "the engine's step counters"))
+
+
+class PrebuiltTiedLayer(TiedLayerSpec):
+    """A TiedLayerSpec whose module we built (and sliced for tensor parallelism) ourselves: DeepSpeed
+    calls `build()` on the stages that hold the layer, and we hand it ours instead of a new one."""
+
+    def __init__(self, key: str, module: torch.nn.Module | None, forward_fn: Any = None):
+        super().__init__(key, torch.nn.Module, forward_fn=forward_fn, tied_weight_attr=["weight"])
+        self.module = module
+
+    def build(self, log: bool = False) -> torch.nn.Module:
+        assert self.module is not None, "DeepSpeed asked for a tied layer of another stage"
+        return self.module
 
 
 class PresetPartitionPipeline(PipelineModule):
@@ -289,6 +322,13 @@ def flat_masters_key(zero_stage: int) -> str:
 def base_optimizer_key(zero_stage: int) -> str:
     """The optimizer file's key of the wrapped torch optimizer's state (the Adam moments)."""
     return "optimizer_state_dict" if zero_stage == 3 else "base_optimizer_state"
+
+
+def universal_checkpoint_keys() -> Any:
+    """The module of key names DeepSpeed's universal-checkpoint tools (`ds_to_universal`) read."""
+    from deepspeed.checkpoint import constants
+
+    return constants
 
 
 def pickled_globals() -> list[Any]:

@@ -88,7 +88,7 @@ def train(args: argparse.Namespace) -> None:
     from pretrain.logs import setup_logging
     from pretrain.parallel.distributed import env_world_size
 
-    setup_logging(current_rank())  # again once the rank is known for sure (build_trainer)
+    setup_logging(current_rank())  # the launcher's RANK if it set one; again once the group is joined
 
     world_size = args.world_size or env_world_size()
     cfg = load_config(args.config, args.overrides, world_size=world_size)
@@ -118,6 +118,7 @@ def train(args: argparse.Namespace) -> None:
 
     quiet_libraries()
     dist = init_distributed(join_timeout=cfg.watchdog.join_timeout)
+    setup_logging(dist.rank)  # the rank a launcher like srun gives only now
     preflight(current()[0], cfg.to_yaml(), Path(cfg.run.dir))  # type: ignore[index]
     build_trainer(cfg, dist, stop_signals).fit()
 

@@ -77,6 +77,9 @@ def engine_internals(overrides: list[str], run_dir: str) -> dict[str, Any]:
     out["set_full_fp32"] = bool(torch.equal(full.float(), value))
     out["tied"] = [n for n, _, _ in compat.tied_weights(ds.module)]
     out["parts"] = getattr(ds.module, "parts", None)
+    out["skipped"] = compat.skipped_steps(ds)
+    grid = trainer.engine.ctx.grid
+    out["tp_group_size"] = None if grid is None else dist.get_world_size(compat.tensor_parallel_group(grid))
     # The files DeepSpeed wrote for the final save are where the names say, with the keys the reader takes.
     folder = Path(run_dir) / "checkpoints" / "step00000001"
     out["files"] = sorted(p.name for p in folder.iterdir())
@@ -102,7 +105,9 @@ def test_engine_internals_of_each_zero_stage(zero, extra, tmp_path):
     (out,) = run_distributed(engine_internals, 1, [f"parallel.zero_stage={zero}", *extra], str(tmp_path))
     counters, steps_after_set = out["counters"]
     assert counters["global_steps"] == 1 and counters["skipped_steps"] == 0 and steps_after_set == 7
-    assert out["adam_step"] == 1 and out["adam_step_set"] == out["adam_step_kept"] == 5
+    assert (
+        out["adam_step"] == 1 and out["adam_step_set"] == out["adam_step_kept"] == 5 and out["skipped"] == 0
+    )
     assert out["set_full_fp32"]
     assert out["zero3_partitioned"] == (zero == 3)
     assert bool(out["flat_partitions"]) == (zero > 0 or "train.precision=bf16" in extra)
@@ -121,6 +126,6 @@ def test_pipeline_stage_boundaries_and_tied_weights(tmp_path):
     cfg = load_config(REPO / "configs/tiny.yaml", [*SMALL, *overrides], 2)
     for out in outs:
         assert out["parts"] == partition_layers(cfg)  # our boundaries, not DeepSpeed's own
-        assert out["tied"] == ["embedding.weight"]
+        assert out["tied"] == ["embedding.weight"] and out["tp_group_size"] == 1
     files = set(outs[0]["files"]) | set(outs[1]["files"])
     assert compat.layer_file(1, 0) in files and compat.layer_file(2, 0) in files

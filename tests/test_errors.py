@@ -144,3 +144,12 @@ def test_a_disk_too_full_for_the_next_save_exits_5_and_keeps_the_earlier_checkpo
     assert "could not be written" in result.stderr or "not enough free disk space" in result.stderr
     assert "Traceback" not in result.stderr
     assert complete == ["step00000002"]
+
+
+def test_a_dataset_that_cannot_be_read_is_a_data_error(tmp_path):
+    from pretrain.config import DataConfig
+    from pretrain.data import load_training_data
+
+    (tmp_path / "manifest.json").symlink_to("/proc/self/mem")  # exists; every read fails (EIO)
+    with pytest.raises(DataError, match=r"cannot be read \(\[Errno 5\] Input/output error\)"):
+        load_training_data(DataConfig(paths=[str(tmp_path)]), 32)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from pretrain import deepspeed_compat as compat
 from pretrain.config import Config
 from pretrain.model.names import VOCAB_PARAMETERS
 from pretrain.parallel.pipeline import engine_parameter_names
@@ -17,7 +18,7 @@ from pretrain.parallel.tp_plan import partition_dim
 
 
 def universal_checkpoint_info(cfg: Config, pipelined: bool) -> dict[str, Any]:
-    from deepspeed.checkpoint import constants as c
+    c = compat.universal_checkpoint_keys()
 
     names = engine_parameter_names(cfg, pipelined)
 

@@ -65,7 +65,9 @@ def _read_preset(path: Path) -> dict[str, Any]:
     except (OmegaConfBaseException, ValueError) as e:
         raise ConfigError([f"{path}: cannot parse YAML: {e}"]) from e
     except OSError as e:  # unreadable: permissions, a stale NFS handle, a device
-        raise ConfigError([f"config file {str(path)!r} cannot be read ({e}); check that it is readable"]) from e
+        raise ConfigError(
+            [f"config file {str(path)!r} cannot be read ({e}); check that it is readable"]
+        ) from e
     if not isinstance(raw, dict):
         raise ConfigError([f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}"])
     return raw

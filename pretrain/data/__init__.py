@@ -60,7 +60,14 @@ def load_training_data(cfg: DataConfig, seq_len: int) -> TrainingData:
         )
     from pretrain.data.shards import open_dataset
 
-    opened = [open_dataset(path, cfg, seq_len) for path in cfg.paths]
+    opened = []
+    for path in cfg.paths:
+        try:
+            opened.append(open_dataset(path, cfg, seq_len))
+        except OSError as e:  # unreadable, not missing (that is checked, with its fix): permissions, I/O
+            raise DataError(
+                f"dataset {path} cannot be read ({e}); check the files and their permissions"
+            ) from e
     hashes = {d.tokenizer_hash for d in opened}
     if len(hashes) > 1:
         listing = "; ".join(f"{d.name}: {d.tokenizer_hash[:12]}" for d in opened)

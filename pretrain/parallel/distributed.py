@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
-import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +14,9 @@ import torch
 import torch.distributed as dist
 
 from pretrain.errors import PeerFailure, exit_code_of
+from pretrain.logs import EVERY_RANK, get_logger
+
+log = get_logger(__name__)
 
 T = TypeVar("T")
 
@@ -63,7 +65,7 @@ def init_distributed(join_timeout: float | None = None) -> DistInfo:
     if not dist.is_initialized():
         note = batch_shell_warning()
         if note:
-            print(f"warning: {note}", file=sys.stderr, flush=True)
+            log.warning(note, extra=EVERY_RANK)
         info = resolve()
         if info.master_port == 0:
             info = dataclasses.replace(info, master_port=free_port())

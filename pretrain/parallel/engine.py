@@ -100,7 +100,7 @@ class TrainingEngine:
         without a host sync (pipelines: already averaged over data-parallel ranks, on every stage).
         DeepSpeed skips the update of a step whose global gradient norm is not finite, on every rank
         alike; `last_step_skipped` says whether it did (a counter DeepSpeed keeps on the host)."""
-        skipped = self.ds.skipped_steps
+        skipped = compat.skipped_steps(self.ds)
         if self.pipelined:
             loss = self.ds.train_batch(data_iter=iter(micro_batches))
         else:
@@ -114,7 +114,7 @@ class TrainingEngine:
                 self.ds.step()  # DeepSpeed applies the update only at the accumulation boundary
                 losses.append(out.detach())
             loss = torch.stack(losses).mean()
-        self.last_step_skipped = self.ds.skipped_steps > skipped
+        self.last_step_skipped = compat.skipped_steps(self.ds) > skipped
         return loss
 
     @torch.no_grad()

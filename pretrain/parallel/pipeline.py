@@ -10,31 +10,18 @@ copies equal (broadcast at start, gradients all-reduced between the two stages e
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
-from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+from deepspeed.pipe import LayerSpec, PipelineModule
 from torch import nn
 
 from pretrain.config import Config, ModelConfig
-from pretrain.deepspeed_compat import PresetPartitionPipeline
+from pretrain.deepspeed_compat import PrebuiltTiedLayer, PresetPartitionPipeline
 from pretrain.model.names import layer_name, layer_parameters
 from pretrain.model.transformer import num_layers
 
 TIED_EMBEDDING_KEY = "embedding"
-
-
-class _BuiltTiedLayer(TiedLayerSpec):
-    """A TiedLayerSpec whose module we built (and sliced for tensor parallelism) ourselves."""
-
-    def __init__(self, module: nn.Module | None, forward_fn: Callable[..., Any] | None = None):
-        super().__init__(TIED_EMBEDDING_KEY, nn.Module, forward_fn=forward_fn, tied_weight_attr=["weight"])
-        self.module = module
-
-    def build(self, log: bool = False) -> nn.Module:
-        assert self.module is not None, "DeepSpeed asked for a tied layer of another stage"
-        return self.module
 
 
 def _tied_output(embedding: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -55,9 +42,9 @@ def build_pipeline(
     for index in range(total):
         module = local_layers.get(index)
         if tie and index == 0:
-            specs.append(_BuiltTiedLayer(module))
+            specs.append(PrebuiltTiedLayer(TIED_EMBEDDING_KEY, module))
         elif tie and index == total - 1:
-            specs.append(_BuiltTiedLayer(module, forward_fn=_tied_output))
+            specs.append(PrebuiltTiedLayer(TIED_EMBEDDING_KEY, module, forward_fn=_tied_output))
         else:
             specs.append(module if module is not None else LayerSpec(nn.Identity))
     return PresetPartitionPipeline(specs, parts, topology=topology, loss_fn=loss_fn)

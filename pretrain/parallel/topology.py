@@ -75,11 +75,10 @@ def build_parallel_context(cfg: Config, rank: int, world_size: int) -> ParallelC
     sequence_parallel = cfg.parallel.sequence_parallel and tp > 1
     if tp == 1 and pp == 1:
         return ParallelContext(1, 1, dp, 0, 0, rank, False)
-    from deepspeed.runtime.pipe.topology import PipelineParallelGrid, PipeModelDataParallelTopology
+    from pretrain.deepspeed_compat import pipeline_grid, tensor_parallel_group
 
-    topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
+    topology, grid = pipeline_grid(pp, tp, dp)
     coord = topology.get_coord(rank)
-    grid = PipelineParallelGrid(topology=topology, process_group=dist.group.WORLD)
     return ParallelContext(
         tp=tp,
         pp=pp,
@@ -90,7 +89,7 @@ def build_parallel_context(cfg: Config, rank: int, world_size: int) -> ParallelC
         sequence_parallel=sequence_parallel,
         topology=topology,
         grid=grid,
-        tp_group=grid.get_slice_parallel_group() if tp > 1 else None,
+        tp_group=tensor_parallel_group(grid) if tp > 1 else None,
     )
 
 
