@@ -12,7 +12,9 @@ import logging
 import os
 import sys
 
-EXIT_REFUSED = 1
+from pretrain.errors import ExitCode
+
+EXIT_REFUSED = ExitCode.REFUSED
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass  # transformers is needed only for verification; --no-verify works without it
     from pretrain.convert import commands
-    from pretrain.errors import ConversionError
+    from pretrain.errors import PretrainError
 
     try:
         if args.command == "to-hf":
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             report = commands.from_hf(args.model, args.output, args.allow_pickle, args.overwrite)
         else:
             report = commands.to_fp32(args.checkpoint, args.output, args.config, args.overwrite)
-    except ConversionError as e:
+    except PretrainError as e:  # a conversion refused, or a config or checkpoint it cannot use
         print(f"error: {e}", file=sys.stderr)
         return EXIT_REFUSED
     print(f"wrote {report.output}: {', '.join(report.files)}")

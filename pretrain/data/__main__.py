@@ -147,13 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(run=cmd_export_stdlib)
 
     args = parser.parse_args(argv)
-    from pretrain.errors import DataError
+    from pretrain.errors import ExitCode, PretrainError
 
     try:
         args.run(args)
-    except (DataError, OSError, ValueError) as e:
+    except (PretrainError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return ExitCode.REFUSED
     except KeyboardInterrupt:
         print("\ninterrupted; run the same command again to continue where it stopped", file=sys.stderr)
         return 130
