@@ -309,8 +309,23 @@ def layer_file(index: int, tp_rank: int) -> str:
     return f"layer_{index:02d}-model_{tp_rank:02d}-model_states.pt"
 
 
-# Keys inside those files.
-OPTIMIZER_STATE_KEY = "optimizer_state_dict"
+class Keys:
+    """Keys DeepSpeed writes inside those files (the torch optimizer's own state_dict keys aside)."""
+
+    MODULE = "module"  # model states: this rank's module weights
+    OPTIMIZER = "optimizer"  # model states: the optimizer without ZeRO (fp16: FP16_MASTERS in it)
+    FP16_MASTERS = "fp32_groups"
+    PARAM_SHAPES = "param_shapes"  # model states under ZeRO: the order inside the flat buffers
+    PARALLEL_DIMENSIONS = "checkpoint_parallel_dimensions"  # with TP_DEGREE, PP_DEGREE
+    TP_DEGREE, PP_DEGREE = "tp_degree", "pp_degree"
+    DS_CONFIG = "ds_config"
+    DP_WORLD_SIZE = "dp_world_size"
+    GLOBAL_STEPS = "global_steps"
+    SLICE_MAPPINGS = "param_slice_mappings"  # optimizer file of the bf16 optimizer
+    ALIGNMENT_PADDINGS = "param_alignment_paddings"  # optimizer file of ZeRO 1-2
+
+
+OPTIMIZER_STATE_KEY = "optimizer_state_dict"  # optimizer files: the wrapper's state
 
 
 def flat_masters_key(zero_stage: int) -> str:

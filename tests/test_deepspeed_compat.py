@@ -84,6 +84,21 @@ def engine_internals(overrides: list[str], run_dir: str) -> dict[str, Any]:
     folder = Path(run_dir) / "checkpoints" / "step00000001"
     out["files"] = sorted(p.name for p in folder.iterdir())
     zero = cfg.parallel.zero_stage
+    keys = compat.Keys
+    if not getattr(ds.module, "parts", None):  # one stage: the model-states file of model-parallel rank 0
+        with torch.serialization.safe_globals(compat.pickled_globals()):
+            states = torch.load(folder / compat.model_states_file(0, 0, zero == 3), weights_only=True)
+        wanted = [
+            keys.MODULE,
+            keys.PARALLEL_DIMENSIONS,
+            keys.DS_CONFIG,
+            keys.DP_WORLD_SIZE,
+            keys.GLOBAL_STEPS,
+        ]
+        wanted += [keys.PARAM_SHAPES] if out["flat_partitions"] else [keys.OPTIMIZER]
+        out["model_state_keys"] = [k for k in wanted if k not in states]
+        dims = states[keys.PARALLEL_DIMENSIONS]
+        out["degrees"] = dims[keys.TP_DEGREE], dims[keys.PP_DEGREE]
     zero_file, bf16_file = compat.optim_states_files(0, 0)
     optim = folder / (bf16_file if (folder / bf16_file).is_file() else zero_file)
     if optim.is_file():
@@ -112,6 +127,7 @@ def test_engine_internals_of_each_zero_stage(zero, extra, tmp_path):
     assert out["zero3_partitioned"] == (zero == 3)
     assert bool(out["flat_partitions"]) == (zero > 0 or "train.precision=bf16" in extra)
     assert compat.model_states_file(0, 0, zero3=zero == 3) in out["files"]
+    assert out["model_state_keys"] == [] and out["degrees"] == (1, 1)  # [] : no key missing
     if zero > 0:
         assert out["optim_keys"] == [True, True]
 

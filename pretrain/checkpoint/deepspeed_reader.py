@@ -96,20 +96,22 @@ class DeepSpeedCheckpoint:
         par = cfg.parallel
         first = self._model_states(0, dp_rank=0)
         states = self._load(first)
-        dims = states.get("checkpoint_parallel_dimensions", {})
-        tp, pp = dims.get("tp_degree", par.tp), dims.get("pp_degree", par.pp)
+        dims = states.get(compat.Keys.PARALLEL_DIMENSIONS, {})
+        tp, pp = dims.get(compat.Keys.TP_DEGREE, par.tp), dims.get(compat.Keys.PP_DEGREE, par.pp)
         if (tp, pp) != (par.tp, par.pp):
             raise ConversionError(
                 f"{first} was saved with tp={tp}, pp={pp} but the run's config says parallel.tp={par.tp}, "
                 f"parallel.pp={par.pp}; the config does not belong to this checkpoint: pass the run's own --config"
             )
-        zero_stage = states.get("ds_config", {}).get("zero_optimization", {}).get("stage", par.zero_stage)
+        zero_stage = (
+            states.get(compat.Keys.DS_CONFIG, {}).get("zero_optimization", {}).get("stage", par.zero_stage)
+        )
         if self._zero3 != (zero_stage == 3):
             raise ConversionError(
                 f"{first}: the files and the saved DeepSpeed config disagree on the ZeRO stage"
             )
-        self.layout = Layout(tp, pp, int(states.get("dp_world_size", 1)), zero_stage)
-        self.step = int(states.get("step", states.get("global_steps", 0)))
+        self.layout = Layout(tp, pp, int(states.get(compat.Keys.DP_WORLD_SIZE, 1)), zero_stage)
+        self.step = int(states.get("step", states.get(compat.Keys.GLOBAL_STEPS, 0)))
         self.tokens_seen = states.get("tokens_seen")
         self.masters = self.layout.zero_stage == 3 or self._module_dtype() != torch.float32
         self._partitions: dict[tuple[int, str], _Partitions] = {}
@@ -137,7 +139,7 @@ class DeepSpeedCheckpoint:
         if self.layout.pp > 1:
             tensors = self._load(self._layer_file(0, 0))
         else:
-            tensors = self._load(self._model_states(0))["module"]
+            tensors = self._load(self._model_states(0))[compat.Keys.MODULE]
         return next(iter(tensors.values())).dtype
 
     def adam_step(self) -> int:
@@ -147,7 +149,7 @@ class DeepSpeedCheckpoint:
             state = self._load(optim_file)[compat.OPTIMIZER_STATE_KEY]
             base = state.get(compat.base_optimizer_key(self.layout.zero_stage))
         else:
-            optimizer = self._load(self._model_states(0)).get("optimizer") or {}
+            optimizer = self._load(self._model_states(0)).get(compat.Keys.OPTIMIZER) or {}
             base = optimizer.get(
                 compat.OPTIMIZER_STATE_KEY, optimizer
             )  # DeepSpeed's fp16 optimizer wraps torch's
@@ -197,17 +199,19 @@ class DeepSpeedCheckpoint:
         if (mp, kind) not in self._partitions:
             states = self._load(self._model_states(mp))
             files = [self._optim_states(mp, dp) for dp in range(self.layout.dp)]
-            optimizer = states.get("optimizer") or {}
+            optimizer = states.get(compat.Keys.OPTIMIZER) or {}
             flat: _Partitions
             if files[0].is_file():
-                flat = FlatPartitions(states["param_shapes"], files, self.layout.zero_stage, self._load, kind)
-            elif "fp32_groups" in optimizer:
+                flat = FlatPartitions(
+                    states[compat.Keys.PARAM_SHAPES], files, self.layout.zero_stage, self._load, kind
+                )
+            elif compat.Keys.FP16_MASTERS in optimizer:
                 if kind != "fp32":
                     raise ConversionError(
                         f"{self.dir}: the optimizer moments of an fp16 checkpoint without ZeRO are not read; resume "
                         f"it in the layout it was saved in"
                     )
-                flat = Fp16OptimizerMasters(optimizer["fp32_groups"], self._module_order(mp))
+                flat = Fp16OptimizerMasters(optimizer[compat.Keys.FP16_MASTERS], self._module_order(mp))
                 self.check_rounding = True
             elif kind != "fp32" and self.layout.zero_stage == 0 and "param_groups" in optimizer:
                 flat = TorchOptimizerState(optimizer, self._module_order(mp), kind)
@@ -269,7 +273,7 @@ class DeepSpeedCheckpoint:
             tensors = self._load(self._layer_file(index, tp_rank))
             key = name.removeprefix(layer_name(self.cfg.model, index) + ".")
         else:
-            tensors, key = self._load(self._model_states(tp_rank))["module"], name
+            tensors, key = self._load(self._model_states(tp_rank))[compat.Keys.MODULE], name
         if key not in tensors:
             raise ConversionError(
                 f"{self.dir}: {name} is missing from the module weights of TP rank {tp_rank}"

@@ -45,7 +45,7 @@ class FlatPartitions:
         self.pieces: dict[str, list[tuple[int, int, int, int]]] = {}
         if param_shapes is None:
             for rank, state in enumerate(states):
-                for group, mapping in enumerate(state.get("param_slice_mappings") or []):
+                for group, mapping in enumerate(state.get(compat.Keys.SLICE_MAPPINGS) or []):
                     for name, fragment in mapping.items():
                         start = fragment.start
                         self.pieces.setdefault(name, []).append((rank, group, start, start + fragment.numel))
@@ -56,7 +56,7 @@ class FlatPartitions:
         elif zero_stage == 3:
             self._index_zero3(param_shapes, rank_files[0])
         else:
-            self._index_zero12(param_shapes, states[0].get("param_alignment_paddings"), rank_files[0])
+            self._index_zero12(param_shapes, states[0].get(compat.Keys.ALIGNMENT_PADDINGS), rank_files[0])
 
     def _index_zero3(self, param_shapes: list[dict[str, torch.Size]], path: Path) -> None:
         sizes = [g.numel() for g in self.groups[0]]
