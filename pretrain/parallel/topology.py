@@ -50,9 +50,6 @@ class ParallelContext:
         data-parallel index): the group a global gradient norm is summed over."""
         return None if self.grid is None else self.grid.get_model_parallel_group()
 
-    def describe(self) -> str:
-        return describe_layout(self.dp, self.tp, self.pp)
-
 
 def describe_layout(
     dp: int, tp: int, pp: int, zero_stage: int | None = None, precision: str | None = None

@@ -28,7 +28,7 @@ class JsonlWriter(Callback):
         self._open()
 
     def on_log(self, trainer: TrainerView, record: dict[str, Any]) -> None:
-        if self._file is None:  # a record before fit() started (none today), or after a rollback
+        if self._file is None:  # a record logged by a callback that runs before this one at train start
             self._open()
         try:
             self._file.write(json.dumps(record) + "\n")  # type: ignore[union-attr]
