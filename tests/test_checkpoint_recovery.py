@@ -64,6 +64,18 @@ def test_every_file_of_the_newest_checkpoint_is_covered_by_the_fallback(saved_ru
         ]
 
 
+@pytest.mark.parametrize("text", ["[]", "{}", '{"format": "pretrain-checkpoint-v1", "files": {"a": 1}}'])
+def test_a_manifest_that_is_valid_json_but_no_manifest_falls_back_like_a_truncated_one(saved_run, tmp_path, text):
+    source, _ = saved_run
+    run_dir = copy_run(source, tmp_path / "run")
+    (run_dir / "checkpoints/step00000006/manifest.json").write_text(text)
+    cfg = load_config(REPO / "configs/tiny.yaml", [f"run.dir={run_dir}"])
+    messages = []
+    point = select_resume_point(cfg, StepAgreement(1), 0, 1, messages.append)
+    assert point is not None and point.step == 4
+    assert "step00000006: manifest.json" in messages[0] and "trying the previous checkpoint" in messages[0]
+
+
 def test_a_corrupt_byte_is_caught_by_the_checksums_on_every_rank(saved_run, tmp_path):
     source, _ = saved_run
     run_dir = copy_run(source, tmp_path / "run")

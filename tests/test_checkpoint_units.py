@@ -93,6 +93,39 @@ def test_damage_to_any_file_is_found_and_named(tmp_path, damage):
     assert expected in str(error.value)
 
 
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("[]", "holds a list, not an object"),
+        ("null", "holds a NoneType"),
+        ('"step00000005"', "holds a str"),
+        ('{"format": "pretrain-checkpoint-v1", "files": []}', "malformed"),
+        ('{"format": "pretrain-checkpoint-v1", "tag": "step00000005", "step": "5", "files": {}}', "'step' is '5'"),
+        ("OK", "files"),  # a valid manifest with one entry broken: see below
+    ],
+)
+def test_a_manifest_of_the_wrong_shape_means_not_complete(tmp_path, text, expected):
+    """Valid JSON that is not a manifest is found by the schema check, never an AttributeError."""
+    final = write_checkpoint(tmp_path, 5)
+    if text == "OK":
+        document = json.loads((final / "manifest.json").read_text())
+        document["files"]["model.pt"] = {"size": -1, "checksum": "x"}
+        text, expected = json.dumps(document), "the entry of 'model.pt'"
+    (final / "manifest.json").write_text(text)
+    with pytest.raises(InvalidCheckpoint, match="manifest.json") as error:
+        read_manifest(final)
+    assert expected in str(error.value)
+
+
+def test_a_manifest_naming_files_outside_its_folder_is_refused(tmp_path):
+    final = write_checkpoint(tmp_path, 5)
+    document = json.loads((final / "manifest.json").read_text())
+    document["files"]["../../etc/passwd"] = {"size": 1, "checksum": "x"}
+    (final / "manifest.json").write_text(json.dumps(document))
+    with pytest.raises(InvalidCheckpoint, match="outside the checkpoint folder"):
+        read_manifest(final)
+
+
 def test_hashing_writer_checksums_the_bytes_it_writes(tmp_path):
     writer = HashingWriter(tmp_path / "f")
     torch.save({"w": torch.arange(1000.0)}, writer)  # torch.save streams into any writable object

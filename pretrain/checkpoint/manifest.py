@@ -76,27 +76,61 @@ def write_manifest(folder: Path, manifest: Manifest) -> None:
 
 
 def read_manifest(folder: Path) -> Manifest:
-    """The manifest of `folder`; InvalidCheckpoint says why there is none that can be used."""
+    """The manifest of `folder`; InvalidCheckpoint says why there is none that can be used.
+
+    Whatever the file holds (truncated, not JSON, valid JSON of another shape), a manifest that does
+    not parse into exactly the fields below means "not complete", never a crash."""
     path = folder / MANIFEST
     if not path.is_file():
         raise InvalidCheckpoint(folder, "it has no manifest.json (the save did not finish)")
     try:
         data = json.loads(path.read_text())
-        if data.get("format") != FORMAT:
-            raise InvalidCheckpoint(
-                folder, f"manifest.json has format {data.get('format')!r}, not {FORMAT!r}"
-            )
-        files = {name: FileEntry(**entry) for name, entry in data["files"].items()}
-        return Manifest(
-            tag=data["tag"],
-            step=int(data["step"]),
-            files=files,
-            world_size=int(data["world_size"]),
-            created=float(data["created"]),
-            checksum=data["checksum"],
-        )
-    except (ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError) as e:
         raise InvalidCheckpoint(folder, f"manifest.json is unreadable ({e!r})") from e
+    if not isinstance(data, dict):
+        raise InvalidCheckpoint(folder, f"manifest.json holds a {type(data).__name__}, not an object")
+    if data.get("format") != FORMAT:
+        raise InvalidCheckpoint(folder, f"manifest.json has format {data.get('format')!r}, not {FORMAT!r}")
+    problem = _schema_problem(data)
+    if problem:
+        raise InvalidCheckpoint(folder, f"manifest.json is malformed: {problem}")
+    return Manifest(
+        tag=data["tag"],
+        step=data["step"],
+        files={name: FileEntry(e["size"], e["checksum"]) for name, e in data["files"].items()},
+        world_size=data["world_size"],
+        created=float(data["created"]),
+        checksum=data["checksum"],
+    )
+
+
+_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "tag": str,
+    "step": int,
+    "world_size": int,
+    "created": (int, float),
+    "checksum": str,
+    "files": dict,
+}
+
+
+def _schema_problem(data: dict[str, Any]) -> str | None:
+    """The first way `data` is not a manifest, or None."""
+    for key, expected in _FIELD_TYPES.items():
+        value = data.get(key)
+        if not isinstance(value, expected) or isinstance(value, bool):
+            return f"{key!r} is {value!r}"
+    if data["step"] < 0 or data["world_size"] < 1:
+        return f"step {data['step']} / world_size {data['world_size']} out of range"
+    for name, entry in data["files"].items():
+        if not (isinstance(entry, dict) and set(entry) == {"size", "checksum"}):
+            return f"the entry of {name!r} is {entry!r}"
+        size, checksum = entry["size"], entry["checksum"]
+        if not (isinstance(size, int) and not isinstance(size, bool) and size >= 0 and isinstance(checksum, str)):
+            return f"the entry of {name!r} is {entry!r}"
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            return f"file name {name!r} points outside the checkpoint folder"
+    return None
 
 
 def check_sizes(folder: Path, manifest: Manifest) -> None:
