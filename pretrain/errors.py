@@ -65,15 +65,51 @@ class ConfigError(PretrainError, ValueError):
 
 
 class NonFiniteLossError(PretrainError, RuntimeError):
+    """A non-finite loss or gradient norm stopped the run; `quantity` names which one, `fixes` says
+    what to change (see `nonfinite_fixes`)."""
+
     exit_code = ExitCode.NON_FINITE
 
-    def __init__(self, step: int, value: float, detail: str = ""):
+    def __init__(
+        self,
+        step: int,
+        value: float,
+        detail: str = "",
+        *,
+        quantity: str = "the training loss",
+        fixes: str = "",
+    ):
         self.step, self.value = step, value
         super().__init__(
-            f"the training loss became {value} at step {step}{detail}; stopping before anything is saved from it. "
-            f"Lower optim.lr, raise schedule.warmup_steps, set optim.grad_clip, use train.precision=bf16 "
-            f"instead of fp16, or set train.on_nonfinite=skip|rollback"
+            f"{quantity} became {value} at step {step}{detail}; stopping before anything is saved from it. "
+            f"{fixes or nonfinite_fixes('fail')}"
         )
+
+
+def nonfinite_fixes(policy: str, *, exhausted: bool = False, unverified_resume: str | None = None) -> str:
+    """What to change after a non-finite step under train.on_nonfinite=`policy`; `exhausted`: the
+    run met more than train.max_nonfinite_events."""
+    fixes = "Lower optim.lr, raise schedule.warmup_steps, set optim.grad_clip, use train.precision=bf16 instead of fp16"
+    if policy == "fail":
+        fixes += ", or set train.on_nonfinite=skip|rollback to go on past a bad batch"
+    elif exhausted:
+        fixes += (
+            f" (train.on_nonfinite={policy} kept it going, but steps kept failing: the run has likely diverged; "
+            f"raise train.max_nonfinite_events only if you know the data holds that many bad batches)"
+        )
+    return with_unverified_resume(fixes, unverified_resume)
+
+
+def with_unverified_resume(fixes: str, folder: str | None) -> str:
+    """`fixes`, led by a word on the checkpoint `folder` this process resumed from without reading its
+    checksums (checkpoint.verify=size): a corrupt one (e.g. its optimizer state) fails exactly so."""
+    if not folder:
+        return fixes
+    return (
+        f"This process resumed from {folder} with checkpoint.verify=size, which does not read the files' "
+        f"checksums, and a corrupt checkpoint fails exactly like this: rerun with checkpoint.verify=checksum "
+        f"first. If that passes: {fixes}"
+    )
 
 
 class DataError(PretrainError, ValueError):

@@ -2,6 +2,7 @@
 save. Real trainer and DeepSpeed engines on CPU processes."""
 
 import json
+import re
 
 import pytest
 
@@ -17,6 +18,7 @@ from training_runs import (
     train_skipping_batch,
     train_until_checkpoint_error,
     train_with_poisoned_batch,
+    train_with_poisoned_batches,
 )
 
 pytestmark = pytest.mark.slow
@@ -65,7 +67,9 @@ def test_every_file_of_the_newest_checkpoint_is_covered_by_the_fallback(saved_ru
 
 
 @pytest.mark.parametrize("text", ["[]", "{}", '{"format": "pretrain-checkpoint-v1", "files": {"a": 1}}'])
-def test_a_manifest_that_is_valid_json_but_no_manifest_falls_back_like_a_truncated_one(saved_run, tmp_path, text):
+def test_a_manifest_that_is_valid_json_but_no_manifest_falls_back_like_a_truncated_one(
+    saved_run, tmp_path, text
+):
     source, _ = saved_run
     run_dir = copy_run(source, tmp_path / "run")
     (run_dir / "checkpoints/step00000006/manifest.json").write_text(text)
@@ -126,8 +130,64 @@ def test_fail_policy_stops_at_the_bad_step_naming_its_samples(tmp_path):
         train_with_poisoned_batch, 2, ["train.steps=6", "train.on_nonfinite=fail"], str(tmp_path), POISON
     )
     assert rank0["error"]["step"] == 3
-    assert f"the batch at sample position {POISON}" in rank0["error"]["message"]
-    assert "train.on_nonfinite=skip|rollback" in rank0["error"]["message"]
+    message = rank0["error"]["message"]
+    # The gradient norm is what the guard saw; it does not claim the loss was non-finite.
+    assert re.match(r"the global gradient norm became (nan|inf) at step 3", message)
+    assert "training loss" not in message
+    assert f"the batch at sample position {POISON}" in message
+    assert "train.on_nonfinite=skip|rollback" in message
+
+
+def test_rollback_without_a_checkpoint_says_how_to_get_one_not_to_set_the_policy_in_force(tmp_path):
+    policy = ["train.steps=6", "train.on_nonfinite=rollback", "checkpoint.interval=4"]  # bad step 3 comes first
+    (rank0,) = run_distributed(train_with_poisoned_batch, 1, policy, str(tmp_path), POISON)
+    message = rank0["error"]["message"]
+    assert "no complete checkpoint to roll back to" in message and "lower checkpoint.interval" in message
+    assert "set train.on_nonfinite=skip|rollback" not in message
+
+
+def corrupt_optimizer_state_in_place(folder):
+    """NaN into every floating-point tensor of the optimizer files, the file sizes unchanged (as a
+    flipped-bits disk would): torch.save stores tensor bytes verbatim and torch.load checks no CRC."""
+    import numpy as np
+    import torch
+
+    for path in folder.glob("*optim_states.pt"):
+        raw = bytearray(path.read_bytes())
+        found = []
+
+        def visit(value):
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel() > 16:
+                found.append(value.contiguous().numpy().tobytes())
+            elif isinstance(value, dict):
+                [visit(v) for v in value.values()]
+            elif isinstance(value, (list, tuple)):
+                [visit(v) for v in value]
+
+        visit(torch.load(path, weights_only=False))
+        for data in found:
+            at = raw.find(data)
+            assert at >= 0
+            raw[at : at + len(data)] = np.full(len(data) // 4, np.nan, np.float32).tobytes()
+        path.write_bytes(bytes(raw))
+    return folder
+
+
+def test_a_non_finite_step_after_an_unverified_resume_names_the_unchecked_checkpoint(tmp_path):
+    """checkpoint.verify=size trusts a checkpoint whose bytes changed in place; the step that then goes
+    non-finite must point at the checkpoint, not only at the learning rate."""
+    run_dir = tmp_path / "run"
+    first = run_distributed(train_with_poisoned_batches, 1, ["train.steps=2", "checkpoint.save_final=true"],
+                            str(run_dir), [])[0]  # fmt: skip
+    assert first["error"] is None
+    corrupt_optimizer_state_in_place(run_dir / "checkpoints/step00000002")
+    again = run_distributed(train_with_poisoned_batches, 1, ["train.steps=4", "checkpoint.verify=size"],
+                            str(run_dir), [])[0]  # fmt: skip
+    message = again["error"]["message"]
+    # Step 3 still trains on the model file's good weights; its update applies the NaN moments.
+    assert again["error"]["step"] == 4
+    assert f"resumed from {run_dir}/checkpoints/step00000002 with checkpoint.verify=size" in message
+    assert "rerun with checkpoint.verify=checksum" in message
 
 
 def test_skip_policy_logs_the_step_and_its_samples_and_trains_on(tmp_path):
@@ -165,6 +225,27 @@ def test_rollback_policy_reloads_the_last_checkpoint_and_skips_exactly_the_bad_b
     for step in (5, 6):
         assert steps[step]["loss"] == reference[step]["loss"], step
         assert steps[step]["grad_norm"] == reference[step]["grad_norm"], step
+
+
+def test_two_bad_batches_after_one_checkpoint_are_both_skipped_and_both_events_kept(tmp_path):
+    """Step 3's batch rolls the run back to step 2; then step 3 meets the next bad batch and rolls
+    back to step 2 again. The first skip predates no checkpoint, so it must survive the second
+    rollback (else the two bad batches alternate until max_nonfinite_events), and metrics.jsonl must
+    keep the first rollback's event, which a rollback to step 2 would otherwise cut off."""
+    policy = ["train.steps=5", "train.on_nonfinite=rollback", "checkpoint.interval=2", "checkpoint.keep_last=0",
+              "checkpoint.save_final=true", "train.max_nonfinite_events=4"]  # fmt: skip
+    run_dir = tmp_path / "run"
+    first, second = 2 * BATCH, 3 * BATCH
+    result = run_distributed(train_with_poisoned_batches, 1, policy, str(run_dir), [first, second])[0]
+    assert result["error"] is None
+    events = [
+        (r["step"], r["sample_position"], r["rolled_back_to"]) for r in result["records"] if r.get("event")
+    ]
+    assert events == [(3, first, 2), (3, second, 2)]
+    assert [r["step"] for r in step_records(result["records"])] == [1, 2, 3, 4, 5]
+    state = json.loads((run_dir / "checkpoints/step00000005/state.json").read_text())
+    assert state["parts"]["data.skipped_batches"] == {"positions": [first, second]}
+    assert state["parts"]["data"]["consumed_samples"] == 7 * BATCH  # 5 steps trained, 2 batches skipped
 
 
 @pytest.fixture

@@ -100,7 +100,10 @@ def test_damage_to_any_file_is_found_and_named(tmp_path, damage):
         ("null", "holds a NoneType"),
         ('"step00000005"', "holds a str"),
         ('{"format": "pretrain-checkpoint-v1", "files": []}', "malformed"),
-        ('{"format": "pretrain-checkpoint-v1", "tag": "step00000005", "step": "5", "files": {}}', "'step' is '5'"),
+        (
+            '{"format": "pretrain-checkpoint-v1", "tag": "step00000005", "step": "5", "files": {}}',
+            "'step' is '5'",
+        ),
         ("OK", "files"),  # a valid manifest with one entry broken: see below
     ],
 )

@@ -126,7 +126,9 @@ def _schema_problem(data: dict[str, Any]) -> str | None:
         if not (isinstance(entry, dict) and set(entry) == {"size", "checksum"}):
             return f"the entry of {name!r} is {entry!r}"
         size, checksum = entry["size"], entry["checksum"]
-        if not (isinstance(size, int) and not isinstance(size, bool) and size >= 0 and isinstance(checksum, str)):
+        if not (
+            isinstance(size, int) and not isinstance(size, bool) and size >= 0 and isinstance(checksum, str)
+        ):
             return f"the entry of {name!r} is {entry!r}"
         if Path(name).is_absolute() or ".." in Path(name).parts:
             return f"file name {name!r} points outside the checkpoint folder"

@@ -69,6 +69,9 @@ class CheckpointStore:
         install_checkpoint_engine(engine.ds, SnapshotEngine(self.writer))
         self._estimate = parameters * _BYTES_PER_PARAMETER
         self.last_stall_seconds = 0.0
+        # The checkpoint this process resumed from without reading its checksums (checkpoint.verify=size):
+        # named by the hint of a non-finite step, which is what a silently corrupt state leads to.
+        self.unverified_resume: str | None = None
         # The same at every save; computed once, off the training thread's save time.
         self._config_yaml = cfg.to_yaml().encode()
         self._universal_info = universal_checkpoint_info(cfg, engine.ctx.pp > 1)
@@ -226,6 +229,8 @@ class CheckpointStore:
                 if path.is_file():
                     rank_states[name] = decode_rank_state(path)
         state.load(document["parts"], rank_states, point.step, rollback=rollback)
+        if not rollback and self.cfg.checkpoint.verify == "size":
+            self.unverified_resume = str(point.folder)
         return how
 
     def _reshard_into_engine(self, point: ResumePoint) -> None:

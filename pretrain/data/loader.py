@@ -244,11 +244,30 @@ class DistributedBatches:
         return [int(c) for c in self.schedule.counts_before(self.consumed_samples)]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"consumed_samples": self.consumed_samples, "skipped_batches": list(self.skipped_batches)}
+        """The position only: the skipped batches are the run's history, saved as a part of their
+        own (`SkippedBatches`) so that a rollback to an older position keeps them."""
+        return {"consumed_samples": self.consumed_samples}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.consumed_samples = int(state["consumed_samples"])
-        self.skipped_batches = [int(p) for p in state.get("skipped_batches", [])]
+        # Checkpoints written before SkippedBatches existed hold them here; skips only ever grow.
+        for position in state.get("skipped_batches", []):
+            self.skip_batch(int(position))
+
+
+class SkippedBatches:
+    """The batches a run decided never to train on (global sample positions). Run history: it
+    survives rollbacks (registered with rolled_back=False) and requeues."""
+
+    def __init__(self, batches: DistributedBatches):
+        self.batches = batches
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"positions": list(self.batches.skipped_batches)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for position in state["positions"]:
+            self.batches.skip_batch(int(position))
 
 
 def document_positions(tokens: torch.Tensor, eod_id: int) -> torch.Tensor:

@@ -130,6 +130,7 @@ def build_trainer(cfg: Config, dist: DistInfo, signals: StopSignals | None = Non
     callbacks = _callbacks(cfg, dist, summary, data, precision, store)
     trainer = Trainer(cfg, engine, *_batches(cfg, data, ctx, dist.device), dist, callbacks)
     resumed = _resume(cfg, store, trainer, data)
+    trainer.unverified_resume = store.unverified_resume
     if dist.is_main:
         try:
             write_run_files(run_dir, cfg, {**summary, "resumed_from": resumed}, ds_config)

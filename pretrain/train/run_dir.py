@@ -82,7 +82,9 @@ def write_run_files(run_dir: Path, cfg: Config, summary: dict[str, Any], ds_conf
 
 def truncate_metrics(path: Path, step: int) -> int:
     """Keep the records of steps up to `step` (the resumed checkpoint's): what came after it was
-    trained again, and metrics.jsonl reads as one run. Returns how many records were dropped."""
+    trained again, and metrics.jsonl reads as one run. Event records (a non-finite step, a rollback)
+    are kept whatever their step: they are the run's log of what happened, which only grows.
+    Returns how many records were dropped."""
     if not path.is_file():
         return 0
     kept, dropped = [], 0
@@ -92,7 +94,7 @@ def truncate_metrics(path: Path, step: int) -> int:
         except json.JSONDecodeError:  # a line cut short when the process was killed
             dropped += 1
             continue
-        if record.get("step", 0) <= step:
+        if not isinstance(record, dict) or record.get("step", 0) <= step or "event" in record:
             kept.append(line)
         else:
             dropped += 1

@@ -14,8 +14,8 @@ from pretrain.checkpoint.rng import RandomState
 from pretrain.checkpoint.state import RunState, Stateful
 from pretrain.config import Config
 from pretrain.data import DistributedBatches
-from pretrain.data.loader import Batch
-from pretrain.errors import NonFiniteLossError
+from pretrain.data.loader import Batch, SkippedBatches
+from pretrain.errors import NonFiniteLossError, nonfinite_fixes
 from pretrain.parallel import DistInfo, TrainingEngine, all_reduce_mean
 from pretrain.train.callbacks.base import Callback, ordered
 
@@ -56,6 +56,7 @@ class Trainer:
         self._pending: list[tuple[int, torch.Tensor]] = []  # (step, local loss) not yet reduced over ranks
         self._reduced: list[tuple[int, float]] = []  # reduced, not yet taken by the metrics
         self._rollback: Rollback | None = None
+        self.unverified_resume: str | None = None  # set by the builder: see errors.nonfinite_fixes
         self.run_state = self._register_state()
 
     def _register_state(self) -> RunState:
@@ -66,6 +67,10 @@ class Trainer:
         state.register("lr_schedule", self.engine.lr_scheduler)
         state.register("loop", self)
         state.register("data", self.train_batches)
+        # The batches it chose to skip stay skipped after a rollback to a checkpoint older than the skip.
+        state.register(
+            "data.skipped_batches", SkippedBatches(self.train_batches), rolled_back=False, required=False
+        )
         for callback in self.callbacks:
             name = getattr(callback, "state_name", None)
             if name is not None and isinstance(callback, Stateful):
@@ -108,7 +113,8 @@ class Trainer:
         self._pending.clear()
         for step, value in zip(steps, values, strict=True):
             if not math.isfinite(value) and step not in self.skipped_steps:
-                raise NonFiniteLossError(step, value)
+                fixes = nonfinite_fixes(self.cfg.train.on_nonfinite, unverified_resume=self.unverified_resume)
+                raise NonFiniteLossError(step, value, fixes=fixes)
         self._reduced.extend(zip(steps, values, strict=True))
 
     def take_losses(self) -> list[tuple[int, float]]:

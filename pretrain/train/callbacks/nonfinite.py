@@ -6,7 +6,7 @@ from typing import Any
 
 from pretrain.checkpoint.resume import ResumePoint, read_point
 from pretrain.checkpoint.store import CheckpointStore
-from pretrain.errors import NonFiniteLossError
+from pretrain.errors import NonFiniteLossError, nonfinite_fixes, with_unverified_resume
 from pretrain.logs import get_logger
 from pretrain.train.callbacks.base import GUARD, Callback, TrainerView
 from pretrain.train.trainer import Rollback
@@ -43,11 +43,12 @@ class NonFiniteGuard(Callback):
         step, start = trainer.state.step, trainer.train_batches.last_step_start
         samples = trainer.train_batches.batch_sample_ids(start)
         self.events += 1
-        detail = f" (non-finite gradient norm; the batch at sample position {start}: {_sample_list(samples)})"
+        detail = f" (the batch at sample position {start}: {_sample_list(samples)})"
         if self.policy == "fail" or self.events > self.max_events:
-            if self.events > self.max_events:
+            exhausted = self.events > self.max_events
+            if exhausted:
                 detail += f"; {self.events} non-finite steps, more than train.max_nonfinite_events"
-            raise NonFiniteLossError(step, float("nan"), detail)
+            raise self._error(trainer, detail, nonfinite_fixes(self.policy, exhausted=exhausted))
         record: dict[str, Any] = {"step": step, "event": f"nonfinite_{self.policy}", "sample_position": start}
         record["sample_ids"] = samples
         if self.policy == "skip":
@@ -71,12 +72,24 @@ class NonFiniteGuard(Callback):
         self.store.raise_if_failed(self.store.wait())
         folder = self.store.newest_complete()
         if folder is None:
-            raise NonFiniteLossError(
-                trainer.state.step,
-                float("nan"),
-                " (non-finite gradient norm, and no complete checkpoint to roll back to)",
+            fixes = (
+                "train.on_nonfinite=rollback needs a checkpoint from before the bad step: lower checkpoint.interval "
+                "(and keep checkpoint.keep_last >= 1), or use train.on_nonfinite=skip to skip the batch in place"
             )
+            raise self._error(trainer, ", and no complete checkpoint to roll back to", fixes)
         return read_point(folder)
+
+    def _error(self, trainer: TrainerView, detail: str, fixes: str) -> NonFiniteLossError:
+        """The gradient norm is what was non-finite (the loss may have been finite: it is not read here,
+        which would cost a host sync every step)."""
+        norm = trainer.grad_norm()
+        return NonFiniteLossError(
+            trainer.state.step,
+            float("nan") if norm is None else norm,
+            detail,
+            quantity="the global gradient norm",
+            fixes=with_unverified_resume(fixes, self.store.unverified_resume),
+        )
 
 
 def _sample_list(samples: list[tuple[int, int]], limit: int = 8) -> str:
