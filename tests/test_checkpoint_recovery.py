@@ -139,7 +139,11 @@ def test_fail_policy_stops_at_the_bad_step_naming_its_samples(tmp_path):
 
 
 def test_rollback_without_a_checkpoint_says_how_to_get_one_not_to_set_the_policy_in_force(tmp_path):
-    policy = ["train.steps=6", "train.on_nonfinite=rollback", "checkpoint.interval=4"]  # bad step 3 comes first
+    policy = [
+        "train.steps=6",
+        "train.on_nonfinite=rollback",
+        "checkpoint.interval=4",
+    ]  # bad step 3 comes first
     (rank0,) = run_distributed(train_with_poisoned_batch, 1, policy, str(tmp_path), POISON)
     message = rank0["error"]["message"]
     assert "no complete checkpoint to roll back to" in message and "lower checkpoint.interval" in message
@@ -154,23 +158,22 @@ def corrupt_optimizer_state_in_place(folder):
 
     for path in folder.glob("*optim_states.pt"):
         raw = bytearray(path.read_bytes())
-        found = []
-
-        def visit(value):
-            if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel() > 16:
-                found.append(value.contiguous().numpy().tobytes())
-            elif isinstance(value, dict):
-                [visit(v) for v in value.values()]
-            elif isinstance(value, (list, tuple)):
-                [visit(v) for v in value]
-
-        visit(torch.load(path, weights_only=False))
-        for data in found:
+        for data in _float_tensor_bytes(torch.load(path, weights_only=False)):
             at = raw.find(data)
             assert at >= 0
             raw[at : at + len(data)] = np.full(len(data) // 4, np.nan, np.float32).tobytes()
         path.write_bytes(bytes(raw))
     return folder
+
+
+def _float_tensor_bytes(value):
+    import torch
+
+    if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel() > 16:
+        yield value.contiguous().numpy().tobytes()
+    elif isinstance(value, dict | list | tuple):
+        for item in value.values() if isinstance(value, dict) else value:
+            yield from _float_tensor_bytes(item)
 
 
 def test_a_non_finite_step_after_an_unverified_resume_names_the_unchecked_checkpoint(tmp_path):

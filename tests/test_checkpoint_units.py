@@ -115,7 +115,7 @@ def test_a_manifest_of_the_wrong_shape_means_not_complete(tmp_path, text, expect
         document["files"]["model.pt"] = {"size": -1, "checksum": "x"}
         text, expected = json.dumps(document), "the entry of 'model.pt'"
     (final / "manifest.json").write_text(text)
-    with pytest.raises(InvalidCheckpoint, match="manifest.json") as error:
+    with pytest.raises(InvalidCheckpoint, match=r"manifest\.json") as error:
         read_manifest(final)
     assert expected in str(error.value)
 
