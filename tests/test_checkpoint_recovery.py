@@ -80,6 +80,22 @@ def test_a_manifest_that_is_valid_json_but_no_manifest_falls_back_like_a_truncat
     assert "step00000006: manifest.json" in messages[0] and "trying the previous checkpoint" in messages[0]
 
 
+def test_when_every_checkpoint_is_damaged_the_run_stops_instead_of_starting_over(saved_run, tmp_path):
+    source, _ = saved_run
+    run_dir = copy_run(source, tmp_path / "run")
+    for step in (2, 4, 6):
+        damaged = run_dir / f"checkpoints/step{step:08d}/mp_rank_00_model_states.pt"
+        damaged.write_bytes(damaged.read_bytes()[:-1])
+    before = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*"))
+    cfg = load_config(REPO / "configs/tiny.yaml", [f"run.dir={run_dir}"])
+    with pytest.raises(CheckpointError, match="every checkpoint in .* is damaged") as error:
+        select_resume_point(cfg, StepAgreement(1), 0, 1, print)
+    assert error.value.exit_code == 5
+    assert "step00000002: mp_rank_00_model_states.pt has" in str(error.value)
+    assert "checkpoint.resume=none run.overwrite=true" in str(error.value)
+    assert sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*")) == before  # kept for inspection
+
+
 def test_a_corrupt_byte_is_caught_by_the_checksums_on_every_rank(saved_run, tmp_path):
     source, _ = saved_run
     run_dir = copy_run(source, tmp_path / "run")

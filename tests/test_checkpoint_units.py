@@ -129,6 +129,22 @@ def test_a_manifest_naming_files_outside_its_folder_is_refused(tmp_path):
         read_manifest(final)
 
 
+def test_a_new_save_of_a_step_whose_folder_is_damaged_keeps_the_damaged_one_aside(tmp_path):
+    final = write_checkpoint(tmp_path, 4, {"model.pt": b"old" * 10})
+    (final / "model.pt").write_bytes(b"x")  # damaged: the manifest says 30 bytes
+    (final / "manifest.json").write_text("[]")
+    write_checkpoint(tmp_path, 4, {"model.pt": b"new" * 10})
+    assert (tmp_path / "step00000004" / "model.pt").read_bytes() == b"new" * 10
+    (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith("step00000004.damaged-")]
+    assert (aside / "model.pt").read_bytes() == b"x"
+    assert [p.name for p in checkpoint_folders(tmp_path)] == ["step00000004"]  # never taken for a checkpoint
+    write_checkpoint(tmp_path, 4, {"model.pt": b"newer"})  # a complete one is replaced whole
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("step")) == [
+        "step00000004",
+        aside.name,
+    ]
+
+
 def test_hashing_writer_checksums_the_bytes_it_writes(tmp_path):
     writer = HashingWriter(tmp_path / "f")
     torch.save({"w": torch.arange(1000.0)}, writer)  # torch.save streams into any writable object

@@ -196,11 +196,17 @@ def commit(partial: Path, manifest: Manifest) -> Path:
     write_manifest(partial, manifest)
     fsync_dir(partial)
     final = partial.parent / manifest.tag
-    if final.exists():  # an older save of the same step (e.g. before a rollback): replace it whole
-        doomed = partial.parent / f".{manifest.tag}.replaced.{time.time_ns()}"
-        final.rename(doomed)
+    if final.exists():  # an older save of the same step (e.g. before a rollback or a requeue)
+        try:
+            read_manifest(final)
+            doomed: Path | None = partial.parent / f".{manifest.tag}.replaced.{time.time_ns()}"
+        except InvalidCheckpoint:  # a damaged one is kept for inspection, under a name never resumed
+            doomed = None
+        aside = doomed or partial.parent / f"{manifest.tag}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
+        final.rename(aside)
         partial.rename(final)
-        shutil.rmtree(doomed, ignore_errors=True)
+        if doomed is not None:
+            shutil.rmtree(doomed, ignore_errors=True)
     else:
         partial.rename(final)
     fsync_dir(final.parent)

@@ -68,6 +68,7 @@ def select_resume_point(
 ) -> ResumePoint | None:
     """The checkpoint this run continues from, or None for a fresh start; every rank gets the same."""
     folders, explicit = _candidates(cfg)
+    problems = []
     for folder in folders:
         manifest, problem = _validate(
             folder, cfg.checkpoint.verify == "checksum", agreement, rank, world_size
@@ -81,8 +82,16 @@ def select_resume_point(
                 f"name an earlier one, or use checkpoint.resume=auto"
             )
         log(f"skipping {folder}: {problem}; trying the previous checkpoint")
+        problems.append(f"{folder.name}: {problem}")
     if folders:
-        log(f"no complete checkpoint in {folders[0].parent}; starting from step 0")
+        # Only a commit gives a folder its final name, so each of these was complete once: training
+        # from step 0 over them would silently throw away the run (and the evidence of the damage).
+        raise CheckpointError(
+            f"every checkpoint in {folders[0].parent} is damaged ({'; '.join(problems)}); nothing was changed. "
+            f"Restore the files, resume a good copy with checkpoint.resume=<path>, or start over from step 0 with "
+            f"checkpoint.resume=none run.overwrite=true (which deletes them: move {folders[0].parent} aside first "
+            f"to keep them)"
+        )
     return None
 
 
