@@ -88,7 +88,7 @@ def test_when_every_checkpoint_is_damaged_the_run_stops_instead_of_starting_over
         damaged.write_bytes(damaged.read_bytes()[:-1])
     before = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*"))
     cfg = load_config(REPO / "configs/tiny.yaml", [f"run.dir={run_dir}"])
-    with pytest.raises(CheckpointError, match="every checkpoint in .* is damaged") as error:
+    with pytest.raises(CheckpointError, match=r"every checkpoint in .* is damaged") as error:
         select_resume_point(cfg, StepAgreement(1), 0, 1, print)
     assert error.value.exit_code == 5
     assert "step00000002: mp_rank_00_model_states.pt has" in str(error.value)
@@ -267,10 +267,7 @@ def test_two_bad_batches_after_one_checkpoint_are_both_skipped_and_both_events_k
     assert state["parts"]["data"]["consumed_samples"] == 7 * BATCH  # 5 steps trained, 2 batches skipped
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 4 MiB tmpfs: room for the first checkpoint of the small model (~1.2 MB) and its run files,
-    not for a second one beside it."""
+def mounted_tmpfs(tmp_path, size):
     import os
     import subprocess
 
@@ -278,9 +275,43 @@ def small_disk(tmp_path):
         pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
     mount = tmp_path / "disk"
     mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4M", "tmpfs", str(mount)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], check=True)
+    return mount
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs: room for the first checkpoint of the small model (~1.9 MiB, 2 ranks) and its run
+    files, not for a second one beside it (a save needs 1.1 x the last one's size + 1 MiB free)."""
+    import subprocess
+
+    mount = mounted_tmpfs(tmp_path, "4M")
     yield mount
     subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.fixture
+def disk_for_two(tmp_path):
+    """A 6 MiB tmpfs: room for two checkpoints of the small model, not for a third beside them."""
+    import subprocess
+
+    mount = mounted_tmpfs(tmp_path, "6M")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_is_cured_by_a_lower_keep_last_on_the_rerun(disk_for_two):
+    """keep_last=0 (keep all) fills the disk at the third save; the message says to lower keep_last,
+    and the rerun with keep_last=1 removes the older checkpoint before saving, so it fits."""
+    run_dir = str(disk_for_two / "run")
+    full = run_distributed(train_until_checkpoint_error, 2, SAVE_EVERY_2, run_dir)[0]
+    assert full["step"] == 6 and "lower checkpoint.keep_last" in full["error"]
+    again = run_distributed(
+        train_until_checkpoint_error, 2, [*SAVE_EVERY_2, "checkpoint.keep_last=1"], run_dir
+    )
+    assert again[0] == {"error": None, "step": 6}
+    checkpoints = disk_for_two / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["step00000006"]
 
 
 def test_a_save_that_would_not_fit_stops_every_rank_and_keeps_the_last_checkpoint(small_disk):
@@ -289,6 +320,8 @@ def test_a_save_that_would_not_fit_stops_every_rank_and_keeps_the_last_checkpoin
     for result in results:  # both ranks, at the same step: the second save
         assert result["step"] == 4
         assert "not enough free disk space" in result["error"] and "Nothing was written" in result["error"]
+        # keep_last=1 already: only the newest is left, and it may not go before its successor exists
+        assert "lower checkpoint.keep_last cannot help" in result["error"]
     checkpoints = small_disk / "run" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["step00000002"]  # no partial left
     cfg = load_config(REPO / "configs/tiny.yaml", [f"run.dir={small_disk / 'run'}"])

@@ -246,13 +246,30 @@ def apply_retention(directory: Path, keep_last: int, keep_every: int) -> list[Pa
     return removed
 
 
-def check_free_space(directory: Path, needed_bytes: int) -> None:
+def check_free_space(directory: Path, needed_bytes: int, keep_last: int) -> None:
     """Refuse to start a save that cannot fit (a half-written checkpoint helps nobody)."""
     free = shutil.disk_usage(directory).free
-    if free < needed_bytes:
-        raise CheckpointError(
-            f"not enough free disk space for a checkpoint in {directory}: about {needed_bytes / 2**30:.2f} GiB "
-            f"needed, {free / 2**30:.2f} GiB free. Nothing was written. Free space there, lower "
-            f"checkpoint.keep_last, or move run.dir to a larger filesystem, then rerun the same command "
-            f"(it resumes from the newest complete checkpoint)"
+    if free >= needed_bytes:
+        return
+    complete = sum(1 for folder in checkpoint_folders(directory) if _is_complete(folder))
+    if complete > 1 or keep_last == 0:
+        fix = "lower checkpoint.keep_last (older checkpoints are then removed before the save)"
+    else:  # only the newest is left, and it stays until the new one is committed
+        fix = (
+            "the disk must hold the newest complete checkpoint and the one being written: lower "
+            "checkpoint.keep_last cannot help"
         )
+    raise CheckpointError(
+        f"not enough free disk space for a checkpoint in {directory}: about {needed_bytes / 2**30:.2f} GiB "
+        f"needed, {free / 2**30:.2f} GiB free, {complete} complete checkpoint(s) kept. Nothing was written. "
+        f"Free space there, {fix}, or move run.dir to a larger filesystem, then rerun the same command "
+        f"(it resumes from the newest complete checkpoint)"
+    )
+
+
+def _is_complete(folder: Path) -> bool:
+    try:
+        read_manifest(folder)
+    except InvalidCheckpoint:
+        return False
+    return True

@@ -19,7 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from pretrain.checkpoint.agreement import StepAgreement
-from pretrain.checkpoint.manifest import check_free_space, checkpoint_folders, partial_name, read_manifest
+from pretrain.checkpoint.manifest import (
+    apply_retention,
+    check_free_space,
+    checkpoint_folders,
+    partial_name,
+    read_manifest,
+)
 from pretrain.checkpoint.resume import CONFIG_FILE, ResumePoint, resume_changes, select_resume_point
 from pretrain.checkpoint.signals import StopSignals
 from pretrain.checkpoint.state import (
@@ -35,6 +41,7 @@ from pretrain.checkpoint.writer import BackgroundWriter, SaveOutcome, SnapshotEn
 from pretrain.config import Config
 from pretrain.deepspeed_compat import install_checkpoint_engine
 from pretrain.errors import CheckpointError, ConfigError
+from pretrain.logs import get_logger
 from pretrain.parallel.engine import TrainingEngine
 from pretrain.parallel.topology import describe_layout
 
@@ -42,6 +49,8 @@ from pretrain.parallel.topology import describe_layout
 # fp32 masters and AdamW's two moments, which bounds every layout we write.
 _BYTES_PER_PARAMETER = 16
 _FREE_SPACE_MARGIN = 1.1
+
+log = get_logger(__name__)
 
 
 class CheckpointStore:
@@ -142,8 +151,11 @@ class CheckpointStore:
         problem = None
         if self.rank == 0:
             try:
-                check_free_space(self.directory, int(self._estimate * _FREE_SPACE_MARGIN) + (1 << 20))
+                needed = int(self._estimate * _FREE_SPACE_MARGIN) + (1 << 20)
                 shutil.rmtree(partial, ignore_errors=True)
+                if shutil.disk_usage(self.directory).free < needed:
+                    self._make_room()
+                check_free_space(self.directory, needed, self.cfg.checkpoint.keep_last)
                 partial.mkdir(parents=True)
             except (CheckpointError, OSError) as e:
                 problem = str(e)
@@ -151,6 +163,18 @@ class CheckpointStore:
         if problem:
             raise CheckpointError(problem)
         return partial
+
+    def _make_room(self) -> None:
+        """Space is short: delete now what retention would delete once this save commits, so that
+        lowering checkpoint.keep_last helps a run whose disk is full. The newest complete checkpoint
+        stays until the new one has replaced it (keep_last=1 needs room for two)."""
+        keep_last, keep_every = self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every
+        if keep_last <= 0:
+            return  # keep everything: nothing may go
+        for removed in apply_retention(self.directory, max(1, keep_last - 1), keep_every):
+            log.warning(
+                f"disk space is short: removed {removed} before saving (checkpoint.keep_last={keep_last})"
+            )
 
     def _submit(self, state: RunState, step: int, partial: Path) -> None:
         shared = state.shared_state()
