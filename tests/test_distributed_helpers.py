@@ -1,7 +1,7 @@
 import pytest
 
 from pretrain.testing import run_distributed
-from training_runs import fail_on_rank
+from training_runs import fail_on_rank, shm_buffer_after_init
 
 pytestmark = pytest.mark.slow
 
@@ -13,3 +13,33 @@ def test_a_failure_on_one_rank_stops_every_rank_without_a_hang():
         "peer failure",
     ]
     assert run_distributed(fail_on_rank, 2, -1, timeout=120) == ["ok", "ok"]
+
+
+def test_cpu_runs_leave_no_shared_memory_buffer_behind(monkeypatch):
+    """DeepSpeed's CPU all-reduce buffer (69 MB per rank in /dev/shm) was never unlinked: each run
+    leaked one per rank until the machine ran out of memory. Its name goes once every rank has it mapped."""
+    monkeypatch.setenv("LOCAL_SIZE", "2")
+    for state in run_distributed(shm_buffer_after_init, 2, timeout=120):
+        assert state == {"mapped": True, "named": False, "sum_ok": True}
+
+
+def test_orphaned_shared_memory_buffers_are_removed_and_live_ones_kept(tmp_path, monkeypatch):
+    import mmap
+    import os
+    import time
+
+    from pretrain import deepspeed_compat as compat
+
+    monkeypatch.setattr(compat, "SHM_DIRECTORY", str(tmp_path))
+    prefix = f"{compat.SHM_ALLREDUCE_PREFIX}_{os.getuid()}_127.0.0.1_"
+    orphan, live, young, other = (tmp_path / f"{prefix}{n}_0" for n in (1, 2, 3, 4))
+    for path in (orphan, live, young):
+        path.write_bytes(b"\0" * 4096)
+    (tmp_path / "unrelated").write_bytes(b"x")
+    old = time.time() - 3600
+    for path in (orphan, live, tmp_path / "unrelated"):
+        os.utime(path, (old, old))
+    with live.open("r+b") as f, mmap.mmap(f.fileno(), 4096):  # a process (this one) maps it
+        assert compat.remove_orphaned_shm_buffers() == [orphan]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, young.name, "unrelated"])
+    assert not other.exists()

@@ -223,3 +223,21 @@ def train_until_checkpoint_error(overrides: list[str], run_dir: str) -> dict[str
     except CheckpointError as e:
         return {"error": str(e), "step": trainer.state.step}
     return {"error": None, "step": trainer.state.step}
+
+
+def shm_buffer_after_init() -> dict[str, bool]:
+    """Under run_distributed with LOCAL_SIZE = world size (what the deepspeed launcher sets on one node):
+    whether DeepSpeed created this rank's shared-memory all-reduce buffer (this process maps it) and
+    whether its name is still in /dev/shm, after init_distributed. It must still work: an
+    inference all-reduce goes through it."""
+    import deepspeed.comm as ds_comm
+    import torch
+    import torch.distributed as dist
+
+    from pretrain.deepspeed_compat import shm_allreduce_buffer
+
+    path = shm_allreduce_buffer(dist.get_rank())
+    mapped = any(path.name in line for line in Path("/proc/self/maps").read_text().splitlines())
+    values = torch.ones(1024) * (dist.get_rank() + 1)
+    ds_comm.inference_all_reduce(values)
+    return {"mapped": mapped, "named": path.exists(), "sum_ok": bool((values == 3).all())}

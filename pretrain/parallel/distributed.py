@@ -60,6 +60,7 @@ def init_distributed(join_timeout: float | None = None) -> DistInfo:
     from deepspeed.accelerator import get_accelerator
 
     from launch import LaunchError, batch_shell_warning, init_process_group, join, resolve
+    from pretrain import deepspeed_compat as compat
 
     accelerator = get_accelerator()
     if not dist.is_initialized():
@@ -83,10 +84,17 @@ def init_distributed(join_timeout: float | None = None) -> DistInfo:
         init_process_group(info, store, accelerator.communication_backend_name())
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = _set_device(accelerator, local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    cpu = accelerator.device_name() == "cpu"
+    if cpu and local_rank == 0:
+        for path in compat.remove_orphaned_shm_buffers():
+            log.info(f"removed {path}, left by a killed CPU run (no process maps it)")
     # Wraps the existing group (no second rendezvous) so DeepSpeed's comm layer knows about it.
     deepspeed.init_distributed(
         dist_backend=accelerator.communication_backend_name(), auto_mpi_discovery=False
     )
+    if cpu:  # every rank has mapped its peers' shared-memory buffers once all have left the init
+        dist.barrier()
+        compat.unlink_shm_allreduce_buffer(dist.get_rank())
     return DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), device)
 
 
