@@ -147,11 +147,14 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(run=cmd_export_stdlib)
 
     args = parser.parse_args(argv)
-    from pretrain.errors import ExitCode, PretrainError
+    from pretrain.errors import ExitCode, PretrainError, exit_code_of
 
     try:
         args.run(args)
-    except (PretrainError, OSError, ValueError) as e:
+    except PretrainError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return exit_code_of(e)  # 4 for unusable data, as in training
+    except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return ExitCode.REFUSED
     except KeyboardInterrupt:
