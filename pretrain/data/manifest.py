@@ -15,6 +15,11 @@ from pretrain.errors import DataError
 FORMAT = "pretrain-megatron-shards"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+# A re-run alone keeps a shard whose record and size are intact: prepare does not re-read its sha256.
+REWRITE_SHARD = (
+    "delete that shard's .bin, .idx and .json and re-run the same `python -m pretrain.data prepare` command "
+    "(it rewrites that shard and the ones after it)"
+)
 
 
 @dataclass
@@ -110,6 +115,6 @@ def verify(folder: str | Path, checksums: bool = True) -> Manifest:
             for path, expected in ((opened.bin_path, shard.bin_sha256), (opened.idx_path, shard.idx_sha256)):
                 if sha256_file(path) != expected:
                     raise ShardError(
-                        f"{path} does not match the sha256 in {folder / MANIFEST}; the file changed or is corrupt: re-run prepare"
+                        f"{path} does not match the sha256 in {folder / MANIFEST}; the file changed or is corrupt: {REWRITE_SHARD}"
                     )
     return manifest

@@ -31,7 +31,9 @@ def open_dataset(path: str, cfg: DataConfig, seq_len: int) -> OpenedDataset:
     local = localize(path, Path(cfg.cache_dir) if cfg.cache_dir else None) if is_remote(path) else Path(path)
     manifest = verify(local, checksums=cfg.verify_checksums)
     shards = [IndexedDataset(local / shard.prefix) for shard in manifest.shards]
-    stream = TokenStream([shard.tokens for shard in shards])
+    # Shards named as configured (a remote dataset's URL, not the cache): that is what to re-prepare.
+    names = [f"{path.rstrip('/')}/{shard.prefix}.bin" for shard in manifest.shards]
+    stream = TokenStream([shard.tokens for shard in shards], names, [shard.sizes for shard in shards])
     total = len(stream)
     cut = total - round(cfg.validation_fraction * total)
     train = PackedSamples(stream, seq_len, 0, cut)
