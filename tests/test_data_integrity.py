@@ -162,6 +162,22 @@ def test_a_flipped_bit_within_the_vocabulary_is_found_only_by_the_checksums(prep
     load_training_data(DataConfig(paths=[str(folder)], verify_checksums=True), seq_len=16)
 
 
+def test_a_manifest_whose_vocabulary_is_not_its_tokenizers_is_refused(prepared, tmp_path, capsys):
+    from pretrain.data.__main__ import main
+
+    folder = tmp_path / "d"
+    shutil.copytree(prepared, folder)
+    raw = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps({**raw, "vocab_size": VOCAB + 100}))
+    capsys.readouterr()
+    assert main(["inspect", str(folder)]) == ExitCode.DATA
+    expected = f"manifest.json records vocab_size {VOCAB + 100}, but the tokenizer it was prepared with"
+    err = capsys.readouterr().err
+    assert expected in err and f"has vocab_size {VOCAB}" in err and "pretrain.data merge" in err
+    with pytest.raises(DataError, match=expected):
+        load_training_data(DataConfig(paths=[str(folder)]), seq_len=16)
+
+
 def test_training_on_an_id_past_the_vocabulary_exits_4_naming_it(prepared, tmp_path):
     folder, _ = damaged_copy(prepared, tmp_path, document=0, offset=3, change=lambda _: 60_000)
     small = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",

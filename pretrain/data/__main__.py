@@ -43,7 +43,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 def cmd_inspect(args: argparse.Namespace) -> None:
     from pretrain.data.indexed import IndexedDataset
-    from pretrain.data.manifest import verify
+    from pretrain.data.manifest import check_vocabulary, verify
     from pretrain.data.tokenizer import load_tokenizer
     from pretrain.errors import DataError
 
@@ -70,6 +70,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
             f"tokenizer {tokenizer_path} (hash {tokenizer.content_hash[:16]}) is not the one {folder} was "
             f"prepared with ({manifest.tokenizer_hash[:16]}); pass --tokenizer with the original"
         )
+    check_vocabulary(manifest, folder, tokenizer)
     first = IndexedDataset(folder / manifest.shards[0].prefix).document(0)
     print(f"first document ({len(first)} tokens):\n{tokenizer.decode(first.tolist())[:600]}")
 
