@@ -153,7 +153,7 @@ def test_cli_commands_and_a_vocabulary_that_does_not_fit_the_model(corpus, tmp_p
     assert f"{manifest.num_tokens:,} tokens in {len(TEXTS)} documents" in inspected.stdout
     assert "checksums: all match the manifest" in inspected.stdout and "def function_0" in inspected.stdout
     missing = run_cli("-m", "pretrain.data", "inspect", str(tmp_path / "nothing"))
-    assert missing.returncode == 1 and "manifest.json does not exist" in missing.stderr
+    assert missing.returncode == 4 and "manifest.json does not exist" in missing.stderr  # a DataError
     small = run_cli("pretrain/main.py", "--config", str(TINY), f"data.paths=[{tmp_path / 'd'}]",
                     "model.vocab_size=300", f"run.dir={tmp_path / 'run'}")  # fmt: skip
     assert small.returncode == 2
@@ -254,7 +254,7 @@ def test_merge_names_the_parts_that_are_missing(corpus, tmp_path):
         merge(tmp_path / "d")
     with pytest.raises(DataError, match=r"manifest.json does not exist \(parts finished: \['part-00001'\]"):
         load_manifest(tmp_path / "d")
-    assert main(["merge", str(tmp_path / "d")]) == 1
+    assert main(["merge", str(tmp_path / "d")]) == 4
 
 
 def test_a_foreign_tokenizer_folder_names_its_special_tokens(tmp_path):

@@ -43,7 +43,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 def cmd_inspect(args: argparse.Namespace) -> None:
     from pretrain.data.indexed import IndexedDataset
-    from pretrain.data.manifest import verify
+    from pretrain.data.manifest import check_vocabulary, verify
     from pretrain.data.tokenizer import load_tokenizer
     from pretrain.errors import DataError
 
@@ -70,6 +70,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
             f"tokenizer {tokenizer_path} (hash {tokenizer.content_hash[:16]}) is not the one {folder} was "
             f"prepared with ({manifest.tokenizer_hash[:16]}); pass --tokenizer with the original"
         )
+    check_vocabulary(manifest, folder, tokenizer)
     first = IndexedDataset(folder / manifest.shards[0].prefix).document(0)
     print(f"first document ({len(first)} tokens):\n{tokenizer.decode(first.tolist())[:600]}")
 
@@ -147,11 +148,14 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(run=cmd_export_stdlib)
 
     args = parser.parse_args(argv)
-    from pretrain.errors import ExitCode, PretrainError
+    from pretrain.errors import ExitCode, PretrainError, exit_code_of
 
     try:
         args.run(args)
-    except (PretrainError, OSError, ValueError) as e:
+    except PretrainError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return exit_code_of(e)  # 4 for unusable data, as in training
+    except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return ExitCode.REFUSED
     except KeyboardInterrupt:

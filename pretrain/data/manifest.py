@@ -10,11 +10,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pretrain.data.tokenizer import Tokenizer, load_tokenizer
 from pretrain.errors import DataError
 
 FORMAT = "pretrain-megatron-shards"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+# A re-run alone keeps a shard whose record and size are intact: prepare does not re-read its sha256.
+REWRITE_SHARD = (
+    "delete that shard's .bin, .idx and .json and re-run the same `python -m pretrain.data prepare` command "
+    "(it rewrites that shard and the ones after it)"
+)
 
 
 @dataclass
@@ -110,6 +116,36 @@ def verify(folder: str | Path, checksums: bool = True) -> Manifest:
             for path, expected in ((opened.bin_path, shard.bin_sha256), (opened.idx_path, shard.idx_sha256)):
                 if sha256_file(path) != expected:
                     raise ShardError(
-                        f"{path} does not match the sha256 in {folder / MANIFEST}; the file changed or is corrupt: re-run prepare"
+                        f"{path} does not match the sha256 in {folder / MANIFEST}; the file changed or is corrupt: {REWRITE_SHARD}"
                     )
     return manifest
+
+
+def recorded_tokenizer(manifest: Manifest) -> Tokenizer | None:
+    """The tokenizer at the path prepare was given, if it is still there and still the one the data
+    was made with (its hash); None otherwise: nothing to check the manifest against then."""
+    path = manifest.source.get("tokenizer")
+    if not path or not Path(path).exists():
+        return None
+    try:
+        tokenizer = load_tokenizer(path)
+    except DataError:
+        return None
+    return tokenizer if tokenizer.content_hash == manifest.tokenizer_hash else None
+
+
+def check_vocabulary(manifest: Manifest, dataset: str | Path, tokenizer: Tokenizer) -> None:
+    """The manifest's vocabulary size and end-of-document id are those of `tokenizer`, the one it was
+    prepared with (same hash): training bounds token ids and sizes the model by them."""
+    folder = str(dataset).rstrip("/")
+    for what, recorded, actual in (
+        ("vocab_size", manifest.vocab_size, tokenizer.vocab_size),
+        ("eod_id", manifest.eod_id, tokenizer.eod_id),
+    ):
+        if recorded != actual:
+            raise DataError(
+                f"{folder}/{MANIFEST} records {what} {recorded}, but the tokenizer it was prepared with "
+                f"({tokenizer.source}, hash {tokenizer.content_hash[:16]}) has {what} {actual}: the manifest "
+                f"was edited or is damaged; rewrite it from the parts' records with `python -m pretrain.data "
+                f"merge {folder}`, or re-run prepare"
+            )

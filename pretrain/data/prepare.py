@@ -38,7 +38,8 @@ import numpy as np
 
 import pretrain
 from pretrain.data.indexed import IndexedDatasetWriter, best_dtype
-from pretrain.data.manifest import Manifest, ShardRecord, sha256_file, write_json_atomically
+from pretrain.data.inputs import check_same_input, content_hashes, stale_input
+from pretrain.data.manifest import MANIFEST, Manifest, ShardRecord, sha256_file, write_json_atomically
 from pretrain.data.tokenizer import Tokenizer, load_tokenizer
 from pretrain.errors import DataError
 
@@ -155,7 +156,8 @@ class PartSpec:
     append_eod: bool
     tokenizer_hash: str
     dtype: str
-    file_sizes: dict[str, int] = field(default_factory=dict)  # local files only: a changed input is an error
+    # Local files only: changed input makes the part start over (pretrain/data/inputs.py says why content).
+    file_hashes: dict[str, str] = field(default_factory=dict)
 
 
 def part_spec(
@@ -169,7 +171,7 @@ def part_spec(
     return PartSpec(
         mine, split, shard_index, num_shards, text_field, shard_tokens, append_eod,
         tokenizer.content_hash, np.dtype(best_dtype(tokenizer.vocab_size)).name,
-        {f: Path(f).stat().st_size for f in mine if Path(f).is_file()},
+        content_hashes([f for f in mine if Path(f).is_file()]),
     )  # fmt: skip
 
 
@@ -328,20 +330,32 @@ def _finished_shards(part_dir: Path, spec: PartSpec) -> list[dict[str, Any]]:
 
 
 def _check_spec(part_dir: Path, spec: PartSpec) -> None:
-    """A re-run continues a part only with the settings it was started with. A part with no finished
-    shard has nothing to reuse: it simply starts over (e.g. after fixing a wrong --text-field)."""
+    """A re-run continues a part only with the settings it was started with, and only on the input it
+    was started on: changed input makes the finished shards stale, so the part starts over. A part
+    with no finished shard has nothing to reuse: it simply starts over (e.g. after fixing a wrong
+    --text-field)."""
     path = part_dir / "part.json"
     if path.is_file():
         old = json.loads(path.read_text())
-        changed = {k: (old.get(k), v) for k, v in asdict(spec).items() if old.get(k) != v}
-        if not changed:
+        settings = {
+            k: (old.get(k), v) for k, v in asdict(spec).items() if k != "file_hashes" and old.get(k) != v
+        }
+        stale = stale_input(old, spec.file_hashes)
+        if not settings and stale is None:
             return
-        if any(part_dir.glob("shard-*.json")):
-            diff = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+        finished = any(part_dir.glob("shard-*.json"))
+        if settings and finished:
+            diff = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in settings.items())
             raise DataError(
                 f"{part_dir} was started with other settings or input ({diff}); re-run with the original "
                 f"options, or choose a new --output (or delete {part_dir}) to start over"
             )
+        if stale is not None and (finished or (part_dir / "done.json").is_file()):
+            print(f"{part_dir}: {stale}; preparing this part again from the start", file=sys.stderr)
+            for old_file in part_dir.glob("shard-*"):
+                old_file.unlink()
+            # It lists this part's old shards: a dataset is complete again only once every part is.
+            (part_dir.parent / MANIFEST).unlink(missing_ok=True)
         (part_dir / "done.json").unlink(missing_ok=True)
     part_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomically(path, asdict(spec))
@@ -465,6 +479,7 @@ def merge(output: str | Path, required: bool = True) -> Manifest | None:
             f"delete the parts of the other run and re-run"
         )
     num_parts = counts.pop()
+    check_same_input(output, specs)
     done_paths = [output / f"part-{i:05d}" / "done.json" for i in range(num_parts)]
     missing = [i for i, p in enumerate(done_paths) if not p.is_file()]
     if missing:

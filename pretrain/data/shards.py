@@ -25,13 +25,18 @@ def open_dataset(path: str, cfg: DataConfig, seq_len: int) -> OpenedDataset:
     """Validate the dataset at `path` against its manifest (sizes always, sha256 if asked), memory-map
     its shards, and hold out its last validation_fraction of tokens for validation."""
     from pretrain.data.indexed import IndexedDataset
-    from pretrain.data.manifest import verify
+    from pretrain.data.manifest import check_vocabulary, recorded_tokenizer, verify
     from pretrain.data.remote import is_remote, localize
 
     local = localize(path, Path(cfg.cache_dir) if cfg.cache_dir else None) if is_remote(path) else Path(path)
     manifest = verify(local, checksums=cfg.verify_checksums)
+    tokenizer = recorded_tokenizer(manifest)
+    if tokenizer is not None:
+        check_vocabulary(manifest, path, tokenizer)
     shards = [IndexedDataset(local / shard.prefix) for shard in manifest.shards]
-    stream = TokenStream([shard.tokens for shard in shards])
+    # Shards named as configured (a remote dataset's URL, not the cache): that is what to re-prepare.
+    names = [f"{path.rstrip('/')}/{shard.prefix}.bin" for shard in manifest.shards]
+    stream = TokenStream([shard.tokens for shard in shards], names, [shard.sizes for shard in shards])
     total = len(stream)
     cut = total - round(cfg.validation_fraction * total)
     train = PackedSamples(stream, seq_len, 0, cut)

@@ -203,12 +203,13 @@ def _batches(
         # The next step is read while this one trains (validation reads a fixed set, rarely).
         prefetch=True,
         pin_memory=device.type == "cuda",
+        vocab_size=data.vocab_size,
     )
     validation = None
     if t.eval_interval > 0 and all(len(v) > 0 for v in data.validation):
         validation = DistributedBatches(
             data.validation, cfg.seed, t.global_batch_size, t.micro_batch_size, ctx.dp_rank, ctx.dp,
-            shuffle=False, weights=data.weights,
+            shuffle=False, weights=data.weights, vocab_size=data.vocab_size,
         )  # fmt: skip
     return train, validation
 
