@@ -115,12 +115,14 @@ def train(args: argparse.Namespace) -> None:
     from pretrain.logs import quiet_libraries
     from pretrain.parallel import init_distributed
     from pretrain.train import build_trainer
+    from pretrain.train.run_lock import run_dir_lock
 
     quiet_libraries()
     dist = init_distributed(join_timeout=cfg.watchdog.join_timeout)
     setup_logging(dist.rank)  # the rank a launcher like srun gives only now
-    preflight(current()[0], cfg.to_yaml(), Path(cfg.run.dir))  # type: ignore[index]
-    build_trainer(cfg, dist, stop_signals).fit()
+    with run_dir_lock(Path(cfg.run.dir), cfg.run.lock_stale_after, dist.rank):
+        preflight(current()[0], cfg.to_yaml(), Path(cfg.run.dir))  # type: ignore[index]
+        build_trainer(cfg, dist, stop_signals).fit()
 
 
 def report(error: BaseException) -> int:

@@ -38,8 +38,21 @@ class RunConfig:
         False,
     )
 
+    lock_stale_after: float = documented(
+        "Seconds without a heartbeat (every 30 s) after which run.dir/run.lock of a run on another node counts "
+        "as stale and a new start takes it over; a holder on the same node that is gone, or an earlier "
+        "incarnation of a requeued SLURM job, is taken over at once.",
+        600.0,
+    )
+
     def problems(self) -> list[str]:
-        return [] if self.dir else ["run.dir must not be empty"]
+        p = [] if self.dir else ["run.dir must not be empty"]
+        if self.lock_stale_after < 2 * 30:
+            p.append(
+                f"run.lock_stale_after={self.lock_stale_after:g} is shorter than two lock heartbeats (60 s): a live "
+                f"run's lock would be taken over; use 60 or more"
+            )
+        return p
 
 
 @dataclass
