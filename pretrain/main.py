@@ -17,6 +17,7 @@ import signal
 import sys
 import traceback
 from pathlib import Path
+from typing import NoReturn
 
 if __name__ == "__main__" and __package__ in (None, ""):
     # Run as a script (as the deepspeed launcher does): make `pretrain` importable from the repository
@@ -122,7 +123,11 @@ def train(args: argparse.Namespace) -> None:
     setup_logging(dist.rank)  # the rank a launcher like srun gives only now
     with run_dir_lock(Path(cfg.run.dir), cfg.run.lock_stale_after, dist.rank):
         preflight(current()[0], cfg.to_yaml(), Path(cfg.run.dir))  # type: ignore[index]
-        build_trainer(cfg, dist, stop_signals).fit()
+        trainer = build_trainer(cfg, dist, stop_signals)
+        try:
+            trainer.fit()
+        finally:
+            trainer.close()
 
 
 def report(error: BaseException) -> int:
@@ -159,5 +164,25 @@ def main(argv: list[str] | None = None) -> int:
     return ExitCode.OK
 
 
+def exit_process(code: int) -> NoReturn:
+    """Exit with `code` in a fixed order: the process groups (only where every rank got here together:
+    a finished or preempted run), Python's exit handlers, logs, then the process itself, without the
+    interpreter's teardown. That teardown destroys torch's C++ objects in no defined order while their
+    threads may still run; it once turned a finished run's 0 into a SIGABRT ("terminate called without
+    an active exception") and the launcher's 250."""
+    import atexit
+    import logging
+
+    if code in (ExitCode.OK, ExitCode.REQUEUE):
+        from pretrain.parallel.distributed import shutdown_distributed
+
+        shutdown_distributed()
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -1,7 +1,7 @@
 import pytest
 
 from pretrain.testing import run_distributed
-from training_runs import fail_on_rank, shm_buffer_after_init
+from training_runs import fail_on_rank, shm_buffer_after_init, threads_after_close
 
 pytestmark = pytest.mark.slow
 
@@ -43,3 +43,15 @@ def test_orphaned_shared_memory_buffers_are_removed_and_live_ones_kept(tmp_path,
         assert compat.remove_orphaned_shm_buffers() == [orphan]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, young.name, "unrelated"])
     assert not other.exists()
+
+
+def test_closing_the_trainer_joins_every_thread_it_started(tmp_path):
+    """A thread still running while the process groups and the interpreter are torn down is how a
+    finished run can die with SIGABRT at exit; close() stops them in order before the process exits."""
+    overrides = ["checkpoint.interval=3", "watchdog.step_timeout=600"]
+    for state in run_distributed(threads_after_close, 2, overrides, str(tmp_path), timeout=180):
+        assert any(n.startswith("checkpoint-writer") for n in state["before"]), state  # the test sees them
+        assert any(n.startswith("prefetch") for n in state["before"]), state
+        assert any(n.startswith("pretrain-watchdog") for n in state["before"]), state
+        ours = ("checkpoint-writer", "prefetch", "pretrain-watchdog")
+        assert [n for n in state["after"] if n.startswith(ours)] == [], state

@@ -241,3 +241,26 @@ def shm_buffer_after_init() -> dict[str, bool]:
     values = torch.ones(1024) * (dist.get_rank() + 1)
     ds_comm.inference_all_reduce(values)
     return {"mapped": mapped, "named": path.exists(), "sum_ok": bool((values == 3).all())}
+
+
+def threads_after_close(overrides: list[str], run_dir: str) -> dict[str, list[str]]:
+    """The threads alive after fit() (checkpoint writer, watchdog, prefetch) and after Trainer.close()."""
+    import threading
+
+    import torch.distributed as dist
+
+    from pretrain.config import load_config
+    from pretrain.parallel import init_distributed
+    from pretrain.train import build_trainer
+
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml",
+        [*SMALL, *overrides, f"run.dir={run_dir}"],
+        world_size=dist.get_world_size(),
+    )
+    trainer = build_trainer(cfg, init_distributed())
+    trainer.fit()
+    names = lambda: sorted(t.name for t in threading.enumerate() if t is not threading.main_thread())  # noqa: E731
+    before = names()
+    trainer.close()
+    return {"before": before, "after": names()}

@@ -189,8 +189,11 @@ class BackgroundWriter:
         self._current.done.wait(timeout)
         return self._current.outcome
 
-    def close(self) -> None:
+    def close(self, timeout: float = 60.0) -> None:
+        """Stop the writer thread once it has written what is queued (a save in flight has been
+        waited for by then, or given up on)."""
         self._queue.put(None)
+        self._thread.join(timeout)
 
     def _put(self, kind: str, path: Path | None = None, payload: Any = None) -> None:
         assert self._current is not None, "begin() a save first"

@@ -251,6 +251,12 @@ class DistributedBatches:
             self._prefetched = (following, self._reader.submit(self._read, ids))
         return batches
 
+    def close(self) -> None:
+        """Stop the prefetch thread (what it was reading ahead is not needed any more)."""
+        if self._reader is not None:
+            self._reader.shutdown(wait=True, cancel_futures=True)
+            self._reader, self._prefetched = None, None
+
     def _next_position(self, position: int) -> int:
         while position in self.skipped_batches:
             position += self.global_batch_size

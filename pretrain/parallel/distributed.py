@@ -108,6 +108,12 @@ def _set_device(accelerator: Any, local_rank: int, local_world: int) -> torch.de
     return torch.device("cpu")
 
 
+def shutdown_distributed() -> None:
+    """Destroy every process group; call only where all ranks are known to be alive and done with them."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def all_reduce_mean(values: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Mean over the ranks of `group` (default: all), returned as a new tensor."""
     out = values.detach().clone()

@@ -96,6 +96,15 @@ class Trainer:
             raise
         self._emit("on_train_end")
 
+    def close(self) -> None:
+        """Before the process exits, however fit() ended: the callbacks' threads in their order (the
+        checkpoint writer, then the watchdog), then the loaders'."""
+        for callback in ordered(self.callbacks):
+            callback.on_close(self)
+        for batches in (self.train_batches, self.val_batches):
+            if batches is not None:
+                batches.close()
+
     def train_step(self, micro_batches: list[Batch]) -> torch.Tensor:
         """One optimizer step over this rank's micro-batches; returns their mean loss (on device, no sync)."""
         self.last_lr = self.engine.lr

@@ -197,6 +197,11 @@ class Watchdog(Callback):
     def stop(self) -> None:
         self._stop.set()
 
+    def on_close(self, trainer: TrainerView) -> None:
+        self.stop()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=max(1.0, 2 * self.poll))
+
     # ----- the watchdog thread -----
 
     @property

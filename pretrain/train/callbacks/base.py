@@ -94,6 +94,10 @@ class Callback:
     def on_abort(self, trainer: TrainerView) -> None:
         """fit() is leaving through an exception (a signal's save, a failure); release what is held."""
 
+    def on_close(self, trainer: TrainerView) -> None:
+        """The process is about to exit, however fit() ended: stop and join this callback's threads, so
+        that nothing runs while the process groups are destroyed and the interpreter shuts down."""
+
 
 def ordered(callbacks: list[Callback]) -> list[Callback]:
     """Highest priority first; a stable sort, so equal priorities keep the order they were added in."""

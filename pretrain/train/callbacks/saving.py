@@ -73,6 +73,9 @@ class SavePolicy(Callback):
         # The handlers stay until the process exits, so a late signal cannot replace its exit code.
         self.store.wait(timeout=_ABORT_WAIT_S)
 
+    def on_close(self, trainer: TrainerView) -> None:
+        self.store.close()
+
     def _report(self, trainer: TrainerView) -> None:
         outcome = self.store.writer.finished_outcome()
         if outcome is None or outcome is self._reported or not outcome.ok:
