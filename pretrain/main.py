@@ -135,6 +135,12 @@ def report(error: BaseException) -> int:
     rank = current_rank()
     if isinstance(error, PretrainError):
         message = error.report(rank)
+    elif lost_peer(error):
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        message = (
+            f"error (rank {rank}): lost the connection to another rank during a collective ({first_line[:300]}): "
+            f"that rank failed or was killed, and its own message is above or in its log; stopping here too"
+        )
     else:  # not raised on purpose: a bug, or the environment failing in a way nobody checked for
         message = f"error (rank {rank}): unexpected {type(error).__name__}: {error}\n" + "".join(
             traceback.format_exception(error)
@@ -151,6 +157,19 @@ def report(error: BaseException) -> int:
     return exit_code_of(error)
 
 
+# What gloo and NCCL say when a peer process is gone: a consequence on this rank, not its own error.
+_PEER_GONE = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "NCCL communicator was aborted",
+    "remote process exited or there was a network error",
+)
+
+
+def lost_peer(error: BaseException) -> bool:
+    return isinstance(error, RuntimeError) and any(text in str(error) for text in _PEER_GONE)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.help_config:
@@ -159,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         return ExitCode.OK
     try:
         train(args)
-    except (PretrainError, OSError) as error:
+    except Exception as error:  # every way out goes through report() and then exit_process()
         return report(error)
     return ExitCode.OK
 

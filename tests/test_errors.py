@@ -96,6 +96,24 @@ def test_an_unexpected_os_error_in_main_is_named_with_its_traceback_and_exit_cod
     assert "Traceback" in err
 
 
+def test_a_peer_that_went_away_is_named_as_such_without_a_traceback(capsys):
+    """What a healthy rank meets when another rank died in the middle of a collective (gloo's words)."""
+    from pretrain.main import report
+
+    gloo = RuntimeError(
+        "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:6057"
+    )
+    assert report(gloo) == 1
+    err = capsys.readouterr().err
+    assert "error (rank 0): lost the connection to another rank during a collective" in err
+    assert "its own message is above or in its log" in err and "Traceback" not in err
+    try:
+        raise RuntimeError("CUDA error: an illegal memory access")
+    except RuntimeError as e:
+        assert report(e) == 1
+    assert "Traceback" in capsys.readouterr().err  # a real error keeps its traceback
+
+
 def run_main(*args, env=None):
     return subprocess.run(
         [sys.executable, str(REPO / "pretrain" / "main.py"), "--config", str(TINY), *SMALL, *args],
