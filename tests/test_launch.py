@@ -350,6 +350,7 @@ def test_watchdog_dumps_every_rank_and_names_the_rank_that_sleeps(tmp_path):
     assert "waiting in torch.distributed.all_reduce" in rank0 and 'Thread "MainThread"' in rank0
     stderr = outs[0][1] + outs[1][1]
     assert "error: hang: no training step completed" in stderr
+    assert not (tmp_path / "run.lock").exists()  # released although the watchdog leaves by os._exit
 
 
 def test_behind_ranks_from_reports():

@@ -35,6 +35,14 @@ from pretrain.logs import get_logger
 LOCK_FILE = "run.lock"
 HEARTBEAT_S = 30.0
 log = get_logger(__name__)
+_held: set[RunLock] = set()  # for release_held_locks()
+
+
+def release_held_locks() -> None:
+    """Release the locks this process holds: for a hard exit (the watchdog's os._exit) that skips the
+    `finally` blocks which release them otherwise."""
+    for lock in list(_held):
+        lock.release()
 
 
 @dataclass
@@ -81,6 +89,7 @@ class RunLock:
         for _ in range(5):  # each pass either creates the lock, refuses, or removes a stale one
             if self._create():
                 self._start_heartbeat()
+                _held.add(self)
                 return
             found = self._read()
             reason = self._stale_reason(found)
@@ -93,8 +102,9 @@ class RunLock:
         )
 
     def release(self) -> None:
+        _held.discard(self)
         self._stop.set()
-        if self._thread is not None:
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
         found = self._read()
         if found is not None and found.token == self.holder.token:

@@ -36,6 +36,7 @@ from typing import Any
 from pretrain.errors import ExitCode
 from pretrain.logs import EVERY_RANK, get_logger
 from pretrain.train.callbacks.base import WATCH, Callback, TrainerView
+from pretrain.train.run_lock import release_held_locks
 
 log = get_logger(__name__)
 
@@ -299,6 +300,7 @@ class Watchdog(Callback):
                 )
         sys.stdout.flush()
         sys.stderr.flush()
+        release_held_locks()  # os._exit skips every finally: the rerun must not find run.dir locked
         self._exit(EXIT_HANG)
 
     def _finish_alarm(self) -> None:

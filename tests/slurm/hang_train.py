@@ -22,6 +22,7 @@ from pretrain.parallel import init_distributed
 from pretrain.parallel.distributed import env_world_size
 from pretrain.train import build_trainer
 from pretrain.train.callbacks import Callback
+from pretrain.train.run_lock import run_dir_lock
 
 
 class SleepOnRank(Callback):
@@ -41,9 +42,11 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides, world_size=env_world_size())
-    trainer = build_trainer(cfg, init_distributed())
-    trainer.callbacks.insert(0, SleepOnRank(args.sleep_rank, args.sleep_after_step))
-    trainer.fit()
+    dist = init_distributed()
+    with run_dir_lock(Path(cfg.run.dir), cfg.run.lock_stale_after, dist.rank):  # as main.py holds it
+        trainer = build_trainer(cfg, dist)
+        trainer.callbacks.insert(0, SleepOnRank(args.sleep_rank, args.sleep_after_step))
+        trainer.fit()
     return 0
 
 
