@@ -1,4 +1,4 @@
-"""Every DeepSpeed internal the framework relies on (`pretrain/deepspeed_compat.py`), checked against
+"""Every DeepSpeed internal the framework relies on (`pretrain/deepspeed_compat/`), checked against
 the installed DeepSpeed with real engines: when a DeepSpeed release moves one, a test here names it.
 
 To try a newer DeepSpeed: install it into the venv, run this file, then `make check`."""
@@ -38,7 +38,7 @@ def test_a_missing_internal_fails_with_a_message_naming_it():
         compat.engine_counters(NotAnEngine())
     message = str(error.value)
     assert "has no attribute NotAnEngine.global_steps (the engine's step counters)" in message
-    assert "deepspeed>=" in message and "pretrain/deepspeed_compat.py" in message
+    assert "deepspeed>=" in message and "pretrain/deepspeed_compat/" in message
 
 
 def engine_internals(overrides: list[str], run_dir: str) -> dict[str, Any]:

@@ -30,8 +30,8 @@ def test_orphaned_shared_memory_buffers_are_removed_and_live_ones_kept(tmp_path,
 
     from pretrain import deepspeed_compat as compat
 
-    monkeypatch.setattr(compat, "SHM_DIRECTORY", str(tmp_path))
-    prefix = f"{compat.SHM_ALLREDUCE_PREFIX}_{os.getuid()}_127.0.0.1_"
+    monkeypatch.setattr(compat.shm, "SHM_DIRECTORY", str(tmp_path))
+    prefix = f"{compat.shm.SHM_ALLREDUCE_PREFIX}_{os.getuid()}_127.0.0.1_"
     orphan, live, young, other = (tmp_path / f"{prefix}{n}_0" for n in (1, 2, 3, 4))
     for path in (orphan, live, young):
         path.write_bytes(b"\0" * 4096)
