@@ -50,8 +50,8 @@ def test_closing_the_trainer_joins_every_thread_it_started(tmp_path):
     finished run can die with SIGABRT at exit; close() stops them in order before the process exits."""
     overrides = ["checkpoint.interval=3", "watchdog.step_timeout=600"]
     for state in run_distributed(threads_after_close, 2, overrides, str(tmp_path), timeout=180):
-        assert any(n.startswith("checkpoint-writer") for n in state["before"]), state  # the test sees them
+        # Alive after fit() until closed (the watchdog's thread may or may not have noticed its stop yet).
+        assert any(n.startswith("checkpoint-writer") for n in state["before"]), state
         assert any(n.startswith("prefetch") for n in state["before"]), state
-        assert any(n.startswith("pretrain-watchdog") for n in state["before"]), state
         ours = ("checkpoint-writer", "prefetch", "pretrain-watchdog")
         assert [n for n in state["after"] if n.startswith(ours)] == [], state
