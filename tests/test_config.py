@@ -133,6 +133,62 @@ def test_malformed_override():
     ]
 
 
+def test_yaml_syntax_errors_name_the_file_line_and_column(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("model:\n  hidden_size: 64\n   num_layers: 2\n")
+    (message,) = problems([], path=preset)
+    assert message.startswith(f"{preset}, line 3, column 14: invalid YAML: mapping values are not allowed")
+    assert "indent the keys of one section alike" in message
+    preset.write_text("model:\n  vocab_size: [1, 2\ntrain:\n  steps: 3\n")
+    (message,) = problems([], path=preset)
+    assert message.startswith(f"{preset}, line 3, column 6: invalid YAML: did not find expected ',' or ']'")
+    assert "(while parsing a flow sequence that starts at line 2, column 15)" in message
+    preset.write_text("seed: 1\nseed: 2\n")
+    (message,) = problems([], path=preset)
+    assert message.startswith(f"{preset}, line 2, column 1: invalid YAML: found duplicate key seed")
+    assert message.endswith("keep one of them")
+
+
+def test_a_malformed_override_value_names_the_override_and_the_position_in_it():
+    assert problems(["data.paths=[a,b"]) == [
+        "override 'data.paths=[a,b' cannot be parsed: did not find expected ',' or ']' at character 16, the end "
+        "of it (while parsing a flow sequence that starts at character 12); close its brackets and quotes, and "
+        "quote the whole override for the shell (for example data.paths='[a, b]')"
+    ]
+    (message,) = problems(["model.vocab_size={a: [1}"])
+    assert "at character 24 (while parsing a flow sequence that starts at character 22)" in message
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "null\n", "{}\n"])
+def test_a_preset_without_settings_is_refused_not_trained_with_the_defaults(tmp_path, text):
+    preset = tmp_path / "empty.yaml"
+    preset.write_text(text)
+    (message,) = problems([], path=preset)
+    assert message.startswith(f"{preset} holds no settings (it is empty, or only comments or null)")
+    assert "leave out --config to train the built-in defaults" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "got"), [("- model\n- train\n", "got a list"), ("3\n", "got a single value")]
+)
+def test_a_preset_that_is_not_a_mapping_is_refused(tmp_path, text, got):
+    preset = tmp_path / "p.yaml"
+    preset.write_text(text)
+    (message,) = problems([], path=preset)
+    assert message.startswith(f"{preset}: the top level must be a mapping of sections")
+    assert message.endswith(got)
+
+
+def test_cli_yaml_syntax_error_exits_2_without_a_traceback(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("train: [1\n")
+    for args in (["--config", str(preset)], ["--config", str(TINY), "data.paths=[a,b"]):
+        result = run_main(*args, "--dry-run")
+        assert result.returncode == 2, result.stderr
+        assert "invalid YAML" in result.stderr or "cannot be parsed" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
 def test_every_field_is_documented():
     rows = describe_fields()
     assert [key for key, *_ in rows] == all_keys()
