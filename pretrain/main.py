@@ -74,6 +74,7 @@ def dry_run(cfg: Config, world_size: int) -> None:
     from pretrain.parallel import build_deepspeed_config, resolve_precision
     from pretrain.train import run_summary
 
+    warn_about(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = resolve_precision(cfg.train.precision, device)
     summary = run_summary(cfg, world_size, precision)
@@ -82,6 +83,13 @@ def dry_run(cfg: Config, world_size: int) -> None:
     print("\n# derived\n" + json.dumps(summary, indent=2))
     print(f"\nparameters: {summary['parameters']:,}")
     print(f"FLOPs per token (training, seq_len {cfg.train.seq_len}): {summary['flops_per_token']:,}")
+
+
+def warn_about(cfg: Config) -> None:
+    from pretrain.logs import get_logger
+
+    for warning in cfg.warnings():
+        get_logger("main").warning(warning)
 
 
 def train(args: argparse.Namespace) -> None:
@@ -119,6 +127,7 @@ def train(args: argparse.Namespace) -> None:
     quiet_libraries()
     dist = init_distributed(join_timeout=cfg.watchdog.join_timeout)
     setup_logging(dist.rank)  # the rank a launcher like srun gives only now
+    warn_about(cfg)
     preflight(current()[0], cfg.to_yaml(), Path(cfg.run.dir))  # type: ignore[index]
     build_trainer(cfg, dist, stop_signals).fit()
 
