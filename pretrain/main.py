@@ -50,7 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--dry-run",
         action="store_true",
-        help="print the resolved config, the DeepSpeed config, parameter count and FLOPs per token, then exit",
+        help="check the config and the data's metadata, print the resolved config, the DeepSpeed config, "
+        "parameter count and FLOPs per token, then exit",
     )
     parser.add_argument(
         "--world-size", type=int, help="world size assumed by --dry-run (default: $WORLD_SIZE or 1)"
@@ -71,9 +72,11 @@ def current_rank() -> int:
 def dry_run(cfg: Config, world_size: int) -> None:
     import torch
 
+    from pretrain.data.checks import check_from_metadata
     from pretrain.parallel import build_deepspeed_config, resolve_precision
     from pretrain.train import run_summary
 
+    check_from_metadata(cfg)  # what the real run refuses about its data, from the manifests alone
     warn_about(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = resolve_precision(cfg.train.precision, device)
