@@ -17,6 +17,7 @@ import signal
 import sys
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 if __name__ == "__main__" and __package__ in (None, ""):
     # Run as a script (as the deepspeed launcher does): make `pretrain` importable from the repository
@@ -26,7 +27,10 @@ if __name__ == "__main__" and __package__ in (None, ""):
     sys.path.insert(0, str(_here.parent))
 
 from pretrain.config import Config, describe_fields, load_config
-from pretrain.errors import ExitCode, PretrainError, exit_code_of
+from pretrain.errors import ExitCode, Preempted, PretrainError, exit_code_of
+
+if TYPE_CHECKING:
+    from pretrain.train.trainer import Trainer
 
 # The exit codes under the names scripts and docs use; defined once, in pretrain.errors.ExitCode.
 EXIT_CONFIG_ERROR = ExitCode.CONFIG
@@ -111,6 +115,27 @@ def train(args: argparse.Namespace) -> None:
         if current_rank() == 0:
             dry_run(cfg, world_size)
         return
+    from pretrain.train.run_dir import RunDirBefore
+
+    before = RunDirBefore.take(Path(cfg.run.dir))
+    trainer, first_step = None, None
+    try:
+        trainer = start(cfg)
+        first_step = trainer.state.step
+        trainer.fit()
+    except PretrainError as error:
+        trained = trainer is not None and trainer.state.step != first_step
+        if not isinstance(error, Preempted) and not trained and current_rank() == 0:
+            # Nothing was trained: leave run.dir as this start found it (the README's promise for a
+            # config error; and a next start with resume=none is not refused for the empty
+            # checkpoints/ or metrics.jsonl this one would leave).
+            before.restore()
+        raise
+
+
+def start(cfg: Config) -> Trainer:
+    """Check the run directory, join the process group, run the pre-flight check and build the trainer
+    (resumed from the newest complete checkpoint when there is one)."""
     from pretrain.train import check_run_dir
 
     check_run_dir(cfg)
@@ -123,7 +148,7 @@ def train(args: argparse.Namespace) -> None:
 
     from launch import current
     from launch.preflight import preflight
-    from pretrain.logs import quiet_libraries
+    from pretrain.logs import quiet_libraries, setup_logging
     from pretrain.parallel import init_distributed
     from pretrain.train import build_trainer
 
@@ -132,7 +157,7 @@ def train(args: argparse.Namespace) -> None:
     setup_logging(dist.rank)  # the rank a launcher like srun gives only now
     warn_about(cfg)
     preflight(current()[0], cfg.to_yaml(), Path(cfg.run.dir))  # type: ignore[index]
-    build_trainer(cfg, dist, stop_signals).fit()
+    return build_trainer(cfg, dist, stop_signals)
 
 
 def report(error: BaseException) -> int:

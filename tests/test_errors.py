@@ -153,3 +153,60 @@ def test_a_dataset_that_cannot_be_read_is_a_data_error(tmp_path):
     (tmp_path / "manifest.json").symlink_to("/proc/self/mem")  # exists; every read fails (EIO)
     with pytest.raises(DataError, match=r"cannot be read \(\[Errno 5\] Input/output error\)"):
         load_training_data(DataConfig(paths=[str(tmp_path)]), 32)
+
+
+def tree(folder):
+    """Every path under `folder` with its bytes (None for a folder)."""
+    return {str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes() for p in folder.rglob("*")}
+
+
+def test_a_config_error_after_the_process_group_is_joined_leaves_the_run_dir_as_it_was(tmp_path):
+    """model.vocab_size below the data's vocabulary is found once the data is opened, after the join and
+    the pre-flight check (which writes launch.json): the start is refused and undoes what it wrote."""
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "launch.json").write_text('{"from": "an earlier start"}\n')
+    (existing / "notes.txt").write_text("mine\n")
+    before = tree(existing)
+    result = run_main(f"run.dir={existing}", "model.vocab_size=200", "train.steps=5")
+    assert result.returncode == ExitCode.CONFIG, result.stderr[-3000:]
+    assert "set model.vocab_size >= 257" in result.stderr and "Traceback" not in result.stderr
+    assert "launch: 1 rank" in result.stdout  # refused after the pre-flight check, not before
+    # The start got as far as its warnings, which come once the rank is known.
+    assert "warning: schedule.warmup_steps (10) is longer than train.steps (5)" in result.stderr
+    assert tree(existing) == before
+
+    fresh = tmp_path / "new" / "run"
+    result = run_main(f"run.dir={fresh}", "model.vocab_size=200")
+    assert result.returncode == ExitCode.CONFIG, result.stderr[-3000:]
+    assert not (tmp_path / "new").exists()  # neither run.dir nor the parent this start created
+
+
+def test_undoing_a_refused_start_removes_only_what_it_created(tmp_path):
+    from pretrain.train.run_dir import RunDirBefore
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "step00000100").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step00000100" / "state.json").write_text("{}")
+    (run_dir / "launch.json").write_text("earlier")
+    (run_dir / "metrics.jsonl").write_text('{"step": 100}\n')
+    before_tree = tree(run_dir)
+    before = RunDirBefore.take(run_dir)
+    # What a start writes before its first step is done, over what was there.
+    (run_dir / "launch.json").write_text("this start")
+    (run_dir / "config.yaml").write_text("x")
+    (run_dir / "tensorboard").mkdir()
+    (run_dir / "tensorboard" / "events.out").write_text("")
+    (run_dir / "someone-elses.txt").write_text("kept: not a file a start writes")
+    before.restore()
+    assert tree(run_dir) == {**before_tree, "someone-elses.txt": b"kept: not a file a start writes"}
+
+    fresh = tmp_path / "a" / "b"
+    before = RunDirBefore.take(fresh)
+    (fresh / "checkpoints").mkdir(parents=True)
+    (fresh / "checkpoints" / "step00000001").mkdir()  # not empty: never removed, nor the folders above it
+    before.restore()
+    assert (fresh / "checkpoints" / "step00000001").is_dir()
+    (fresh / "checkpoints" / "step00000001").rmdir()
+    before.restore()
+    assert not (tmp_path / "a").exists()
