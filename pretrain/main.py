@@ -27,7 +27,7 @@ if __name__ == "__main__" and __package__ in (None, ""):
     sys.path.insert(0, str(_here.parent))
 
 from pretrain.config import Config, describe_fields, load_config
-from pretrain.errors import ExitCode, Preempted, PretrainError, exit_code_of
+from pretrain.errors import ExitCode, OutOfMemory, Preempted, PretrainError, exit_code_of
 
 if TYPE_CHECKING:
     from pretrain.train.trainer import Trainer
@@ -123,14 +123,18 @@ def train(args: argparse.Namespace) -> None:
         trainer = start(cfg)
         first_step = trainer.state.step
         trainer.fit()
-    except PretrainError as error:
+    except Exception as error:
+        refusal = out_of_memory(error, cfg, trainer) or error
         trained = trainer is not None and trainer.state.step != first_step
-        if not isinstance(error, Preempted) and not trained and current_rank() == 0:
+        refused = isinstance(refusal, PretrainError) and not isinstance(refusal, Preempted)
+        if refused and not trained and current_rank() == 0:
             # Nothing was trained: leave run.dir as this start found it (the README's promise for a
             # config error; and a next start with resume=none is not refused for the empty
             # checkpoints/ or metrics.jsonl this one would leave).
             before.restore()
-        raise
+        if refusal is error:
+            raise
+        raise refusal from error
 
 
 def start(cfg: Config) -> Trainer:
@@ -158,6 +162,35 @@ def start(cfg: Config) -> Trainer:
     warn_about(cfg)
     preflight(current()[0], cfg.to_yaml(), Path(cfg.run.dir))  # type: ignore[index]
     return build_trainer(cfg, dist, stop_signals)
+
+
+# How torch's CPU allocator words a failed allocation (a plain RuntimeError; on CUDA and other devices
+# torch raises torch.OutOfMemoryError): on Linux and macOS, and on Windows.
+_CPU_ALLOCATION_FAILED = (
+    "DefaultCPUAllocator: can't allocate memory",
+    "DefaultCPUAllocator: not enough memory",
+)
+
+
+def out_of_memory(error: BaseException, cfg: Config, trainer: Trainer | None) -> OutOfMemory | None:
+    """`error` as the config change it needs, if it is a genuine allocation failure (else None)."""
+    torch = sys.modules.get("torch")  # not imported yet: torch cannot have raised it
+    device = torch is not None and isinstance(error, torch.OutOfMemoryError)
+    cpu = isinstance(error, RuntimeError) and any(text in str(error) for text in _CPU_ALLOCATION_FAILED)
+    if not (device or cpu or isinstance(error, MemoryError)):
+        return None
+    t, par = cfg.train, cfg.parallel
+    settings = (
+        f"train.micro_batch_size={t.micro_batch_size}, train.seq_len={t.seq_len}, "
+        f"parallel.activation_checkpointing={par.activation_checkpointing}, parallel.zero_stage="
+        f"{par.zero_stage}, parallel.tp={par.tp}, parallel.pp={par.pp}"
+    )
+    where = (
+        "starting (data, model, engine, resume)"
+        if trainer is None
+        else f"training step {trainer.state.step + 1}"
+    )
+    return OutOfMemory(current_rank(), where, error, settings)
 
 
 def report(error: BaseException) -> int:
