@@ -7,6 +7,7 @@ with `error.exit_code`. This module imports nothing of the framework (and no tor
 
     PretrainError                 1  an operation was refused (conversion, planning, preparing data)
     ├── ConfigError               2  invalid configuration; nothing was started or changed
+    │   └── OutOfMemory              the model and batch do not fit in a rank's memory at these settings
     ├── NonFiniteLossError        3  the loss became non-finite
     ├── DataError                 4  unusable data (missing, corrupt, mismatched)
     ├── CheckpointError           5  a checkpoint or the run's outputs could not be written or read back
@@ -62,6 +63,27 @@ class ConfigError(PretrainError, ValueError):
         super().__init__(
             f"invalid configuration ({len(problems)} problem{'s' * (len(problems) > 1)}):\n{lines}"
         )
+
+
+class OutOfMemory(ConfigError):
+    """A rank ran out of memory building or training the model: what fixes it is a config change, so it
+    is a ConfigError. Only that rank may have seen it, so it reports itself."""
+
+    def __init__(self, rank: int, where: str, error: BaseException, settings: str):
+        self.rank, self.error = rank, error
+        super().__init__(
+            [
+                f"out of memory on rank {rank} while {where} ({type(error).__name__}: {error}). At {settings} the "
+                f"model and batch do not fit: lower train.micro_batch_size (gradient accumulation keeps "
+                f"train.global_batch_size), recompute activations (parallel.activation_checkpointing=full or "
+                f"selective), shorten train.seq_len, or spread the model over more ranks (parallel.zero_stage=3, "
+                f"parallel.tp, parallel.pp); `python -m pretrain.plan --config ...` estimates the memory per "
+                f"device of a layout before launching it"
+            ]
+        )
+
+    def report(self, rank: int) -> str | None:
+        return f"error (rank {rank}): {self}"
 
 
 class NonFiniteLossError(PretrainError, RuntimeError):

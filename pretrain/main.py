@@ -16,8 +16,9 @@ import os
 import signal
 import sys
 import traceback
+from contextlib import ExitStack
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 if __name__ == "__main__" and __package__ in (None, ""):
     # Run as a script (as the deepspeed launcher does): make `pretrain` importable from the repository
@@ -27,7 +28,10 @@ if __name__ == "__main__" and __package__ in (None, ""):
     sys.path.insert(0, str(_here.parent))
 
 from pretrain.config import Config, describe_fields, load_config
-from pretrain.errors import ExitCode, PretrainError, exit_code_of
+from pretrain.errors import ExitCode, OutOfMemory, Preempted, PretrainError, exit_code_of
+
+if TYPE_CHECKING:
+    from pretrain.train.trainer import Trainer
 
 # The exit codes under the names scripts and docs use; defined once, in pretrain.errors.ExitCode.
 EXIT_CONFIG_ERROR = ExitCode.CONFIG
@@ -51,7 +55,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--dry-run",
         action="store_true",
-        help="print the resolved config, the DeepSpeed config, parameter count and FLOPs per token, then exit",
+        help="check the config and the data's metadata, print the resolved config, the DeepSpeed config, "
+        "parameter count and FLOPs per token, then exit",
     )
     parser.add_argument(
         "--world-size", type=int, help="world size assumed by --dry-run (default: $WORLD_SIZE or 1)"
@@ -72,9 +77,12 @@ def current_rank() -> int:
 def dry_run(cfg: Config, world_size: int) -> None:
     import torch
 
+    from pretrain.data.checks import check_from_metadata
     from pretrain.parallel import build_deepspeed_config, resolve_precision
     from pretrain.train import run_summary
 
+    check_from_metadata(cfg)  # what the real run refuses about its data, from the manifests alone
+    warn_about(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = resolve_precision(cfg.train.precision, device)
     summary = run_summary(cfg, world_size, precision)
@@ -83,6 +91,13 @@ def dry_run(cfg: Config, world_size: int) -> None:
     print("\n# derived\n" + json.dumps(summary, indent=2))
     print(f"\nparameters: {summary['parameters']:,}")
     print(f"FLOPs per token (training, seq_len {cfg.train.seq_len}): {summary['flops_per_token']:,}")
+
+
+def warn_about(cfg: Config) -> None:
+    from pretrain.logs import get_logger
+
+    for warning in cfg.warnings():
+        get_logger("main").warning(warning)
 
 
 def train(args: argparse.Namespace) -> None:
@@ -101,6 +116,40 @@ def train(args: argparse.Namespace) -> None:
         if current_rank() == 0:
             dry_run(cfg, world_size)
         return
+    from pretrain.train.run_dir import RunDirBefore
+    from pretrain.train.run_lock import holds_lock
+
+    before = RunDirBefore.take(Path(cfg.run.dir))
+    trainer, first_step, undone = None, None, False
+    # Unwound after the handler below: the trainer's threads are joined, then run.dir's lock released,
+    # then (registered first, so run last) the folders an undone start created are removed if empty.
+    with ExitStack() as cleanup:
+        cleanup.callback(lambda: before.remove_created_folders() if undone else None)
+        try:
+            trainer = start(cfg, cleanup)
+            first_step = trainer.state.step
+            trainer.fit()
+        except Exception as error:
+            refusal = out_of_memory(error, cfg, trainer) or error
+            trained = trainer is not None and trainer.state.step != first_step
+            refused = isinstance(refusal, PretrainError) and not isinstance(refusal, Preempted)
+            if refused and not trained and current_rank() == 0:
+                # Nothing was trained: leave run.dir as this start found it (the README's promise for a
+                # config error; and a next start with resume=none is not refused for the empty
+                # checkpoints/ or metrics.jsonl this one would leave). Its files only if it holds the
+                # lock: a start refused for another run's lock must not touch that run's new files.
+                if holds_lock(Path(cfg.run.dir)):
+                    before.restore_outputs()
+                undone = True
+            if refusal is error:
+                raise
+            raise refusal from error
+
+
+def start(cfg: Config, cleanup: ExitStack) -> Trainer:
+    """Check the run directory, join the process group, take run.dir's lock, run the pre-flight check
+    and build the trainer (resumed from the newest complete checkpoint when there is one). What must be
+    released on the way out (the lock, the trainer's threads) is pushed onto `cleanup`."""
     from pretrain.train import check_run_dir
 
     check_run_dir(cfg)
@@ -113,7 +162,7 @@ def train(args: argparse.Namespace) -> None:
 
     from launch import current
     from launch.preflight import preflight
-    from pretrain.logs import quiet_libraries
+    from pretrain.logs import quiet_libraries, setup_logging
     from pretrain.parallel import init_distributed
     from pretrain.train import build_trainer
     from pretrain.train.run_lock import run_dir_lock
@@ -121,13 +170,41 @@ def train(args: argparse.Namespace) -> None:
     quiet_libraries()
     dist = init_distributed(join_timeout=cfg.watchdog.join_timeout)
     setup_logging(dist.rank)  # the rank a launcher like srun gives only now
-    with run_dir_lock(Path(cfg.run.dir), cfg.run.lock_stale_after, dist.rank):
-        preflight(current()[0], cfg.to_yaml(), Path(cfg.run.dir))  # type: ignore[index]
-        trainer = build_trainer(cfg, dist, stop_signals)
-        try:
-            trainer.fit()
-        finally:
-            trainer.close()
+    cleanup.enter_context(run_dir_lock(Path(cfg.run.dir), cfg.run.lock_stale_after, dist.rank))
+    warn_about(cfg)
+    preflight(current()[0], cfg.to_yaml(), Path(cfg.run.dir))  # type: ignore[index]
+    trainer = build_trainer(cfg, dist, stop_signals)
+    cleanup.callback(trainer.close)  # before the lock is released: the unwinding runs in reverse
+    return trainer
+
+
+# How torch's CPU allocator words a failed allocation (a plain RuntimeError; on CUDA and other devices
+# torch raises torch.OutOfMemoryError): on Linux and macOS, and on Windows.
+_CPU_ALLOCATION_FAILED = (
+    "DefaultCPUAllocator: can't allocate memory",
+    "DefaultCPUAllocator: not enough memory",
+)
+
+
+def out_of_memory(error: BaseException, cfg: Config, trainer: Trainer | None) -> OutOfMemory | None:
+    """`error` as the config change it needs, if it is a genuine allocation failure (else None)."""
+    torch = sys.modules.get("torch")  # not imported yet: torch cannot have raised it
+    device = torch is not None and isinstance(error, torch.OutOfMemoryError)
+    cpu = isinstance(error, RuntimeError) and any(text in str(error) for text in _CPU_ALLOCATION_FAILED)
+    if not (device or cpu or isinstance(error, MemoryError)):
+        return None
+    t, par = cfg.train, cfg.parallel
+    settings = (
+        f"train.micro_batch_size={t.micro_batch_size}, train.seq_len={t.seq_len}, "
+        f"parallel.activation_checkpointing={par.activation_checkpointing}, parallel.zero_stage="
+        f"{par.zero_stage}, parallel.tp={par.tp}, parallel.pp={par.pp}"
+    )
+    where = (
+        "starting (data, model, engine, resume)"
+        if trainer is None
+        else f"training step {trainer.state.step + 1}"
+    )
+    return OutOfMemory(current_rank(), where, error, settings)
 
 
 def report(error: BaseException) -> int:

@@ -7,6 +7,7 @@ import pytest
 
 from conftest import REPO, TINY
 from pretrain.config import Config, ConfigError, all_keys, describe_fields, load_config
+from pretrain.errors import DataError
 
 
 def problems(overrides, world_size=2, path=TINY):
@@ -133,6 +134,62 @@ def test_malformed_override():
     ]
 
 
+def test_yaml_syntax_errors_name_the_file_line_and_column(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("model:\n  hidden_size: 64\n   num_layers: 2\n")
+    (message,) = problems([], path=preset)
+    assert message.startswith(f"{preset}, line 3, column 14: invalid YAML: mapping values are not allowed")
+    assert "indent the keys of one section alike" in message
+    preset.write_text("model:\n  vocab_size: [1, 2\ntrain:\n  steps: 3\n")
+    (message,) = problems([], path=preset)
+    assert message.startswith(f"{preset}, line 3, column 6: invalid YAML: did not find expected ',' or ']'")
+    assert "(while parsing a flow sequence that starts at line 2, column 15)" in message
+    preset.write_text("seed: 1\nseed: 2\n")
+    (message,) = problems([], path=preset)
+    assert message.startswith(f"{preset}, line 2, column 1: invalid YAML: found duplicate key seed")
+    assert message.endswith("keep one of them")
+
+
+def test_a_malformed_override_value_names_the_override_and_the_position_in_it():
+    assert problems(["data.paths=[a,b"]) == [
+        "override 'data.paths=[a,b' cannot be parsed: did not find expected ',' or ']' at character 16, the end "
+        "of it (while parsing a flow sequence that starts at character 12); close its brackets and quotes, and "
+        "quote the whole override for the shell (for example data.paths='[a, b]')"
+    ]
+    (message,) = problems(["model.vocab_size={a: [1}"])
+    assert "at character 24 (while parsing a flow sequence that starts at character 22)" in message
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "null\n", "{}\n"])
+def test_a_preset_without_settings_is_refused_not_trained_with_the_defaults(tmp_path, text):
+    preset = tmp_path / "empty.yaml"
+    preset.write_text(text)
+    (message,) = problems([], path=preset)
+    assert message.startswith(f"{preset} holds no settings (it is empty, or only comments or null)")
+    assert "leave out --config to train the built-in defaults" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "got"), [("- model\n- train\n", "got a list"), ("3\n", "got a single value")]
+)
+def test_a_preset_that_is_not_a_mapping_is_refused(tmp_path, text, got):
+    preset = tmp_path / "p.yaml"
+    preset.write_text(text)
+    (message,) = problems([], path=preset)
+    assert message.startswith(f"{preset}: the top level must be a mapping of sections")
+    assert message.endswith(got)
+
+
+def test_cli_yaml_syntax_error_exits_2_without_a_traceback(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("train: [1\n")
+    for args in (["--config", str(preset)], ["--config", str(TINY), "data.paths=[a,b"]):
+        result = run_main(*args, "--dry-run")
+        assert result.returncode == 2, result.stderr
+        assert "invalid YAML" in result.stderr or "cannot be parsed" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
 def test_every_field_is_documented():
     rows = describe_fields()
     assert [key for key, *_ in rows] == all_keys()
@@ -186,3 +243,108 @@ def test_readme_config_reference_is_current():
     assert reference_markdown() in readme, (
         "regenerate the README table from pretrain.config.reference_markdown()"
     )
+
+
+def write_dataset(folder, num_tokens, vocab_size=1000, tokenizer_hash="a" * 64):
+    """A prepared dataset of one document, written the way `prepare` writes one (without a tokenizer)."""
+    import numpy as np
+
+    from pretrain.data.indexed import IndexedDatasetWriter
+    from pretrain.data.manifest import Manifest, ShardRecord, sha256_file
+
+    folder.mkdir()
+    shards = []
+    if num_tokens:
+        writer = IndexedDatasetWriter(folder / "shard_00000", np.uint16)
+        writer.add_document(np.arange(num_tokens) % vocab_size)
+        writer.finalize()
+        digests = [sha256_file(folder / f"shard_00000.{ext}") for ext in ("bin", "idx")]
+        shards.append(ShardRecord("shard_00000", num_tokens, 1, *digests))
+    Manifest(tokenizer_hash, vocab_size, 0, "uint16", num_tokens, len(shards), shards).save(folder)
+    return str(folder)
+
+
+def refusal(action):
+    from pretrain.errors import PretrainError
+
+    with pytest.raises(PretrainError) as info:
+        action()
+    return type(info.value), str(info.value)
+
+
+def dry_run_cases(tmp_path):
+    big, small = write_dataset(tmp_path / "big", 5000), write_dataset(tmp_path / "small", 300)
+    other = write_dataset(tmp_path / "other", 5000, tokenizer_hash="b" * 64)
+    empty = write_dataset(tmp_path / "empty", 0)
+    return {
+        "vocabulary": [f"data.paths=[{big}]", "model.vocab_size=640"],
+        "seq_len": [f"data.paths=[{big},{small}]", "model.vocab_size=1024", "train.seq_len=512"],
+        "tokenizers": [f"data.paths=[{big},{other}]", "model.vocab_size=1024"],
+        "empty": [f"data.paths=[{empty}]", "model.vocab_size=1024"],
+        "builtin vocabulary": ["model.vocab_size=200"],
+        "builtin seq_len": [
+            "train.seq_len=20000000",
+            "train.global_batch_size=4",
+            "train.micro_batch_size=1",
+        ],
+    }
+
+
+def test_dry_run_refuses_what_loading_the_data_refuses_with_the_same_message(tmp_path):
+    """--dry-run reads the manifests (or the built-in corpus's file sizes); the real run opens the data.
+    Both must refuse the same configs alike."""
+    import torch
+
+    from pretrain.data.checks import check_from_metadata
+    from pretrain.parallel import DistInfo
+    from pretrain.train.build import _load_data
+
+    one_process = DistInfo(0, 0, 1, torch.device("cpu"))
+    expected = {
+        "vocabulary": (ConfigError, "set model.vocab_size >= 1000"),
+        "seq_len": (
+            DataError,
+            f"dataset {tmp_path / 'small'} holds 300 tokens, fewer than one training sample",
+        ),
+        "tokenizers": (
+            DataError,
+            "tokenized with different tokenizers (big: aaaaaaaaaaaa; other: bbbbbbbbbbbb)",
+        ),
+        "empty": (DataError, f"dataset {tmp_path / 'empty'} holds no tokens"),
+        "builtin vocabulary": (ConfigError, "(257, datasets python-stdlib); set model.vocab_size >= 257"),
+        "builtin seq_len": (DataError, "dataset python-stdlib holds 1"),
+    }
+    for name, overrides in dry_run_cases(tmp_path).items():
+        cfg = load_config(TINY, overrides)
+        dry = refusal(lambda cfg=cfg: check_from_metadata(cfg))
+        assert dry == refusal(lambda cfg=cfg: _load_data(cfg, one_process)), name
+        assert dry[0] is expected[name][0] and expected[name][1] in dry[1], (name, dry)
+    check_from_metadata(load_config(TINY, [f"data.paths=[{tmp_path / 'big'}]", "model.vocab_size=1024"]))
+
+
+def test_cli_dry_run_checks_the_data(tmp_path):
+    big = write_dataset(tmp_path / "big", 5000)
+    result = run_main("--config", str(TINY), "--dry-run", f"data.paths=[{big}]", "model.vocab_size=640")
+    assert result.returncode == 2 and "set model.vocab_size >= 1000" in result.stderr, result.stderr
+    result = run_main("--config", str(TINY), "--dry-run", f"data.paths=[{big}]", "model.vocab_size=1024",
+                      "train.seq_len=8192")  # fmt: skip
+    assert result.returncode == 4 and "add data or shorten train.seq_len" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_dry_run_fetches_only_the_manifest_of_a_remote_dataset(tmp_path):
+    import fsspec
+
+    from pretrain.data.checks import check_from_metadata
+
+    write_dataset(tmp_path / "d", 5000)
+    fs = fsspec.filesystem("memory")
+    for name in ("manifest.json", "shard_00000.bin", "shard_00000.idx"):
+        fs.pipe(f"/remote-d/{name}", (tmp_path / "d" / name).read_bytes())
+    cache = tmp_path / "cache"
+    cfg = load_config(
+        TINY, ["data.paths=[memory://remote-d]", "model.vocab_size=640", f"data.cache_dir={cache}"]
+    )
+    kind, message = refusal(lambda: check_from_metadata(cfg))
+    assert kind is ConfigError and "set model.vocab_size >= 1000" in message
+    assert not cache.exists()  # nothing of the dataset was copied

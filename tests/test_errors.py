@@ -19,6 +19,7 @@ from pretrain.errors import (
     InvalidCheckpoint,
     LaunchError,
     NonFiniteLossError,
+    OutOfMemory,
     OutputError,
     PeerFailure,
     Preempted,
@@ -34,6 +35,7 @@ SMALL = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "mod
 def test_each_error_carries_the_exit_code_the_readme_documents():
     cases = [
         (ConfigError(["x"]), 2),
+        (OutOfMemory(1, "training step 3", MemoryError(), "train.micro_batch_size=4"), 2),
         (NonFiniteLossError(3, float("nan")), 3),
         (DataError("x"), 4),
         (CheckpointError("x"), 5),
@@ -65,6 +67,8 @@ def test_who_reports_an_error():
     assert CheckpointError("x").report(1) is None
     # Found by one rank, possibly alone: every rank says what it found, with its rank.
     assert DataError("shard 7 is corrupt").report(3) == "error (rank 3): shard 7 is corrupt"
+    out_of_memory = OutOfMemory(3, "training step 1", MemoryError(), "")
+    assert out_of_memory.report(3).startswith("error (rank 3): invalid configuration")
     # The ranks that only heard of another rank's failure stay quiet.
     assert PeerFailure(4).report(0) is None
 
@@ -171,3 +175,125 @@ def test_a_dataset_that_cannot_be_read_is_a_data_error(tmp_path):
     (tmp_path / "manifest.json").symlink_to("/proc/self/mem")  # exists; every read fails (EIO)
     with pytest.raises(DataError, match=r"cannot be read \(\[Errno 5\] Input/output error\)"):
         load_training_data(DataConfig(paths=[str(tmp_path)]), 32)
+
+
+def tree(folder):
+    """Every path under `folder` with its bytes (None for a folder)."""
+    return {str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes() for p in folder.rglob("*")}
+
+
+def test_a_config_error_after_the_process_group_is_joined_leaves_the_run_dir_as_it_was(tmp_path):
+    """model.vocab_size below the data's vocabulary is found once the data is opened, after the join and
+    the pre-flight check (which writes launch.json): the start is refused and undoes what it wrote."""
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "launch.json").write_text('{"from": "an earlier start"}\n')
+    (existing / "notes.txt").write_text("mine\n")
+    before = tree(existing)
+    result = run_main(f"run.dir={existing}", "model.vocab_size=200", "train.steps=5")
+    assert result.returncode == ExitCode.CONFIG, result.stderr[-3000:]
+    assert "set model.vocab_size >= 257" in result.stderr and "Traceback" not in result.stderr
+    assert "launch: 1 rank" in result.stdout  # refused after the pre-flight check, not before
+    # The start got as far as its warnings, which come once the rank is known.
+    assert "warning: schedule.warmup_steps (10) is longer than train.steps (5)" in result.stderr
+    assert tree(existing) == before
+
+    fresh = tmp_path / "new" / "run"
+    result = run_main(f"run.dir={fresh}", "model.vocab_size=200")
+    assert result.returncode == ExitCode.CONFIG, result.stderr[-3000:]
+    assert not (tmp_path / "new").exists()  # neither run.dir nor the parent this start created
+
+
+def limit_address_space():
+    """16 GiB of address space: far above what these runs need, far below what the allocations below
+    ask for, so those fail in the allocator on any machine, whatever its memory and overcommit policy,
+    before a page of them is touched."""
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = 16 << 30 if hard == resource.RLIM_INFINITY else min(hard, 16 << 30)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "where"),
+    [
+        # A real allocation failure, not a mock: the logits of 16 x 1024 tokens over 524,288 rows (32 GiB)...
+        (["model.vocab_size=524288", "train.seq_len=1024", "train.micro_batch_size=16",
+          "train.global_batch_size=16"], "while training step 1"),
+        # ... and an embedding of 1,048,576 x 8192 (32 GiB) while the model is built.
+        (["model.vocab_size=1048576", "model.hidden_size=8192"], "while starting (data, model, engine, resume)"),
+    ],
+)  # fmt: skip
+def test_running_out_of_memory_is_a_config_error_naming_the_settings_to_change(tmp_path, overrides, where):
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "pretrain" / "main.py"), "--config", str(TINY), *SMALL, "train.steps=1",
+         f"run.dir={run_dir}", *overrides],
+        capture_output=True, text=True, timeout=300, cwd=REPO, preexec_fn=limit_address_space,
+    )  # fmt: skip
+    assert result.returncode == ExitCode.CONFIG, result.stderr[-3000:]
+    assert (
+        f"error (rank 0): invalid configuration (1 problem):\n  - out of memory on rank 0 {where}"
+        in result.stderr
+    )
+    assert (
+        "DefaultCPUAllocator: can't allocate memory: you tried to allocate 34359738368 bytes" in result.stderr
+    )
+    for fix in (
+        "lower train.micro_batch_size",
+        "parallel.activation_checkpointing=full",
+        "python -m pretrain.plan",
+    ):
+        assert fix in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not run_dir.exists()  # nothing was trained: the start left no run directory behind
+
+
+def test_undoing_a_refused_start_removes_only_what_it_created(tmp_path):
+    from pretrain.train.run_dir import RunDirBefore
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "step00000100").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step00000100" / "state.json").write_text("{}")
+    (run_dir / "launch.json").write_text("earlier")
+    (run_dir / "metrics.jsonl").write_text('{"step": 100}\n')
+    before_tree = tree(run_dir)
+    before = RunDirBefore.take(run_dir)
+    # What a start writes before its first step is done, over what was there.
+    (run_dir / "launch.json").write_text("this start")
+    (run_dir / "config.yaml").write_text("x")
+    (run_dir / "tensorboard").mkdir()
+    (run_dir / "tensorboard" / "events.out").write_text("")
+    (run_dir / "someone-elses.txt").write_text("kept: not a file a start writes")
+    before.restore()
+    assert tree(run_dir) == {**before_tree, "someone-elses.txt": b"kept: not a file a start writes"}
+
+    fresh = tmp_path / "a" / "b"
+    before = RunDirBefore.take(fresh)
+    (fresh / "checkpoints").mkdir(parents=True)
+    (fresh / "checkpoints" / "step00000001").mkdir()  # not empty: never removed, nor the folders above it
+    before.restore()
+    assert (fresh / "checkpoints" / "step00000001").is_dir()
+    (fresh / "checkpoints" / "step00000001").rmdir()
+    before.restore()
+    assert not (tmp_path / "a").exists()
+
+
+def test_a_start_refused_for_another_runs_lock_leaves_that_runs_new_files(tmp_path):
+    """The refused start took its snapshot before the live run wrote its first files; what appeared
+    since is that run's, so only the (empty) folders the refused start created may go."""
+    from pretrain.train.run_dir import RunDirBefore
+
+    run_dir = tmp_path / "new" / "run"
+    before = RunDirBefore.take(run_dir)
+    run_dir.mkdir(parents=True)
+    (run_dir / "launch.json").write_text("the live run's")
+    (run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
+    before.restore(outputs=False)
+    assert tree(run_dir) == {"launch.json": b"the live run's", "metrics.jsonl": b'{"step": 1}\n'}
+    empty = tmp_path / "empty" / "run"
+    before = RunDirBefore.take(empty)
+    empty.mkdir(parents=True)
+    before.restore(outputs=False)
+    assert not (tmp_path / "empty").exists()

@@ -15,7 +15,7 @@ collected and reported together in one `ConfigError`.
     loader.py      load_config: YAML, overrides, interpolation, strict building, suggestions
     reference.py   describe_fields, reference_markdown
 
-This package imports only the standard library, omegaconf and pretrain.errors, so every layer (and
+This package imports only the standard library, omegaconf (and its PyYAML) and pretrain.errors, so every layer (and
 launch/) can read a configuration without torch. Checks that need the model (the split into pipeline
 stages) are pretrain.parallel.layout's.
 """

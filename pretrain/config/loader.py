@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import io
 import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -39,6 +41,8 @@ def load_config(
             continue
         try:
             raw = _merge(raw, _plain(OmegaConf.from_dotlist([item])))
+        except yaml.YAMLError as e:
+            problems.append(_override_syntax_problem(item, e))
         except (OmegaConfBaseException, ValueError) as e:
             problems.append(f"override {item!r} cannot be parsed: {e}")
     try:
@@ -61,16 +65,76 @@ def _read_preset(path: Path) -> dict[str, Any]:
             [f"config file {str(path)!r} does not exist (presets in configs/: {', '.join(presets)})"]
         )
     try:
-        raw = _plain(OmegaConf.load(path))
-    except (OmegaConfBaseException, ValueError) as e:
-        raise ConfigError([f"{path}: cannot parse YAML: {e}"]) from e
+        text = path.read_text()
     except OSError as e:  # unreadable: permissions, a stale NFS handle, a device
         raise ConfigError(
             [f"config file {str(path)!r} cannot be read ({e}); check that it is readable"]
         ) from e
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"config file {str(path)!r} is not UTF-8 text ({e}); pass a YAML preset"]) from e
+    try:
+        raw = _plain(OmegaConf.load(io.StringIO(text)))
+    except yaml.YAMLError as e:
+        raise ConfigError([_file_syntax_problem(path, e)]) from e
+    except OSError as e:  # read from memory, so not I/O: OmegaConf's word for a top-level scalar
+        raise ConfigError([f"{path}: {_NOT_A_MAPPING} got a single value"]) from e
+    except (OmegaConfBaseException, ValueError) as e:
+        raise ConfigError([f"{path}: cannot parse YAML: {e}"]) from e
     if not isinstance(raw, dict):
-        raise ConfigError([f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}"])
+        raise ConfigError([f"{path}: {_NOT_A_MAPPING} got a {type(raw).__name__}"])
+    if not raw:
+        # An empty preset would silently train the built-in default model, not the one meant.
+        raise ConfigError(
+            [
+                f"{path} holds no settings (it is empty, or only comments or null); write the preset's sections "
+                f"in it (see configs/tiny.yaml; `python pretrain/main.py --help-config` lists every key), or "
+                f"leave out --config to train the built-in defaults"
+            ]
+        )
     return raw
+
+
+_NOT_A_MAPPING = (
+    "the top level must be a mapping of sections (`model:`, `train:`, ... each with its `key: value` lines "
+    "indented below it, as in configs/tiny.yaml), but it"
+)
+_YAML_FIX = (
+    "indent the keys of one section alike, write lists as [a, b], and quote a value that holds ': ' or ' #'"
+)
+
+
+def _file_syntax_problem(path: Path, error: yaml.YAMLError) -> str:
+    """The file, line and column PyYAML stopped at (1-based, as editors count), and a fix."""
+    if not isinstance(error, yaml.MarkedYAMLError) or error.problem_mark is None:
+        return f"{path}: invalid YAML ({error}); {_YAML_FIX}"
+    mark, what = error.problem_mark, str(error.problem)
+    if error.context and error.context_mark is not None:
+        start = error.context_mark
+        what += f" ({error.context} that starts at line {start.line + 1}, column {start.column + 1})"
+    fix = "keep one of them" if what.startswith("found duplicate key") else _YAML_FIX
+    return f"{path}, line {mark.line + 1}, column {mark.column + 1}: invalid YAML: {what}; {fix}"
+
+
+def _override_syntax_problem(item: str, error: yaml.YAMLError) -> str:
+    """Where in the override PyYAML stopped: OmegaConf parses the text after the first '=' as YAML,
+    so a mark's index into that value is shifted by the key and the '='."""
+    key = item.split("=", 1)[0]
+    offset = len(key) + 2  # 1-based characters of the whole override
+
+    def at(mark: yaml.Mark) -> str:
+        position = offset + mark.index
+        return f"character {position}" + (", the end of it" if position > len(item) else "")
+
+    if isinstance(error, yaml.MarkedYAMLError) and error.problem_mark is not None:
+        what = f"{error.problem} at {at(error.problem_mark)}"
+        if error.context and error.context_mark is not None:
+            what += f" ({error.context} that starts at {at(error.context_mark)})"
+    else:
+        what = str(error)
+    return (
+        f"override {item!r} cannot be parsed: {what}; close its brackets and quotes, and quote the whole "
+        f"override for the shell (for example data.paths='[a, b]')"
+    )
 
 
 def _plain(node: Any, resolve: bool = False) -> Any:

@@ -86,6 +86,10 @@ class Config:
             *self.watchdog.problems(),
         ]
 
+    def warnings(self) -> list[str]:
+        """Settings that are valid but probably not what was meant: logged at start, never refused."""
+        return self.schedule.warnings(self.train.steps, self.optim.lr)
+
     def world_size_problems(self, world_size: int) -> list[str]:
         """The layout and batch arithmetic on `world_size` ranks; the first problem only, since each
         check assumes the ones before it passed. (Splitting the model into pipeline stages is checked

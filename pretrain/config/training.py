@@ -68,6 +68,39 @@ class ScheduleConfig:
             p.append(f"schedule.decay_fraction must be in (0, 1], got {self.decay_fraction}")
         return p
 
+    def warnings(self, steps: int, lr: float) -> list[str]:
+        """Schedules that do not fit in train.steps. Warned about, not refused: a smoke test shortens
+        a preset's train.steps and keeps its warmup, and that run is still worth running; what it
+        must not be is a surprise when its learning rate curve is not the one configured."""
+        w = self.warmup_steps
+        decay_start = steps - max(1, round(self.decay_fraction * steps))  # as optim.LRSchedule counts it
+        # The longest warmup that leaves the curve its shape: the cosine decay needs two steps after it
+        # (a one-step run has nothing to decay).
+        limit = {"cosine": steps - 2 if steps > 1 else steps, "wsd": decay_start}.get(self.kind, steps)
+        if w <= limit:
+            return []
+        fix = f"set schedule.warmup_steps <= {limit}" + (
+            " or a smaller schedule.decay_fraction" if self.kind == "wsd" else ""
+        )
+        if w > steps:
+            decay = "" if self.kind == "constant" else f" and the {self.kind} decay never starts"
+            what = (
+                f"is longer than train.steps ({steps}): the learning rate never reaches optim.lr ({lr:g}), it stops "
+                f"at {lr * steps / w:.3g} ({steps / w:.0%} of it){decay}"
+            )
+        elif self.kind == "cosine":
+            what = (
+                f"leaves no steps of train.steps ({steps}) for the cosine decay: the run ends at optim.lr ({lr:g}), "
+                f"not at schedule.min_lr_ratio x optim.lr"
+            )
+        else:
+            what = (
+                f"runs into the wsd decay, which starts at step {decay_start} (the last schedule.decay_fraction="
+                f"{self.decay_fraction:g} of train.steps={steps}): the learning rate climbs to optim.lr ({lr:g}) "
+                f"and then drops at once"
+            )
+        return [f"schedule.warmup_steps ({w}) {what}; {fix}"]
+
 
 @dataclass
 class TrainConfig:

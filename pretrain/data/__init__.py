@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from pretrain.config import DataConfig
 from pretrain.data.builtin import ByteTokenizer, stdlib_tokens
+from pretrain.data.checks import check_one_tokenizer, check_training_samples, unreadable
 from pretrain.data.loader import BlendSchedule, DistributedBatches, GlobalOrder, PackedSamples, TokenStream
 from pretrain.errors import DataError
 
@@ -48,6 +49,9 @@ def load_training_data(cfg: DataConfig, seq_len: int) -> TrainingData:
     """Open every configured dataset (or the built-in corpus) and split off its validation tail."""
     if not cfg.paths:
         train, val = stdlib_tokens(cfg.validation_fraction)
+        check_training_samples(
+            BUILTIN_NAME, len(train) + len(val), len(train), seq_len, cfg.validation_fraction
+        )
         return TrainingData(
             [BUILTIN_NAME],
             [PackedSamples(train, seq_len)],
@@ -64,17 +68,9 @@ def load_training_data(cfg: DataConfig, seq_len: int) -> TrainingData:
     for path in cfg.paths:
         try:
             opened.append(open_dataset(path, cfg, seq_len))
-        except OSError as e:  # unreadable, not missing (that is checked, with its fix): permissions, I/O
-            raise DataError(
-                f"dataset {path} cannot be read ({e}); check the files and their permissions"
-            ) from e
-    hashes = {d.tokenizer_hash for d in opened}
-    if len(hashes) > 1:
-        listing = "; ".join(f"{d.name}: {d.tokenizer_hash[:12]}" for d in opened)
-        raise DataError(
-            f"the datasets in data.paths were tokenized with different tokenizers ({listing}); "
-            f"prepare them all with the same tokenizer"
-        )
+        except OSError as e:
+            raise unreadable(path, e) from e
+    check_one_tokenizer([d.name for d in opened], [d.tokenizer_hash for d in opened])
     return TrainingData(
         [d.name for d in opened],
         [d.train for d in opened],

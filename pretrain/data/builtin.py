@@ -41,18 +41,36 @@ def stdlib_tokens(validation_fraction: float, root: Path | None = None) -> tuple
     """(train, validation) token streams; each document ends with EOD. A document's split depends
     only on a hash of its path, so it stays put when the library gains or loses files."""
     root = root or Path(sysconfig.get_paths()["stdlib"])
+    docs = _documents(root)
+    eod = np.array([ByteTokenizer.eod_id], dtype=np.uint16)
+    train: list[np.ndarray] = []
+    val: list[np.ndarray] = []
+    for path in docs:
+        data = np.frombuffer(path.read_bytes(), dtype=np.uint8).astype(np.uint16)
+        bucket = val if _held_out(path, root, validation_fraction) else train
+        bucket.extend((data, eod))
+    empty = np.zeros(0, dtype=np.uint16)
+    return (np.concatenate(train) if train else empty), (np.concatenate(val) if val else empty)
+
+
+def stdlib_token_counts(validation_fraction: float, root: Path | None = None) -> tuple[int, int]:
+    """How many tokens `stdlib_tokens` would return (train, validation), from file sizes alone: one
+    token per byte plus each document's EOD."""
+    root = root or Path(sysconfig.get_paths()["stdlib"])
+    counts = [0, 0]
+    for path in _documents(root):
+        counts[_held_out(path, root, validation_fraction)] += path.stat().st_size + 1
+    return counts[0], counts[1]
+
+
+def _documents(root: Path) -> list[Path]:
     docs = stdlib_documents(root)
     if not docs:
         raise FileNotFoundError(
             f"no Python source files found under {root}; set data.source to another corpus"
         )
-    eod = np.array([ByteTokenizer.eod_id], dtype=np.uint16)
-    train: list[np.ndarray] = []
-    val: list[np.ndarray] = []
-    threshold = int(validation_fraction * 2**32)
-    for path in docs:
-        data = np.frombuffer(path.read_bytes(), dtype=np.uint8).astype(np.uint16)
-        bucket = val if zlib.crc32(path.relative_to(root).as_posix().encode()) < threshold else train
-        bucket.extend((data, eod))
-    empty = np.zeros(0, dtype=np.uint16)
-    return (np.concatenate(train) if train else empty), (np.concatenate(val) if val else empty)
+    return docs
+
+
+def _held_out(path: Path, root: Path, validation_fraction: float) -> bool:
+    return zlib.crc32(path.relative_to(root).as_posix().encode()) < int(validation_fraction * 2**32)

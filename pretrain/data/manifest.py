@@ -79,8 +79,13 @@ def load_manifest(folder: str | Path) -> Manifest:
             f"{path} does not exist{hint}; make the dataset with "
             f"`python -m pretrain.data prepare --input ... --tokenizer ... --output {folder}`"
         )
+    return parse_manifest(path.read_text(), path)
+
+
+def parse_manifest(text: str | bytes, path: str | Path) -> Manifest:
+    """A manifest from its text (read locally, or fetched from a remote dataset's `path`)."""
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(text)
         raw["shards"] = [ShardRecord(**s) for s in raw["shards"]]
         manifest = Manifest(**raw)
     except (ValueError, TypeError, KeyError) as e:
@@ -92,14 +97,18 @@ def load_manifest(folder: str | Path) -> Manifest:
     return manifest
 
 
+def require_tokens(folder: str | Path, manifest: Manifest) -> Manifest:
+    if manifest.num_tokens == 0:
+        raise DataError(f"dataset {folder} holds no tokens; prepare it from non-empty input")
+    return manifest
+
+
 def verify(folder: str | Path, checksums: bool = True) -> Manifest:
     """Every shard exists, parses, and matches the manifest's counts (and sha256 if `checksums`)."""
     from pretrain.data.indexed import IndexedDataset, ShardError
 
     folder = Path(folder)
-    manifest = load_manifest(folder)
-    if manifest.num_tokens == 0:
-        raise DataError(f"dataset {folder} holds no tokens; prepare it from non-empty input")
+    manifest = require_tokens(folder, load_manifest(folder))
     for shard in manifest.shards:
         opened = IndexedDataset(folder / shard.prefix)
         if opened.dtype.name != manifest.dtype:

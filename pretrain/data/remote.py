@@ -50,6 +50,19 @@ def _copy(fs: Any, source: str, target: Path) -> None:
     os.replace(tmp, target)
 
 
+def fetch_manifest(url: str, attempts: int = 4, backoff_s: float = 1.0) -> bytes:
+    """The bytes of the manifest of the dataset at `url` (and nothing else of it)."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+
+    def read_manifest() -> bytes:
+        with fs.open(f"{root.rstrip('/')}/{MANIFEST}", "rb") as f:
+            return bytes(f.read())
+
+    return bytes(_with_retries(read_manifest, f"{url}/{MANIFEST}", attempts, backoff_s))
+
+
 def localize(url: str, cache_dir: Path | None = None, attempts: int = 4, backoff_s: float = 1.0) -> Path:
     """Local folder holding the dataset at `url` (its manifest and every shard it lists)."""
     import fsspec
@@ -58,12 +71,7 @@ def localize(url: str, cache_dir: Path | None = None, attempts: int = 4, backoff
     local = (cache_dir or default_cache_dir()) / hashlib.sha256(url.encode()).hexdigest()[:16]
     local.mkdir(parents=True, exist_ok=True)
     base = root.rstrip("/")
-
-    def read_manifest() -> bytes:
-        with fs.open(f"{base}/{MANIFEST}", "rb") as f:
-            return f.read()
-
-    manifest_bytes = _with_retries(read_manifest, f"{url}/{MANIFEST}", attempts, backoff_s)
+    manifest_bytes = fetch_manifest(url, attempts, backoff_s)
     try:
         shards = json.loads(manifest_bytes)["shards"]
         names = [f"{shard['prefix']}{ext}" for shard in shards for ext in (".bin", ".idx")]

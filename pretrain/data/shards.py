@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pretrain.config import DataConfig
+from pretrain.data.checks import check_training_samples, dataset_name, training_cut
 from pretrain.data.loader import PackedSamples, TokenStream
-from pretrain.errors import DataError
 
 
 @dataclass
@@ -38,17 +38,11 @@ def open_dataset(path: str, cfg: DataConfig, seq_len: int) -> OpenedDataset:
     names = [f"{path.rstrip('/')}/{shard.prefix}.bin" for shard in manifest.shards]
     stream = TokenStream([shard.tokens for shard in shards], names, [shard.sizes for shard in shards])
     total = len(stream)
-    cut = total - round(cfg.validation_fraction * total)
-    train = PackedSamples(stream, seq_len, 0, cut)
-    if len(train) == 0:
-        raise DataError(
-            f"dataset {path} holds {total} tokens, fewer than one training sample of seq_len + 1 = {seq_len + 1} "
-            f"after holding out data.validation_fraction={cfg.validation_fraction}; add data or shorten train.seq_len"
-        )
-    name = Path(path.rstrip("/")).name or path
+    cut = training_cut(total, cfg.validation_fraction)
+    check_training_samples(path, total, cut, seq_len, cfg.validation_fraction)
     return OpenedDataset(
-        name,
-        train,
+        dataset_name(path),
+        PackedSamples(stream, seq_len, 0, cut),
         PackedSamples(stream, seq_len, cut, total),
         manifest.vocab_size,
         manifest.eod_id,

@@ -14,6 +14,7 @@ from pretrain.checkpoint.signals import StopSignals
 from pretrain.checkpoint.store import CheckpointStore
 from pretrain.config import Config
 from pretrain.data import DistributedBatches, TrainingData, load_training_data
+from pretrain.data.checks import check_vocabulary
 from pretrain.deepspeed_compat import version_warning
 from pretrain.errors import ConfigError, OutputError
 from pretrain.logs import get_logger, setup_logging
@@ -145,14 +146,7 @@ def _load_data(cfg: Config, dist: DistInfo) -> TrainingData:
     # Checksums are read once (rank 0); sizes and headers on every rank, which maps the shards anyway.
     data_cfg = dataclasses.replace(cfg.data, verify_checksums=cfg.data.verify_checksums and dist.is_main)
     data = all_ranks_succeed(lambda: load_training_data(data_cfg, cfg.train.seq_len))
-    if data.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(
-            [
-                f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the vocabulary of the tokenizer the data "
-                f"was made with ({data.vocab_size}, datasets {', '.join(data.names)}); "
-                f"set model.vocab_size >= {data.vocab_size}"
-            ]
-        )
+    check_vocabulary(cfg.model.vocab_size, data.vocab_size, data.names)  # as --dry-run does
     return data
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,12 @@ from pretrain.config import Config
 from pretrain.errors import ConfigError
 
 RUN_OUTPUTS = ("metrics.jsonl", "tensorboard", "checkpoints", "metrics.png")
+# What a start writes in run.dir before its first step is done: the pre-flight record, the checkpoint
+# folder (the shared-storage check), the run files, and the sinks the training loop opens at its start.
+START_OUTPUTS = (
+    "launch.json", "checkpoints", "config.yaml", "deepspeed_config.json", "run_summary.json", "metrics.jsonl",
+    "tensorboard",
+)  # fmt: skip
 
 
 def existing_run_outputs(run_dir: Path) -> list[str]:
@@ -42,6 +50,60 @@ def check_run_dir(cfg: Config) -> None:
             f"those and start fresh"
         ]
     )
+
+
+@dataclass(frozen=True)
+class RunDirBefore:
+    """run.dir as a start found it, so that a start refused before its first step is done leaves it so."""
+
+    run_dir: Path
+    created: tuple[Path, ...]  # run.dir and the parents of it that did not exist, deepest first
+    entries: frozenset[str]
+    launch_record: bytes | None  # launch.json, which the pre-flight check rewrites as soon as it passes
+
+    @classmethod
+    def take(cls, run_dir: Path) -> RunDirBefore:
+        created = tuple(p for p in (run_dir, *run_dir.parents) if not p.exists())
+        try:
+            entries = frozenset(os.listdir(run_dir)) if not created else frozenset()
+            launch = run_dir / "launch.json"
+            record = launch.read_bytes() if launch.is_file() else None
+        except OSError:  # unreadable: check_run_dir says why; nothing here is ever removed then
+            return cls(run_dir, (), frozenset(RUN_OUTPUTS + START_OUTPUTS), None)
+        return cls(run_dir, created, entries, record)
+
+    def restore(self, outputs: bool = True) -> None:
+        """Remove what this start created (never anything that was there before, nor a folder that
+        is not empty) and put back the launch.json it replaced; best effort, the refusal is the error.
+        `outputs=False`: only the folders it created, where run.dir's lock was never this start's (what
+        appeared there since may be another live run's)."""
+        if outputs:
+            self.restore_outputs()
+        self.remove_created_folders()
+
+    def restore_outputs(self) -> None:
+        """The files a start writes: call while holding run.dir's lock."""
+        for name in (n for n in START_OUTPUTS if n not in self.entries):
+            target = self.run_dir / name
+            with contextlib.suppress(OSError):
+                if name == "tensorboard":
+                    shutil.rmtree(target)  # made by this start: its event files, of no step
+                elif target.is_dir():
+                    target.rmdir()  # checkpoints/ only if empty: a checkpoint is never removed here
+                elif target.exists():
+                    target.unlink()
+        if self.launch_record is not None:
+            with contextlib.suppress(OSError):
+                (self.run_dir / "launch.json").write_bytes(self.launch_record)
+
+    def remove_created_folders(self) -> None:
+        """run.dir and its parents where this start created them and they are empty (after the lock file
+        has gone with the lock)."""
+        for folder in self.created:
+            try:
+                folder.rmdir()
+            except OSError:
+                break  # not empty (or gone): neither it nor its parents were only ours
 
 
 def _check_writable(run_dir: Path) -> None:

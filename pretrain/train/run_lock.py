@@ -38,6 +38,11 @@ log = get_logger(__name__)
 _held: set[RunLock] = set()  # for release_held_locks()
 
 
+def holds_lock(run_dir: Path) -> bool:
+    """Whether this process holds the lock of `run_dir`."""
+    return any(lock.path == Path(run_dir) / LOCK_FILE for lock in _held)
+
+
 def release_held_locks() -> None:
     """Release the locks this process holds: for a hard exit (the watchdog's os._exit) that skips the
     `finally` blocks which release them otherwise."""
