@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -106,7 +107,8 @@ def test_non_finite_loss_stops_every_rank_naming_the_step_and_saves_nothing_afte
     results = run_distributed(train_with_weights_poisoned_on_rank0, 2, str(tmp_path), 3)
     for result in results:
         assert result["step"] == 4 and result["completed"] == 4
-        assert result["message"].startswith("the training loss became nan at step 4")
+        # The guard sees the step's non-finite gradient norm first (it does not read the loss).
+        assert re.match(r"the global gradient norm became (nan|inf) at step 4", result["message"])
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()) == ["step00000002"]
 
 
