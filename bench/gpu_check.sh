@@ -43,7 +43,7 @@ part() {  # part NAME SECONDS COMMAND...: run with a time limit, log under OUTDI
 gpus=$("$py" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
 
 # The same command as `make check-gpu`, on this interpreter (a bare image has no .venv).
-[ "${TESTS:-1}" = 1 ] && part check-gpu 480 env -u DS_ACCELERATOR PRETRAIN_TEST_GPU=1 "$py" -m pytest -m gpu -rsP \
+[ "${TESTS:-1}" = 1 ] && part check-gpu 540 env -u DS_ACCELERATOR PRETRAIN_TEST_GPU=1 "$py" -m pytest -m gpu -rsP \
   --durations=10 --junitxml="$out/check-gpu.xml"
 
 bench=(bench/throughput.py --steps 5 --rounds 2 --warmup 3 --accum 4)
