@@ -190,8 +190,8 @@ def test_retention_never_counts_or_deletes_incomplete_folders_and_clears_stale_p
 def test_not_enough_free_space_is_an_error_before_anything_is_written(tmp_path):
     free = shutil.disk_usage(tmp_path).free
     with pytest.raises(CheckpointError, match=r"not enough free disk space .* Nothing was written"):
-        check_free_space(tmp_path, free * 2)
-    check_free_space(tmp_path, 1)
+        check_free_space(tmp_path, free * 2, keep_last=1)
+    check_free_space(tmp_path, 1, keep_last=1)
     assert list(tmp_path.iterdir()) == []
 
 
