@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # e.g. `make setup TORCH=` to keep whatever torch the venv already has.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup quickstart check lint test
+.PHONY: setup quickstart check lint test check-gpu
 
 setup:
 	python3 -m venv $(VENV)
@@ -45,3 +45,8 @@ test:
 
 # Every check: lint, format, types, tests.
 check: lint test
+
+# The tests marked gpu on the visible CUDA devices, with DeepSpeed's own accelerator and NCCL (tests/conftest.py:
+# PRETRAIN_TEST_GPU=1 runs only them). Without CUDA they are skipped, each with its reason.
+check-gpu:
+	env -u DS_ACCELERATOR PRETRAIN_TEST_GPU=1 $(BIN)/python -m pytest -m gpu -rsP --durations=10

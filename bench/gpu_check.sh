@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
-# The measurements that need an NVIDIA GPU, as one run of about 8 minutes on one H100/H200 (it fits a
-# 15-minute lease with time to rerun a part). Each part writes its JSON or log under OUTDIR; a part
-# that fails is reported and the rest still run. Record what it prints in docs/PERFORMANCE.md.
+# The measurements that need an NVIDIA GPU, as one run of about 8 minutes on one H100/H200 plus the GPU
+# tests of part 0 (not yet timed: run TESTS=0 where a lease is short, and the tests alone with
+# `make check-gpu`). Each part writes its JSON or log under OUTDIR; a part that fails is reported and the
+# rest still run. Record what it prints in docs/PERFORMANCE.md.
 #
 #   bash bench/gpu_check.sh OUTDIR           # on a GPU node, in the repository root
 #   SIZES=tiny bash bench/gpu_check.sh DIR   # a CPU smoke run of the same script (no GPU-only parts)
+#   TESTS=0 bash bench/gpu_check.sh DIR      # without part 0 (the GPU tests)
 #
 # Where deepspeed, omegaconf or datasets are missing (a bare GPU image), carry the wheels that
 # ../shared/tools/offline-wheels.sh builds as .whl/: they are installed into /tmp/site first.
+# Part 0 needs pytest as well, which those wheels do not include.
 #
+# 0. The GPU tests (`make check-gpu`: pytest -m gpu, DeepSpeed's own accelerator, NCCL): check-gpu.log and
+#    check-gpu.xml (junit; the async save's stall ratio is a property there). Duration not measured yet.
 # 1. bench/throughput.py per size (bf16, ZeRO-1, flash SDPA): framework against plain PyTorch.
 # 2. The same with train.compile=true (issue 9: the effect of compiling the blocks).
 # 3. The flash kernel is what attention runs (SDPA restricted to it, forward and backward, bf16).
@@ -36,6 +41,10 @@ part() {  # part NAME SECONDS COMMAND...: run with a time limit, log under OUTDI
 { nvidia-smi || true; "$py" -c "import torch, sys; print(sys.version, torch.__version__, torch.version.cuda)"; } \
   >"$out/environment.txt" 2>&1
 gpus=$("$py" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+
+# The same command as `make check-gpu`, on this interpreter (a bare image has no .venv).
+[ "${TESTS:-1}" = 1 ] && part check-gpu 540 env -u DS_ACCELERATOR PRETRAIN_TEST_GPU=1 "$py" -m pytest -m gpu -rsP \
+  --durations=10 --junitxml="$out/check-gpu.xml"
 
 bench=(bench/throughput.py --steps 5 --rounds 2 --warmup 3 --accum 4)
 for size in ${SIZES:-125m 350m 1.3b}; do

@@ -198,3 +198,25 @@ def replica_check_after_drift(overrides: list[str], run_dir: str, drift_rank: in
         return []
     records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     return [r for r in records if "replica_divergence" in r]
+
+
+def replicas_before_and_after_a_nudge(nudged_rank: int) -> dict[str, Any]:
+    """check_replicas over the data-parallel world on a model built alike on every rank, then again
+    after one element of the final norm moved by 1e-6 on `nudged_rank` only; and where the
+    fingerprints were sent from (the group's backend decides)."""
+    from pretrain.model import Transformer
+    from pretrain.parallel.distributed import collective_device
+    from pretrain.parallel.replicas import check_replicas
+
+    world = dist.get_world_size()
+    ctx = ParallelContext(1, 1, world, 0, 0, dist.get_rank(), False)
+    model = Transformer(MODEL, seed=0)
+    before = check_replicas(model, ctx)
+    if dist.get_rank() == nudged_rank:
+        with torch.no_grad():
+            model.norm.weight[3] += 1e-6
+    return {
+        "before": before,
+        "after": check_replicas(model, ctx),
+        "device": str(collective_device(ctx.dp_group)),
+    }

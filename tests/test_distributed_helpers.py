@@ -1,5 +1,6 @@
 import pytest
 
+from parallel_checks import replicas_before_and_after_a_nudge
 from pretrain.testing import run_distributed
 from training_runs import fail_on_rank, shm_buffer_after_init, threads_after_close
 
@@ -55,3 +56,29 @@ def test_closing_the_trainer_joins_every_thread_it_started(tmp_path):
         assert any(n.startswith("prefetch") for n in state["before"]), state
         ours = ("checkpoint-writer", "prefetch", "pretrain-watchdog")
         assert [n for n in state["after"] if n.startswith(ours)] == [], state
+
+
+def test_replica_check_names_the_one_parameter_nudged_on_one_rank():
+    """Without a trainer: identical replicas give no problem; 1e-6 on one element of one rank's norm
+    weight is found (float64 fingerprints) and named on every rank. Over gloo the fingerprints are
+    sent from host memory."""
+    for state in run_distributed(replicas_before_and_after_a_nudge, 2, 1, timeout=120):
+        assert state["before"] == []
+        (problem,) = state["after"]
+        assert problem.startswith("norm.weight: data-parallel copies differ"), problem
+        assert state["device"] == "cpu"
+
+
+def test_a_group_on_nccl_sends_from_the_current_cuda_device(monkeypatch):
+    """The backend of the group named decides, not the world's: NCCL cannot send host memory."""
+    import torch
+    import torch.distributed as dist
+
+    from pretrain.parallel.distributed import collective_device
+
+    backends = {"nccl-group": "nccl", "gloo-group": "gloo"}
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: backends[group])
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert collective_device("nccl-group") == torch.device("cuda", 3)
+    assert collective_device("gloo-group") == torch.device("cpu")

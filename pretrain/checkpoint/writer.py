@@ -43,43 +43,63 @@ class HostBuffers:
     The state has the same tensors at every save, so after the first one every copy lands in a
     buffer that already exists: no allocation and no page faults on the training thread's time
     (measured here: copying 1 GiB into fresh memory 1.54 s, into a reused buffer 0.29 s). Buffers
-    for CUDA tensors are pinned. The pool holds one copy of this rank's state, the bound the
-    one-save-in-flight rule promises."""
+    for CUDA tensors are pinned, and pinned and pageable buffers are pooled apart, so a CUDA tensor
+    never lands in pageable memory left by a CPU tensor of the same shape. The copies from CUDA are
+    issued without waiting and waited for once per state. The pool holds one copy of this rank's
+    state, the bound the one-save-in-flight rule promises."""
 
     def __init__(self) -> None:
         self._free: dict[tuple[Any, ...], list[torch.Tensor]] = defaultdict(list)
         self._lock = threading.Lock()
 
-    def copy(self, tensor: torch.Tensor) -> torch.Tensor:
-        key = (tuple(tensor.shape), tensor.dtype)
+    def _copy(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` in a host buffer; from CUDA the copy may still be running (see `snapshot`)."""
+        pinned = tensor.is_cuda
+        key = (tuple(tensor.shape), tensor.dtype, pinned)
         with self._lock:
             buffer = self._free[key].pop() if self._free[key] else None
         if buffer is None:
-            buffer = torch.empty(key[0], dtype=tensor.dtype, pin_memory=tensor.is_cuda)
-        buffer.copy_(tensor.detach())
+            buffer = torch.empty(key[0], dtype=tensor.dtype, pin_memory=pinned)
+        buffer.copy_(tensor.detach(), non_blocking=pinned)
         return buffer
 
     def release(self, obj: Any) -> None:
         """Return the buffers of a written snapshot for the next save."""
         with self._lock:
             for tensor in _tensors(obj):
-                self._free[(tuple(tensor.shape), tensor.dtype)].append(tensor)
+                self._free[(tuple(tensor.shape), tensor.dtype, tensor.is_pinned())].append(tensor)
+
+    def bytes_held(self) -> dict[str, int]:
+        """Bytes of the buffers waiting in the pool, pinned and pageable."""
+        with self._lock:
+            held = [t for buffers in self._free.values() for t in buffers]
+        pinned = sum(t.nbytes for t in held if t.is_pinned())
+        return {"pinned": pinned, "pageable": sum(t.nbytes for t in held) - pinned}
 
     def snapshot(self, obj: Any) -> Any:
-        """A deep copy of a state dict with every tensor copied into host memory."""
+        """A deep copy of a state dict with every tensor copied into host memory, complete on return."""
+        devices: set[torch.device] = set()
+        out = self._copy_tree(obj, devices)
+        for device in devices:  # the writer thread reads the buffers as soon as they are queued
+            torch.cuda.current_stream(device).synchronize()
+        return out
+
+    def _copy_tree(self, obj: Any, devices: set[torch.device]) -> Any:
         if isinstance(obj, torch.Tensor):
-            return self.copy(obj)
+            if obj.is_cuda:
+                devices.add(obj.device)
+            return self._copy(obj)
         if isinstance(obj, dict):
             out: dict[Any, Any] = OrderedDict() if isinstance(obj, OrderedDict) else {}
             for key, value in obj.items():
-                out[key] = self.snapshot(value)
+                out[key] = self._copy_tree(value, devices)
             if hasattr(obj, "_metadata"):  # module state dicts carry per-module versions
                 out._metadata = copy.deepcopy(obj._metadata)  # type: ignore[attr-defined]
             return out
         if type(obj) is list:
-            return [self.snapshot(v) for v in obj]
+            return [self._copy_tree(v, devices) for v in obj]
         if type(obj) is tuple:
-            return tuple(self.snapshot(v) for v in obj)
+            return tuple(self._copy_tree(v, devices) for v in obj)
         return copy.deepcopy(obj)  # anything else keeps its type (torch.Size, named tuples, enums, ...)
 
 

@@ -134,7 +134,7 @@ def all_ranks_succeed(fn: Callable[[], T]) -> T:
         result = fn()
     except Exception as e:
         error = e
-    code = torch.tensor([exit_code_of(error) if error else 0], device=_collective_device())
+    code = torch.tensor([exit_code_of(error) if error else 0], device=collective_device())
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(code, op=dist.ReduceOp.MAX)
     if error is not None:
@@ -144,7 +144,9 @@ def all_ranks_succeed(fn: Callable[[], T]) -> T:
     return result  # type: ignore[return-value]
 
 
-def _collective_device() -> torch.device:
-    if dist.is_initialized() and dist.get_backend() == "nccl":
+def collective_device(group: Any = None) -> torch.device:
+    """Where a tensor sent over `group` (default: the world) must live: NCCL moves only CUDA memory
+    (a CPU tensor fails with "No backend type associated with device type cpu"), gloo host memory."""
+    if dist.is_initialized() and dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")

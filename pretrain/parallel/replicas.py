@@ -6,6 +6,10 @@ nondeterministic kernel, a missed all-reduce or a rank that skipped a step makes
 silently, and the model quietly becomes several models. Every `parallel.check_replicas_interval`
 steps each rank fingerprints its copies (float64 sum and sum of squares per parameter: two numbers
 each, one all-gather per group) and the parameters that differ are reported by name.
+
+The fingerprints are computed where the parameters live and only they travel: over an NCCL group as
+a CUDA tensor (NCCL cannot send host memory), over gloo from host memory; the parameters themselves
+never leave the device.
 """
 
 from __future__ import annotations
@@ -17,22 +21,42 @@ import torch.distributed as dist
 from torch import nn
 
 from pretrain import deepspeed_compat as compat
+from pretrain.parallel.distributed import collective_device
 from pretrain.parallel.topology import ParallelContext
 
+# Elements per piece: the float64 copy a fingerprint needs stays within 128 MiB of device memory,
+# however large the parameter (a 175B embedding shard would otherwise take 5 GiB at once).
+_PIECE = 1 << 24
 
-def _fingerprints(params: list[tuple[str, nn.Parameter]]) -> torch.Tensor:
-    rows = [torch.stack([p.detach().double().sum(), p.detach().double().square().sum()]) for _, p in params]
-    return torch.stack(rows).cpu() if rows else torch.zeros(0, 2, dtype=torch.float64)
+
+def _fingerprint(param: torch.Tensor) -> torch.Tensor:
+    """float64 sum and sum of squares of `param`, on its device."""
+    total = torch.zeros(2, dtype=torch.float64, device=param.device)
+    for piece in param.detach().reshape(-1).split(_PIECE):
+        x = piece.double()
+        total += torch.stack([x.sum(), x.square().sum()])
+    return total
+
+
+def _fingerprints(params: list[tuple[str, nn.Parameter]], device: torch.device) -> torch.Tensor:
+    rows = [_fingerprint(p) for _, p in params]
+    return torch.stack(rows).to(device) if rows else torch.zeros(0, 2, dtype=torch.float64, device=device)
+
+
+def gathered_fingerprints(params: list[tuple[str, nn.Parameter]], group: Any) -> torch.Tensor:
+    """Every rank's fingerprints of `params` over `group`, (ranks, params, 2) in host memory: the
+    comparison reads them on the host, so one copy here instead of a device sync per parameter."""
+    mine = _fingerprints(params, collective_device(group))
+    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(everyone, mine, group=group)
+    return torch.stack(everyone).cpu()
 
 
 def _differing(params: list[tuple[str, nn.Parameter]], group: Any, kind: str) -> list[str]:
     """Names of `params` whose fingerprint differs between the ranks of `group`."""
     if group is None or dist.get_world_size(group) == 1 or not params:
         return []
-    mine = _fingerprints(params)
-    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(everyone, mine, group=group)
-    stacked = torch.stack(everyone)  # (ranks, params, 2)
+    stacked = gathered_fingerprints(params, group)
     spread = (stacked.max(dim=0).values - stacked.min(dim=0).values).abs()
     scale = stacked.abs().max(dim=0).values.clamp(min=1e-30)
     problems = []
