@@ -26,6 +26,11 @@ class LoggingConfig:
         return p
 
 
+# How often a run touches run.dir/run.lock (pretrain.train.run_lock); a stale rule shorter than two beats
+# would take a live run's lock.
+LOCK_HEARTBEAT_S = 30.0
+
+
 @dataclass
 class RunConfig:
     """Where the run writes everything."""
@@ -47,10 +52,10 @@ class RunConfig:
 
     def problems(self) -> list[str]:
         p = [] if self.dir else ["run.dir must not be empty"]
-        if self.lock_stale_after < 2 * 30:
+        if self.lock_stale_after < 2 * LOCK_HEARTBEAT_S:
             p.append(
-                f"run.lock_stale_after={self.lock_stale_after:g} is shorter than two lock heartbeats (60 s): a live "
-                f"run's lock would be taken over; use 60 or more"
+                f"run.lock_stale_after={self.lock_stale_after:g} is shorter than two lock heartbeats "
+                f"({2 * LOCK_HEARTBEAT_S:g} s): a live run's lock would be taken over; use {2 * LOCK_HEARTBEAT_S:g} or more"
             )
         return p
 

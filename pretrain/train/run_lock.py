@@ -29,11 +29,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from pretrain.config.run import LOCK_HEARTBEAT_S
 from pretrain.errors import ConfigError
 from pretrain.logs import get_logger
 
 LOCK_FILE = "run.lock"
-HEARTBEAT_S = 30.0
+HEARTBEAT_S = LOCK_HEARTBEAT_S
 log = get_logger(__name__)
 _held: set[RunLock] = set()  # for release_held_locks()
 
