@@ -8,6 +8,7 @@ by side), and each test then waits for its own.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -49,6 +50,29 @@ STUB = """#!/bin/bash
 echo "stub trainer: exit $STUB_EXIT on restart ${{SLURM_RESTART_COUNT:-0}}"
 exit $STUB_EXIT
 """
+
+
+def test_cluster_script_never_signals_a_process_that_only_reuses_a_stale_pid_file(tmp_path):
+    """A pid file left by an earlier boot (a machine restored from an image) can name a pid that is
+    now another process: once it was pytest itself, killed by `cluster.sh start` in CI. Stop and
+    start must take only processes that are this cluster's daemons for theirs."""
+    if os.geteuid() != 0:
+        pytest.skip("tests/slurm/cluster.sh needs root")
+    (tmp_path / "run").mkdir()
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        for daemon in ("slurmctld", "slurmd-n1", "slurmd-n2"):
+            (tmp_path / "run" / f"{daemon}.pid").write_text(f"{bystander.pid}\n")
+        out = subprocess.run(
+            [str(Path(REPO) / "tests/slurm/cluster.sh"), "stop"], capture_output=True, text=True, timeout=60,
+            env={**os.environ, "PRETRAIN_TEST_SLURM_DIR": str(tmp_path)},
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        assert bystander.poll() is None, "cluster.sh stop signalled a process that is not its daemon"
+        assert not list((tmp_path / "run").glob("*.pid"))  # the stale files are gone
+    finally:
+        bystander.kill()
+        bystander.wait()
 
 
 @pytest.fixture(scope="session")

@@ -25,8 +25,14 @@ CPUS_PER_NODE=16
 log() { echo "cluster.sh: $*" >&2; }
 die() { log "$*"; exit 1; }
 
-running() {  # the pid in file $1 is alive
-    [[ -s $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null
+our_daemon() {  # the pid in file $1 is alive and is one of this cluster's daemons
+    # A pid file can outlive its daemon (a machine restored from an image, a reboot): its pid may
+    # then be any process, pytest included, which must never be taken for the daemon or signalled.
+    local pid
+    [[ -s $1 ]] || return 1
+    pid=$(cat "$1")
+    [[ $pid =~ ^[0-9]+$ ]] && [[ -r /proc/$pid/cmdline ]] || return 1
+    tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qE "^/usr/sbin/slurm(ctld|d) -f $CONF( |\$)"
 }
 
 munge_works() {
@@ -35,8 +41,8 @@ munge_works() {
 
 cluster_up() {
     munge_works || return 1
-    running "$ROOT/run/slurmctld.pid" || return 1
-    for node in "${NODES[@]}"; do running "$ROOT/run/slurmd-$node.pid" || return 1; done
+    our_daemon "$ROOT/run/slurmctld.pid" || return 1
+    for node in "${NODES[@]}"; do our_daemon "$ROOT/run/slurmd-$node.pid" || return 1; done
     SLURM_CONF=$CONF scontrol ping >/dev/null 2>&1
 }
 
@@ -159,7 +165,7 @@ stop_daemons() {
     for pidfile in "$ROOT"/run/slurmd-*.pid "$ROOT/run/slurmctld.pid"; do
         [[ -s $pidfile ]] || continue
         pid=$(cat "$pidfile")
-        if kill -0 "$pid" 2>/dev/null; then
+        if our_daemon "$pidfile"; then
             kill "$pid"
             for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
         fi
