@@ -235,6 +235,21 @@ def is_zero3_partitioned(param: torch.nn.Parameter) -> bool:
     return hasattr(param, "ds_status")
 
 
+def full_shape(param: torch.nn.Parameter) -> torch.Size:
+    """The parameter's shape, also once ZeRO-3 has partitioned it (its `.data` is then empty)."""
+    return param.ds_shape if is_zero3_partitioned(param) else param.shape  # type: ignore[attr-defined]
+
+
+def zero3_partition_bytes(module: torch.nn.Module) -> int:
+    """Bytes of this rank's ZeRO-3 partitions of `module`'s parameters (and of any still whole)."""
+    total = 0
+    for param in module.parameters():
+        shard = getattr(param, "ds_tensor", None)
+        held = shard if shard is not None else param.data
+        total += held.numel() * held.element_size()
+    return total
+
+
 def tied_weights(module: Any) -> Iterator[tuple[str, torch.nn.Parameter, Any]]:
     """(name, parameter, process group) of every weight a PipelineModule ties across stages."""
     for key, comm in getattr(module, "tied_comms", {}).items():

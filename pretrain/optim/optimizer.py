@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pretrain import deepspeed_compat as compat
 from pretrain.config import OptimConfig
 
 
@@ -17,7 +18,8 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
     no_decay: list[nn.Parameter] = []
     for param in model.parameters():
         if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
+            # The full shape: a ZeRO-3 partitioned parameter's own `.data` is empty.
+            (decay if len(compat.full_shape(param)) >= 2 else no_decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

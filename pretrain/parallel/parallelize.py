@@ -6,9 +6,11 @@
    checkpoint.init_weights, with that layer's full tensors read from the consolidated file.
 3. Apply the tensor-parallel plan: slice the weights, swap in parallel layers and the loss.
 4. Set activation recomputation on the decoder blocks, and compile them (train.compile).
-5. Move to the device, and assemble: a `Transformer` (one stage) or DeepSpeed's `PipelineModule`.
+5. Move to the device; under ZeRO-3 cut it into this rank's data-parallel partitions at once
+   (pretrain.parallel.zero3).
+6. Assemble: a `Transformer` (one stage) or DeepSpeed's `PipelineModule`.
 
-At most one full layer exists beyond this rank's own shards at any time.
+At most one full layer exists beyond this rank's own shards (ZeRO-3: its partitions) at any time.
 """
 
 from __future__ import annotations
@@ -26,10 +28,13 @@ from pretrain.parallel.topology import ParallelContext
 from pretrain.parallel.tp_plan import apply_tensor_parallel
 
 
-def parallelize_model(cfg: Config, ctx: ParallelContext, device: torch.device) -> nn.Module:
+def parallelize_model(
+    cfg: Config, ctx: ParallelContext, device: torch.device, precision: str = "fp32"
+) -> nn.Module:
     """This rank's model: a `Transformer` holding its tensor-parallel shards when pp == 1, else a
-    DeepSpeed `PipelineModule` holding its stage."""
-    local = build_rank_layers(cfg, ctx, device)
+    DeepSpeed `PipelineModule` holding its stage. `precision`: the resolved training precision, which
+    ZeRO-3 partitions are cast to (other stages are cast by DeepSpeed's engine)."""
+    local = build_rank_layers(cfg, ctx, device, precision)
     indices = sorted(local)
     loss = _loss(cfg, ctx)
     if ctx.pp == 1:
@@ -56,9 +61,11 @@ def rank_layer_sources(cfg: Config, ctx: ParallelContext) -> list[tuple[int, int
     return [(i, 0 if tied_pipeline_head and i == total - 1 else i) for i in indices]
 
 
-def build_rank_layers(cfg: Config, ctx: ParallelContext, device: torch.device) -> dict[int, nn.Module]:
-    """Steps 1-4 for this rank, each layer moved to `device` as soon as it is cut (so at most one full
-    layer exists beyond this rank's shards): position in the layer list -> layer.
+def build_rank_layers(
+    cfg: Config, ctx: ParallelContext, device: torch.device, precision: str = "fp32"
+) -> dict[int, nn.Module]:
+    """Steps 1-5 for this rank, each layer moved to `device` (and, under ZeRO-3, partitioned) as soon
+    as it is cut: position in the layer list -> layer.
 
     Under `torch.device("meta")` (with device meta) nothing is allocated or initialised and no process
     group is touched, which is how `pretrain.plan` checks that a layout builds."""
@@ -68,6 +75,11 @@ def build_rank_layers(cfg: Config, ctx: ParallelContext, device: torch.device) -
         from pretrain.weights.consolidated import open_init_weights
 
         init = all_ranks_succeed(lambda: open_init_weights(init_path, cfg.model))
+    partition = None
+    if cfg.parallel.zero_stage == 3 and device.type != "meta":
+        from pretrain.parallel.zero3 import zero3_partitioner
+
+        partition = zero3_partitioner(cfg, ctx, precision)
     local: dict[int, nn.Module] = {}
     for index, source in rank_layer_sources(cfg, ctx):
         if init is None:
@@ -81,6 +93,8 @@ def build_rank_layers(cfg: Config, ctx: ParallelContext, device: torch.device) -
                 # In place (Module.compile), so parameter names, checkpoints and exports stay the same.
                 layer.compile()
         local[index] = layer.to(device)
+        if partition is not None:
+            partition(local[index])
     return local
 
 

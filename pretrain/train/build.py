@@ -42,6 +42,7 @@ from pretrain.train.callbacks import (
     ThroughputMonitor,
 )
 from pretrain.train.callbacks.nonfinite import NonFiniteGuard
+from pretrain.train.memory import MemoryMarks, MemoryReport
 from pretrain.train.mfu import peak_tflops
 from pretrain.train.run_dir import check_run_dir, clear_run_outputs, truncate_metrics, write_run_files
 from pretrain.train.trainer import Trainer
@@ -105,8 +106,11 @@ def build_trainer(cfg: Config, dist: DistInfo, signals: StopSignals | None = Non
     data = _load_data(cfg, dist)
     seed_everything(cfg.seed)
     ctx = build_parallel_context(cfg, dist.rank, dist.world_size)
-    model = parallelize_model(cfg, ctx, dist.device)
+    memory = MemoryMarks(dist.rank)
+    model = parallelize_model(cfg, ctx, dist.device, precision)
+    memory.mark_constructed()
     engine, ds_config = build_engine(cfg, model, dist.world_size, precision, ctx)
+    memory.mark_built(cfg, dist.world_size, ctx.pp_rank, dist.device)
     summary = run_summary(cfg, dist.world_size, precision)
     summary["data"] = {**data.identity(), "eod_id": data.eod_id}
 
@@ -129,6 +133,7 @@ def build_trainer(cfg: Config, dist: DistInfo, signals: StopSignals | None = Non
     if warning:
         log.warning(warning)
     callbacks = _callbacks(cfg, dist, summary, data, precision, store)
+    callbacks.append(MemoryReport(memory, run_dir / "run_summary.json" if dist.is_main else None))
     trainer = Trainer(cfg, engine, *_batches(cfg, data, ctx, dist.device), dist, callbacks)
     resumed = _resume(cfg, store, trainer, data)
     trainer.unverified_resume = store.unverified_resume
