@@ -49,6 +49,7 @@ CASES = {
     "tiny-selective": ["parallel.activation_checkpointing=selective"],
     "tiny-full": ["parallel.activation_checkpointing=full"],
     "100m": MODEL_100M,
+    "100m-zero3": [*MODEL_100M, "parallel.zero_stage=3"],
 }
 
 
@@ -95,3 +96,16 @@ def test_100m_model_peak_matches_estimate(measured):
     estimate, phase = estimated_peak(MODEL_100M)
     assert phase == "optimizer step"  # weights, master, Adam, gradients, flat copy, foreach temporary
     assert abs(estimate - measured["100m"]) <= TOLERANCE * measured["100m"], (estimate, measured["100m"])
+
+
+@pytest.mark.slow
+def test_100m_model_zero3_peak_matches_estimate(measured):
+    # One process, so ZeRO-3's partitions are whole: its own buffers and sub-grouped step are checked.
+    estimate, phase = estimated_peak(CASES["100m-zero3"])
+    # The gradient partition is held from the backward pass on, and the step's temporaries are one
+    # sub-group's (an eighth): the backward pass is the peak now.
+    assert phase == "backward"
+    assert abs(estimate - measured["100m-zero3"]) <= TOLERANCE * measured["100m-zero3"], (
+        estimate,
+        measured["100m-zero3"],
+    )

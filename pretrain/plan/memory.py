@@ -20,10 +20,10 @@ plus what DeepSpeed (0.19, the version this repository runs) does on top, from i
     used off CUDA, allocates one temporary the size of the partition (the fused CUDA kernel none).
 
 The peak is the largest of three moments: construction (pretrain.parallel builds each rank's layers
-in fp32 and moves them to the device before DeepSpeed converts them to 16 bits and partitions them,
-so every ZeRO stage, ZeRO-3 included, first holds 4 bytes per parameter of the rank's whole stage and
-tensor-parallel shard; DeepSpeed then flattens the weights into one buffer, a second copy for fp32
-training), the end of the forward pass / start of the backward pass of the last in-flight
+in fp32 and moves them to the device before DeepSpeed converts them to 16 bits, so ZeRO 0-2 first
+hold 4 bytes per parameter of the rank's whole stage and tensor-parallel shard, and DeepSpeed then
+flattens the weights into one buffer, a second copy for fp32 training; ZeRO-3 cuts each layer into
+this rank's partitions as soon as it is built: its partitions plus one whole fp32 layer), the end of the forward pass / start of the backward pass of the last in-flight
 micro-batch (states, activations, buffers, working memory), and the optimizer step (activations
 gone, gradient partition and step temporaries present). To it come a fragmentation margin and the
 runtime reserve (see `Assumptions`).
@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from pretrain.config import Config
+from pretrain.parallel.deepspeed_config import zero3_bucket_elements, zero3_sub_group_size
 from pretrain.parallel.recompute import selective_recompute_keeps
 from pretrain.plan import activations as act
 from pretrain.plan.counts import layer_counts, rank_parameters, stage_layers
@@ -294,8 +295,18 @@ def _stage_memory(
         communication_buffers=int(_backward_buffers(cfg, indices, p, runtime, a)),
         working=int(working),
         step_extra=int(_step_extra(cfg, params, dp, p, runtime, a)),
-        construction=4 * params * (2 if p == 4 and par.zero_stage < 3 else 1),
+        construction=int(_construction(cfg, indices, params, dp, p)),
     )
+
+
+def _construction(cfg: Config, indices: list[int], params: int, dp: int, p: int) -> float:
+    """Building the rank's layers: in fp32, then flattened by DeepSpeed (a second copy in fp32); under
+    ZeRO-3 each layer goes into this rank's partitions as soon as it is built (pretrain.parallel.zero3),
+    so the partitions so far plus one whole fp32 layer, before its tensor-parallel slicing."""
+    if cfg.parallel.zero_stage < 3:
+        return 4 * params * (2 if p == 4 else 1)
+    counts = layer_counts(cfg)
+    return p * params / dp + 4 * max(counts[i].total for i in indices)
 
 
 def _pipeline_buffers(cfg: Config, shape: act.ActivationShape, stage: int, slots: int) -> float:
@@ -316,7 +327,7 @@ def _backward_buffers(cfg: Config, indices: list[int], p: int, runtime: Runtime,
     if par.zero_stage in (1, 2) and par.pp == 1:
         buckets = 2 * a.reduce_bucket_elements * p  # overlap_comm double buffer
     elif par.zero_stage == 3:
-        buckets = a.reduce_bucket_elements * p
+        buckets = zero3_bucket_elements(cfg) * p  # sized to the model (deepspeed_config)
     total = buckets if runtime.empty_buffers_resident else 0.0
     if par.zero_stage == 3:
         # The layer being computed and the one prefetched, whole (not data-parallel partitioned).
@@ -335,10 +346,12 @@ def _step_extra(cfg: Config, params: int, dp: int, p: int, runtime: Runtime, a: 
     extra = p * partition  # the gradient partition (ZeRO-1 copies it in at the boundary)
     if stage == 1:
         extra += p * partition  # ... and flattens it
+    # ZeRO-3 steps its partition one sub-group at a time: the temporaries below are one sub-group's.
+    stepped = min(partition, zero3_sub_group_size(int(partition))) if stage == 3 else partition
     if p < 4:
-        extra += 4 * partition  # converted to fp32 for the masters
+        extra += 4 * stepped  # converted to fp32 for the masters
     if not runtime.fused_optimizer:
-        extra += 4 * partition  # foreach AdamW: sqrt(exp_avg_sq) for the whole partition
+        extra += 4 * stepped  # foreach AdamW: sqrt(exp_avg_sq) for what is stepped at once
     if stage == 1 and cfg.parallel.pp > 1 and runtime.empty_buffers_resident:
         extra += a.reduce_bucket_elements * p  # reduce_gradients(pipeline_parallel=True)
     return extra
