@@ -248,10 +248,12 @@ def first_batch(cfg):
     return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
 
 
-def test_training_from_an_imported_model_starts_from_its_loss_in_another_layout(trained, tmp_path):
+@pytest.mark.parametrize("layout", [["parallel.tp=2"], ["parallel.zero_stage=3"]], ids=["tp2", "zero3"])
+def test_training_from_an_imported_model_starts_from_its_loss_in_another_layout(trained, tmp_path, layout):
     """HF export of the ZeRO-3 run (bf16 weights) -> from-hf -> 2 steps with TP=2 (another layout,
-    padded vocabulary 512 instead of 384). Step 1's loss is computed before any update, so it must be
-    the Hugging Face model's loss on that batch."""
+    padded vocabulary 512 instead of 384), or with ZeRO-3 over 2 ranks (each layer read from the
+    file, then cut into the rank's partitions). Step 1's loss is computed before any update, so it
+    must be the Hugging Face model's loss on that batch."""
     from transformers import LlamaForCausalLM
 
     run_dir, cfg, _ = trained("zero3-bf16")
@@ -259,7 +261,7 @@ def test_training_from_an_imported_model_starts_from_its_loss_in_another_layout(
     commands.from_hf(tmp_path / "hf", tmp_path / "init")
     records, _ = run_distributed(
         train_and_read_metrics, 2,
-        ["parallel.tp=2", "train.steps=2", f"checkpoint.init_weights={tmp_path / 'init'}"], str(tmp_path / "run"),
+        [*layout, "train.steps=2", f"checkpoint.init_weights={tmp_path / 'init'}"], str(tmp_path / "run"),
     )  # fmt: skip
     losses = [r["loss"] for r in step_records(records)]
 
@@ -268,7 +270,8 @@ def test_training_from_an_imported_model_starts_from_its_loss_in_another_layout(
     with torch.no_grad():
         expected = torch.nn.functional.cross_entropy(hf(inputs).logits.flatten(0, 1), labels.flatten()).item()
     # fp32 on both sides; TP=2 sums the attention and MLP outputs of two shards and computes the loss
-    # over a split vocabulary: reordered fp32 sums, observed ~1e-7 relative.
+    # over a split vocabulary, ZeRO-3 averages two ranks' losses: reordered fp32 sums, observed ~1e-7
+    # relative.
     assert losses[0] == pytest.approx(expected, rel=1e-5)
     assert losses[1] < losses[0]
     assert abs(losses[0] - np.log(VOCAB)) > 0.05  # not a fresh init: that would start at ln(320)
