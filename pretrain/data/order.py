@@ -167,6 +167,7 @@ def order_memory(num_samples: int, version: int = FEISTEL_ORDER, batch: int = 10
     allocate (tracemalloc) while building the order and reading 4 batches of `batch` draws (two at
     the start of epoch 0, two across the boundary into epoch 1), and the time per draw looked up.
     A run holds one order per dataset, so its sample-order memory per rank is the sum over datasets."""
+    sample_order(version, 3, [0, 0]).lookup(np.arange(4))  # first calls import and cache: not the order's
     tracemalloc.start()
     try:
         order = sample_order(version, num_samples, [0, 0])
