@@ -5,10 +5,10 @@ Two orders exist, named by the version the loader's state records:
 1 `GlobalOrder`: numpy's `Generator.permutation` of the whole dataset, built per epoch on every rank.
   4 bytes per sample per rank (8 while it is built): 40 GB per rank for 1e10 samples. Kept so that
   checkpoints written before version 2 resume on exactly the samples they would have trained on.
-2 `FeistelOrder`: a keyed bijection of [0, N) evaluated per draw, so the order costs a few dozen
-  bytes per rank whatever N is. A Feistel network over k = bit_length(N - 1) bits is a bijection of
-  [0, 2^k) for any round function; "cycle walking" (apply it again while the result is >= N) turns it
-  into a bijection of [0, N), and since 2^k < 2N a draw needs fewer than two evaluations on average.
+2 `FeistelOrder`: a keyed bijection of [0, N) evaluated per draw, so the order costs a few hundred
+  bytes per rank whatever N is. A Feistel network on the pairs [0, a) x [0, b), a b >= N, is a
+  bijection of [0, a b) for any round function; "cycle walking" (apply it again while the result is
+  >= N) turns it into a bijection of [0, N), and with a b - N < sqrt(N) a second pass is rare.
   Everything is fixed-width integer arithmetic (uint64, wrapping) written out here, so the order is
   the same on every machine and numpy version; no numpy random generator is involved.
 
@@ -17,6 +17,7 @@ With shuffle off both are the identity, so an unshuffled loader has one order wh
 
 from __future__ import annotations
 
+import math
 import time
 import tracemalloc
 from collections.abc import Sequence
@@ -32,7 +33,7 @@ ORDER_VERSIONS = (LEGACY_ORDER, FEISTEL_ORDER)
 _MASK64 = (1 << 64) - 1
 _GOLDEN64 = 0x9E3779B97F4A7C15  # 2^64 / phi: the splitmix64 increment
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
-_S27, _S30, _S31 = np.uint64(27), np.uint64(30), np.uint64(31)
+_S27, _S30, _S31, _S32 = np.uint64(27), np.uint64(30), np.uint64(31), np.uint64(32)
 # 4 rounds already make a Feistel network a strong pseudo-random permutation given a random round
 # function (Luby-Rackoff); 8 leave margin for the unbalanced halves of an odd bit count and small k.
 ROUNDS = 8
@@ -73,10 +74,12 @@ class FeistelOrder:
         self.num_samples, self.shuffle = num_samples, shuffle
         self.seed = [seed] if isinstance(seed, int) else list(seed)
         self._key = np.uint64(_seed_key(self.seed))
-        bits = (num_samples - 1).bit_length()  # the smallest k with 2^k >= N
-        self._low_bits = bits // 2  # right half; the left half takes the odd bit
-        self._low_mask = np.uint64((1 << self._low_bits) - 1)
-        self._high_mask = np.uint64((1 << (bits - self._low_bits)) - 1)
+        # The network's domain is [0, a) x [0, b), a = ceil(sqrt(N)), b = ceil(N / a): a b - N < a,
+        # so a draw falls outside [0, N) with probability below 1/b ~ 1/sqrt(N), and a batch almost
+        # never needs a second pass (each pass is ~50 numpy calls, whatever the batch size).
+        self._high = math.isqrt(num_samples - 1) + 1
+        self._low = -(-num_samples // self._high)
+        self._cached_epoch, self._cached_keys = -1, np.zeros(0, dtype=np.uint64)
 
     def __getitem__(self, index: int) -> int:
         return int(self.lookup(np.array([index], dtype=np.int64))[0])
@@ -84,37 +87,60 @@ class FeistelOrder:
     def lookup(self, draws: np.ndarray) -> np.ndarray:
         """Sample ids (int64) of the draws `draws` (non-negative int64 counters)."""
         epochs, positions = np.divmod(np.asarray(draws, dtype=np.int64), self.num_samples)
-        if not self.shuffle or self.num_samples == 1:
+        if not self.shuffle or self.num_samples == 1 or len(positions) == 0:
             return positions
-        unique, which = np.unique(epochs, return_inverse=True)  # a batch spans one epoch, rarely two
-        keys = self._round_keys(unique.astype(np.uint64))  # (ROUNDS, epochs in the batch)
-        per_draw = len(unique) > 1  # else one column of keys broadcasts over every draw
-        if per_draw:
-            keys = keys[:, which.reshape(-1)]
+        first, last = int(epochs.min()), int(epochs.max())
+        if first == last:  # the usual batch: one column of keys broadcasts over every draw
+            keys, per_draw = self._epoch_keys(first), False
+        else:  # a batch across an epoch boundary (or a tiny dataset's several epochs)
+            unique, which = np.unique(epochs, return_inverse=True)
+            keys, per_draw = self._round_keys(unique.astype(np.uint64))[:, :, which.reshape(-1)], True
         values = positions.astype(np.uint64)
         pending = np.arange(len(values))
-        while len(pending):  # cycle walking: fewer than 2 passes per draw on average, since 2^k < 2N
-            values[pending] = self._feistel(values[pending], keys[:, pending] if per_draw else keys)
+        while len(pending):  # cycle walking: a draw that lands in [N, a b) takes another pass
+            values[pending] = self._feistel(values[pending], keys[:, :, pending] if per_draw else keys)
             pending = pending[values[pending] >= np.uint64(self.num_samples)]
         return values.astype(np.int64)
 
+    def _epoch_keys(self, epoch: int) -> np.ndarray:
+        """The round keys of one epoch, remembered for the epoch in progress (64 x 2 x ROUNDS bytes)."""
+        if self._cached_epoch != epoch:
+            self._cached_keys = self._round_keys(np.array([epoch], dtype=np.uint64))
+            self._cached_epoch = epoch
+        return self._cached_keys
+
     def _round_keys(self, epochs: np.ndarray) -> np.ndarray:
-        """(ROUNDS, len(epochs)) uint64: the round keys of each epoch, from (seed, epoch) alone."""
+        """(2, ROUNDS, len(epochs)) uint64: per round an xor key and an odd multiplier for each epoch,
+        from (seed, epoch) alone."""
         epoch_keys = _mix(_mix(epochs + np.uint64(_GOLDEN64)) ^ self._key)
-        rounds = np.arange(1, ROUNDS + 1, dtype=np.uint64)[:, None] * np.uint64(_GOLDEN64)
-        return _mix(epoch_keys[None, :] + rounds)
+        rounds = np.arange(1, 2 * ROUNDS + 1, dtype=np.uint64)[:, None] * np.uint64(_GOLDEN64)
+        keys = _mix(epoch_keys[None, :] + rounds).reshape(2, ROUNDS, len(epochs))
+        keys[1] |= np.uint64(1)
+        return keys
 
     def _feistel(self, values: np.ndarray, keys: np.ndarray) -> np.ndarray:
-        """One pass of the network over [0, 2^k): each round changes one half by a keyed hash of the
-        other, which any hash keeps invertible, so the pass is a bijection."""
-        shift = np.uint64(self._low_bits)
-        high, low = values >> shift, values & self._low_mask
+        """One pass of the network over [0, a b): x = high b + low, and each round adds to one half,
+        modulo its size, a keyed hash of the other half. A round is undone by subtracting the same
+        hash, whatever the hash, so the pass is a bijection. The hash is multiply-shift: bits 32-63 of
+        (half xor key) * odd multiplier mod 2^64, which depend on every bit of a half below 2^32."""
+        xor_keys, multipliers = keys
+        a, b = np.uint64(self._high), np.uint64(self._low)
+        high, low = np.divmod(values, b)
         for r in range(ROUNDS):
             if r % 2 == 0:
-                high = high ^ (_mix(low ^ keys[r]) & self._high_mask)
+                high += _hash(low, xor_keys[r], multipliers[r]) % a
+                high %= a
             else:
-                low = low ^ (_mix(high ^ keys[r]) & self._low_mask)
-        return (high << shift) | low
+                low += _hash(high, xor_keys[r], multipliers[r]) % b
+                low %= b
+        return high * b + low
+
+
+def _hash(half: np.ndarray, key: np.ndarray, multiplier: np.ndarray) -> np.ndarray:
+    mixed = half ^ key  # then in place: a batch of a few draws costs its numpy calls, not its size
+    mixed *= multiplier
+    mixed >>= _S32
+    return mixed
 
 
 class GlobalOrder:
