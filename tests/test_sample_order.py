@@ -84,7 +84,7 @@ def test_version_1_is_numpys_per_epoch_permutation_as_before():
 
 def test_the_order_takes_o_of_batch_memory_and_the_old_one_o_of_samples():
     """tracemalloc peak (numpy reports its buffers to it) while building the order and reading four
-    batches of 1,024 draws, two at an epoch boundary. Measured: 2 KB to build, 100 KB to read,
+    batches of 1,024 draws, two at an epoch boundary. Measured: 2 KB to build, 84 KB to read,
     whatever N. The bounds leave 4x for interpreter and numpy versions; the old order needs 4 bytes
     per sample (and 12 while building): 40 MB at 1e7, far past them."""
     for n in (10**6, 10**9, 10**12):

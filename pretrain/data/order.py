@@ -35,7 +35,7 @@ _GOLDEN64 = 0x9E3779B97F4A7C15  # 2^64 / phi: the splitmix64 increment
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 _S27, _S30, _S31, _S32 = np.uint64(27), np.uint64(30), np.uint64(31), np.uint64(32)
 # 4 rounds already make a Feistel network a strong pseudo-random permutation given a random round
-# function (Luby-Rackoff); 8 leave margin for the unbalanced halves of an odd bit count and small k.
+# function (Luby-Rackoff); 8 leave margin for unequal halves (a != b), small N and a cheap hash.
 ROUNDS = 8
 
 
@@ -103,7 +103,7 @@ class FeistelOrder:
         return values.astype(np.int64)
 
     def _epoch_keys(self, epoch: int) -> np.ndarray:
-        """The round keys of one epoch, remembered for the epoch in progress (64 x 2 x ROUNDS bytes)."""
+        """The round keys of one epoch, remembered for the epoch in progress (2 x ROUNDS words)."""
         if self._cached_epoch != epoch:
             self._cached_keys = self._round_keys(np.array([epoch], dtype=np.uint64))
             self._cached_epoch = epoch
@@ -115,7 +115,7 @@ class FeistelOrder:
         epoch_keys = _mix(_mix(epochs + np.uint64(_GOLDEN64)) ^ self._key)
         rounds = np.arange(1, 2 * ROUNDS + 1, dtype=np.uint64)[:, None] * np.uint64(_GOLDEN64)
         keys = _mix(epoch_keys[None, :] + rounds).reshape(2, ROUNDS, len(epochs))
-        keys[1] |= np.uint64(1)
+        keys[1] |= np.uint64(1)  # multiply-shift wants odd multipliers (an even one drops a bit)
         return keys
 
     def _feistel(self, values: np.ndarray, keys: np.ndarray) -> np.ndarray:
