@@ -167,7 +167,7 @@ class IndexedDataset:
                 f"{self.idx_path} is truncated ({size} bytes, header alone is {_HEADER.size}); re-run prepare"
             )
         raw = np.memmap(self.idx_path, dtype=np.uint8, mode="r")
-        magic, version, code, sequences, documents = _HEADER.unpack_from(raw)
+        magic, version, code, sequences, documents = _HEADER.unpack_from(raw[: _HEADER.size].tobytes())
         if magic != MAGIC:
             raise ShardError(
                 f"{self.idx_path} is not a Megatron indexed-dataset index (magic {magic!r}); re-run prepare"
