@@ -158,12 +158,16 @@ class IndexedDataset:
                 raise ShardError(
                     f"{path} does not exist; re-run `python -m pretrain.data prepare` for this dataset"
                 )
-        raw = self.idx_path.read_bytes()
-        if len(raw) < _HEADER.size:
+        # Mapped, not read: 20 bytes per document that every rank of a node would otherwise hold a
+        # private copy of (sizes stay alive in the TokenStream); mapped, they are the page cache's,
+        # shared by the node's ranks. The checks below still read it all once, per shard.
+        size = self.idx_path.stat().st_size
+        if size < _HEADER.size:
             raise ShardError(
-                f"{self.idx_path} is truncated ({len(raw)} bytes, header alone is {_HEADER.size}); re-run prepare"
+                f"{self.idx_path} is truncated ({size} bytes, header alone is {_HEADER.size}); re-run prepare"
             )
-        magic, version, code, sequences, documents = _HEADER.unpack_from(raw)
+        raw = np.memmap(self.idx_path, dtype=np.uint8, mode="r")
+        magic, version, code, sequences, documents = _HEADER.unpack_from(raw[: _HEADER.size].tobytes())
         if magic != MAGIC:
             raise ShardError(
                 f"{self.idx_path} is not a Megatron indexed-dataset index (magic {magic!r}); re-run prepare"
