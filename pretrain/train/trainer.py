@@ -139,7 +139,7 @@ class Trainer:
     def evaluate(self) -> float:
         """Mean validation loss over train.eval_batches global batches, the same samples every time."""
         assert self.val_batches is not None
-        self.val_batches.load_state_dict({"consumed_samples": 0})
+        self.val_batches.load_state_dict({**self.val_batches.state_dict(), "consumed_samples": 0})
         losses = [
             self.engine.eval_loss(self.val_batches.next_step()) for _ in range(self.cfg.train.eval_batches)
         ]
