@@ -99,7 +99,19 @@ def memory_section(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     return {"cases": cases}
 
 
-SECTIONS = {"memory": memory_section}
+def order_section(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    """Per rank and dataset; a run holds one order per dataset, so a rank's figure is their sum."""
+    from pretrain.data.order import order_memory
+
+    cases = []
+    for samples in (10**6, 10**7, 10**8):
+        for version in (1, 2):
+            print(f"order: {samples:.0e} samples, version {version} ...", file=sys.stderr, flush=True)
+            cases.append(order_memory(samples, version=version))
+    return {"cases": cases, "versions": {"1": "per-epoch numpy permutation (old)", "2": "keyed Feistel bijection"}}
+
+
+SECTIONS = {"memory": memory_section, "order": order_section}
 
 
 def main(argv: list[str] | None = None) -> int:
