@@ -40,7 +40,13 @@ class CacheReads:
     """Tensor bytes this rank read from the cache, and the bytes the whole cache holds, by kind."""
 
     read: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
-    cache: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    cache: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))  # all ranks' files
+
+    @classmethod
+    def of_cache(cls, shapes: dict[str, tuple[int, ...]]) -> CacheReads:
+        """Nothing read yet, of a cache holding parameters of these (unpadded) shapes."""
+        size = sum(math.prod(shape) for shape in shapes.values()) * FP32_BYTES
+        return cls(cache=dict.fromkeys(KINDS, size))
 
     def fraction(self, kinds: tuple[str, ...] = KINDS) -> float:
         """The share of the cache's `kinds` bytes this rank read (1.0: all of it)."""
@@ -110,7 +116,6 @@ class CacheFile:
                     f"{self.path} holds {kind} as {tensor_slice.get_dtype()} {tensor_slice.get_shape()}, the model "
                     f"needs F32 {list(full_shape)}; {self._fix}"
                 )
-            reads.cache[kind] += math.prod(full_shape) * FP32_BYTES
 
     @property
     def _fix(self) -> str:

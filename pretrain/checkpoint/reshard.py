@@ -126,7 +126,7 @@ def load_universal(
     `cache`, reading only the parts this rank holds; returns the bytes read."""
     global _last_reads
     expected = {name: tuple(shape) for _, ps in layer_parameters(cfg.model) for name, shape in ps}
-    reads = CacheReads()
+    reads = CacheReads.of_cache(expected)  # the whole cache, whatever part this rank (or stage) loads
     compat.create_optimizer_state(ds_engine.optimizer, adam_step)
     with compat.Zero3Partitioned(ds_engine.optimizer):
         for module_name, param in ds_engine.module.named_parameters():
