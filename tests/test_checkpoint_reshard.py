@@ -129,12 +129,17 @@ def resume(processes, layout, checkpoint, run_dir):
     return {r["step"]: r for r in step_records(records)}
 
 
-# bf16 against bf16: the resumed layout rounds its weights and activations to bf16 in other places
-# than the source layout (ZeRO-3 gathers bf16 shards, one rank accumulates what two reduced), so the
-# losses differ by bf16 rounding, not by the 1e-7 of fp32 layouts. Observed: <= 2e-4 (loss), <= 2e-3
-# (grad norm) relative over steps 4-6; the bounds are the bf16 tolerances of
-# tests/test_engine_equivalence.py (2e-3, 1e-2). Losing the moments moves the loss of step 5 by ~2e-3.
-BF16_LOSS_RTOL, BF16_GRAD_RTOL = 2e-3, 1e-2
+# bf16 against bf16: the resumed layout rounds weights and activations to bf16 in other places than
+# the source layout (ZeRO-3 gathers bf16 shards, one rank accumulates what two reduced), so the losses
+# differ by bf16 rounding, not by the 1e-7 of fp32 layouts. Observed over steps 4-6 (relative):
+# bf16 DP 2 ZeRO-1 -> bf16 DP 1 ZeRO-3: 1.6e-5 loss, 4.3e-4 grad norm; bounds ~12x that.
+BF16_LOSS_RTOL, BF16_GRAD_RTOL = 2e-4, 5e-3
+# Across precision the resumed fp32 run is compared with the bf16 run it continues, so the bf16-vs-fp32
+# drift counts: observed 3.6e-4 loss, 1.3e-3 grad norm (bf16 -> fp32 DP 2 ZeRO-3); the bounds are the
+# bf16-against-fp32 tolerances of tests/test_engine_equivalence.py. The masters and moments themselves
+# are checked bitwise by test_resharded_state_is_the_cache_bitwise.
+CROSS_LOSS_RTOL, CROSS_GRAD_RTOL = 2e-3, 1e-2
+# fp32 -> fp32 (observed <= 2e-7): RTOL above.
 
 RESHARD = {
     # name: (source, processes, target layout, (loss rtol, grad norm rtol))
@@ -148,7 +153,7 @@ RESHARD = {
         "bf16-dp2-zero1",
         2,
         ["parallel.zero_stage=3", "train.precision=fp32"],
-        (BF16_LOSS_RTOL, BF16_GRAD_RTOL),
+        (CROSS_LOSS_RTOL, CROSS_GRAD_RTOL),
     ),
     "tp2-zero2-to-dp2-zero1": ("tp2-zero2", 2, ["parallel.zero_stage=1"], (RTOL, RTOL)),
     "tp2-sp-zero1-to-dp2-zero3": ("tp2-sp-zero1", 2, ["parallel.zero_stage=3"], (RTOL, RTOL)),
@@ -172,12 +177,29 @@ def test_resharded_resume_continues_the_run(name, source_run, tmp_path):
     assert "of the cache's" in summary["resumed_from"]["how"]  # the bytes read, in the log line too
 
 
-@pytest.mark.parametrize("name", ["bf16-dp2-zero1", "tp2-zero2", "tp2-sp-zero1"])
+STATE_CHECKS = {
+    # name: (source, processes, target layout)
+    "bf16-dp2-zero1-to-bf16-dp2-zero3": (
+        "bf16-dp2-zero1",
+        2,
+        ["parallel.zero_stage=3", "train.precision=bf16"],
+    ),
+    "tp2-zero2-to-bf16-dp2-zero3": ("tp2-zero2", 2, ["parallel.zero_stage=3", "train.precision=bf16"]),
+    "tp2-sp-zero1-to-bf16-tp2-dp2-zero2": (
+        "tp2-sp-zero1",
+        4,
+        ["parallel.tp=2", "parallel.zero_stage=2", "train.precision=bf16"],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(STATE_CHECKS))
 def test_resharded_state_is_the_cache_bitwise(name, source_run, tmp_path):
-    """The masters, moments and (rounded) module weights a ZeRO-3 DP 2 engine gets from these
-    sources' caches are the cache's exactly; for bf16 the module weights are the masters rounded."""
-    checkpoint, _ = source_run(name)
-    for result in resumed_state(
-        2, ["parallel.zero_stage=3", "train.precision=bf16"], checkpoint, tmp_path / "r"
-    ):
+    """The masters, moments and module weights an engine gets are the cache's exactly (bf16 module
+    weights: the masters rounded), and its moments come from no more than its partition holds."""
+    source, processes, layout = STATE_CHECKS[name]
+    checkpoint, _ = source_run(source)
+    for result in resumed_state(processes, layout, checkpoint, tmp_path / "run"):
         assert result["differ"] == NOTHING_DIFFERS, result["rank"]
+        moments = read_bytes(result, ("exp_avg", "exp_avg_sq"))
+        assert moments <= result["held"] * 2 / 3 * (1 + PARTIAL_ROWS), result
