@@ -45,7 +45,7 @@ def engine_internals(overrides: list[str], run_dir: str) -> dict[str, Any]:
     """One optimizer step (and the final save) of the real trainer, then every engine-side internal
     exercised on its engine."""
     import torch.distributed as dist
-    from deepspeed.utils import safe_get_full_fp32_param
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     from pretrain.config import load_config
     from pretrain.parallel import init_distributed
@@ -75,6 +75,14 @@ def engine_internals(overrides: list[str], run_dir: str) -> dict[str, Any]:
     compat.set_full_state(ds, param, "fp32", value, 5)
     full = safe_get_full_fp32_param(param) if out["flat_partitions"] else param.detach()
     out["set_full_fp32"] = bool(torch.equal(full.float(), value))
+    out["sharding"] = sharding = compat.optimizer_sharding(param)
+    if sharding != "whole":  # one rank: its partition or fragment is the whole parameter (ZeRO-3: padded)
+        start, size = compat.zero3_partition(param) if sharding == "zero3" else compat.fragment_range(param)
+        moment = torch.arange(size, dtype=torch.float32) / 7
+        with compat.Zero3Partitioned(ds.optimizer):
+            compat.set_local_state(param, "exp_avg", moment)
+        got = safe_get_full_optimizer_state(param, "exp_avg").flatten()
+        out["set_local_moment"] = start == 0 and bool(torch.equal(got, moment[: got.numel()]))
     out["tied"] = [n for n, _, _ in compat.tied_weights(ds.module)]
     out["parts"] = getattr(ds.module, "parts", None)
     out["skipped"] = compat.skipped_steps(ds)
@@ -125,6 +133,8 @@ def test_engine_internals_of_each_zero_stage(zero, extra, tmp_path):
     )
     assert out["set_full_fp32"]
     assert out["zero3_partitioned"] == (zero == 3)
+    expected = "zero3" if zero == 3 else "whole" if zero == 0 and not extra else "fragments"
+    assert out["sharding"] == expected and out.get("set_local_moment", True)
     assert bool(out["flat_partitions"]) == (zero > 0 or "train.precision=bf16" in extra)
     assert compat.model_states_file(0, 0, zero3=zero == 3) in out["files"]
     assert out["model_state_keys"] == [] and out["degrees"] == (1, 1)  # [] : no key missing

@@ -264,3 +264,76 @@ def threads_after_close(overrides: list[str], run_dir: str) -> dict[str, list[st
     before = names()
     trainer.close()
     return {"before": before, "after": names()}
+
+
+def resume_and_compare_with_cache(overrides: list[str], run_dir: str) -> dict[str, Any]:
+    """Build the real trainer, which resumes (resharded) from checkpoint.resume in overrides, train
+    nothing; return this rank's bytes read from the cache and, per kind, how many of its parameters'
+    full fp32 master / moments (gathered through DeepSpeed's public getters) or module weights differ
+    from the cache's tensors (read independently: whole, vocabulary padded, TP-sliced)."""
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    from safetensors.torch import load_file
+
+    from pretrain.checkpoint.reshard import last_cache_reads
+    from pretrain.config import load_config
+    from pretrain.model.names import VOCAB_PARAMETERS
+    from pretrain.parallel import init_distributed
+    from pretrain.parallel.pipeline import plain_parameter_name
+    from pretrain.parallel.tensor_parallel import shard
+    from pretrain.parallel.tp_plan import partition_dim
+    from pretrain.train import build_trainer
+
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml",
+        [*SMALL, *overrides, f"run.dir={run_dir}"],
+        world_size=dist.get_world_size(),
+    )
+    trainer = build_trainer(cfg, init_distributed())
+    ds, ctx = trainer.engine.ds, trainer.engine.ctx
+    cache = Path(cfg.checkpoint.resume) / "universal"
+    differ = {"fp32": 0, "exp_avg": 0, "exp_avg_sq": 0, "module": 0}
+    held = 0  # bytes of fp32 master and moments this rank's optimizer partition holds
+    for module_name, param in ds.module.named_parameters():
+        name = plain_parameter_name(cfg.model, module_name, ctx.pp > 1)
+        expected = load_file(str(cache / f"{name}.safetensors"))
+        for kind, full in expected.items():
+            if name in VOCAB_PARAMETERS:
+                full = torch.cat(
+                    [full, full.new_zeros(cfg.padded_vocab_size - full.shape[0], *full.shape[1:])]
+                )
+            dim = partition_dim(name)
+            expected[kind] = shard(full, dim, ctx.tp_rank, ctx.tp) if dim is not None and ctx.tp > 1 else full
+        got = {
+            "fp32": safe_get_full_fp32_param(param),
+            "exp_avg": safe_get_full_optimizer_state(param, "exp_avg"),
+            "exp_avg_sq": safe_get_full_optimizer_state(param, "exp_avg_sq"),
+        }
+        if got["fp32"] is None:  # torch's AdamW without ZeRO: the module weight is the master
+            state = ds.optimizer.state[param]
+            got = {"fp32": param.detach(), "exp_avg": state["exp_avg"], "exp_avg_sq": state["exp_avg_sq"]}
+        for kind, value in got.items():
+            differ[kind] += not torch.equal(value.float().view_as(expected[kind]), expected[kind])
+        held += 12 * _optimizer_partition_numel(param)
+        with deepspeed.zero.GatheredParameters([param], enabled=hasattr(param, "ds_id")):
+            module = param.detach().clone()
+        differ["module"] += not torch.equal(module, expected["fp32"].to(module.dtype).view_as(module))
+    reads = last_cache_reads()
+    return {
+        "differ": differ,
+        "reads": reads.as_dict() if reads else None,
+        "held": held,
+        "rank": dist.get_rank(),
+    }
+
+
+def _optimizer_partition_numel(param: Any) -> int:
+    """Elements of `param` in this rank's fp32 optimizer partition (DeepSpeed's ZeRO-3 shard, its
+    ZeRO 1-2 fragment, or the whole parameter for torch's AdamW)."""
+    if hasattr(param, "ds_id"):
+        return int(param.ds_tensor.numel())
+    if hasattr(param, "_hp_mapping"):
+        return 0 if param._hp_mapping is None else int(param._hp_mapping.lp_fragment_address.numel)
+    return int(param.numel())

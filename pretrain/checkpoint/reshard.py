@@ -7,11 +7,20 @@ idea (`ds_to_universal`: per-parameter fp32 / exp_avg / exp_avg_sq) in safetenso
 plain model's names, so one cache serves every target layout, ZeRO-0 and pipelines included. Every
 rank converts a share of the parameters (read through `deepspeed_reader`, the reader of any layout).
 
-Loading then gives each live parameter of the new engine its slice (vocabulary padded for the new
-TP degree, split along the TP plan's dimension) through DeepSpeed's tensor-fragment API
-(`safe_set_full_fp32_param` / `safe_set_full_optimizer_state`, via `pretrain.deepspeed_compat`), which reaches the fp32 partitions
-of ZeRO 1-3 and of the bf16 optimizer; the module's own (possibly bf16) weights are set to the same
-values; with ZeRO-0 in fp32 the module weights are the masters and the moments go into torch's AdamW.
+Loading then gives each live parameter of the new engine its part, and reads from the cache only
+that part (`cache_reader`: safetensors slices of a memory-mapped file): its TP slice (vocabulary
+padded for the new TP degree, split along the TP plan's dimension), and of that, under ZeRO, only
+what this rank's fp32 partition holds (DeepSpeed's tensor-fragment mapping, via
+`pretrain.deepspeed_compat`). Per layout, what a rank reads of each parameter's TP slice:
+
+| layout | fp32 master | Adam moments | module weight |
+| --- | --- | --- | --- |
+| ZeRO-3 | its 1/dp partition | its 1/dp partition | its shard, set from the master's partition; small persistent weights gathered from the partitions |
+| ZeRO 1-2, bf16 optimizer | all (the module weights are replicated over DP) | its fragment (about 1/dp) | from the master |
+| ZeRO-0, fp32 | all (it is the module weight) | all (torch's AdamW is replicated) | the master |
+
+So under ZeRO-3 the ranks together read the cache about once, not DP times; `last_cache_reads()`
+gives the bytes this process read, which the resume's log line also reports.
 """
 
 from __future__ import annotations
@@ -20,25 +29,22 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors import safe_open
 from safetensors.torch import save
 
 from pretrain import deepspeed_compat as compat
 from pretrain.checkpoint.agreement import StepAgreement
+from pretrain.checkpoint.cache_reader import KINDS, CacheFile, CacheReads, TensorSlice
 from pretrain.checkpoint.files import fsync_dir, write_bytes_durably
 from pretrain.checkpoint.manifest import FileEntry, Manifest, check_sizes, read_manifest, write_manifest
 from pretrain.checkpoint.resume import ResumePoint
 from pretrain.config import Config
 from pretrain.errors import CheckpointError
-from pretrain.model.names import VOCAB_PARAMETERS, layer_parameters
+from pretrain.model.names import layer_parameters
 from pretrain.parallel.pipeline import plain_parameter_name
-from pretrain.parallel.tensor_parallel import shard
 from pretrain.parallel.topology import ParallelContext
-from pretrain.parallel.tp_plan import partition_dim
 
 CACHE_DIR = "universal"
-KINDS = ("fp32", "exp_avg", "exp_avg_sq")
+_last_reads: CacheReads | None = None
 
 
 def _cache_is_complete(cache: Path) -> bool:
@@ -107,26 +113,51 @@ def _convert_share(point: ResumePoint, out: Path, rank: int, world_size: int) ->
     return entries
 
 
-def local_slice(full: torch.Tensor, name: str, cfg: Config, ctx: ParallelContext) -> torch.Tensor:
-    """This rank's piece of the plain model's tensor `name`: vocabulary padded, TP-split."""
-    if name in VOCAB_PARAMETERS and full.shape[0] < cfg.padded_vocab_size:
-        full = torch.cat([full, full.new_zeros(cfg.padded_vocab_size - full.shape[0], *full.shape[1:])])
-    dim = partition_dim(name)
-    if dim is not None and ctx.tp > 1:
-        return shard(full, dim, ctx.tp_rank, ctx.tp)
-    return full
+def last_cache_reads() -> CacheReads | None:
+    """What this process's latest resharded resume read from the cache (None before one): what a
+    benchmark prints as bytes read per rank against the cache's size."""
+    return _last_reads
 
 
-def load_universal(ds_engine: Any, cfg: Config, ctx: ParallelContext, cache: Path, adam_step: int) -> None:
-    """Give every live parameter of `ds_engine` its fp32 master, module weight and moments from `cache`."""
-    expected = {name for _, ps in layer_parameters(cfg.model) for name, _ in ps}
+def load_universal(
+    ds_engine: Any, cfg: Config, ctx: ParallelContext, cache: Path, adam_step: int
+) -> CacheReads:
+    """Give every live parameter of `ds_engine` its fp32 master, module weight and moments from
+    `cache`, reading only the parts this rank holds; returns the bytes read."""
+    global _last_reads
+    expected = {name: tuple(shape) for _, ps in layer_parameters(cfg.model) for name, shape in ps}
+    reads = CacheReads.of_cache(expected)  # the whole cache, whatever part this rank (or stage) loads
     compat.create_optimizer_state(ds_engine.optimizer, adam_step)
-    for module_name, param in ds_engine.module.named_parameters():
-        name = plain_parameter_name(cfg.model, module_name, ctx.pp > 1)
-        if name not in expected:
-            raise CheckpointError(f"the model has a parameter {module_name} ({name}) the checkpoint does not")
-        with safe_open(str(cache / f"{name}.safetensors"), framework="pt") as f:
-            for kind in KINDS:
-                value = local_slice(f.get_tensor(kind), name, cfg, ctx)
-                compat.set_full_state(ds_engine, param, kind, value, adam_step)
+    with compat.Zero3Partitioned(ds_engine.optimizer):
+        for module_name, param in ds_engine.module.named_parameters():
+            name = plain_parameter_name(cfg.model, module_name, ctx.pp > 1)
+            if name not in expected:
+                raise CheckpointError(
+                    f"the model has a parameter {module_name} ({name}) the checkpoint does not"
+                )
+            part = TensorSlice.of(name, expected[name], cfg, ctx)
+            with CacheFile(cache, name, expected[name], reads) as file:
+                _load_parameter(ds_engine, param, file, part, adam_step)
     compat.set_adam_step(ds_engine.optimizer, adam_step)
+    _last_reads = reads
+    return reads
+
+
+def _load_parameter(ds_engine: Any, param: Any, file: CacheFile, part: TensorSlice, adam_step: int) -> None:
+    sharding = compat.optimizer_sharding(param)
+    if sharding == "zero3":  # masters, moments and module weights: all partitioned, 1/dp each
+        start, size = compat.zero3_partition(param)
+        for kind in KINDS:
+            compat.set_local_state(param, kind, file.flat(kind, part, start, size))
+        return
+    if sharding == "fragments":
+        # ZeRO 1-2 replicate the module weights over data-parallel ranks, so each needs the whole
+        # master (its TP slice) for them; the moments live only in this rank's fragment.
+        compat.set_full_state(ds_engine, param, "fp32", file.whole("fp32", part), adam_step)
+        piece = compat.fragment_range(param)
+        if piece is not None:
+            for kind in KINDS[1:]:
+                compat.set_local_state(param, kind, file.flat(kind, part, *piece))
+        return
+    for kind in KINDS:  # torch's AdamW, replicated: every rank holds the whole TP slice of each
+        compat.set_full_state(ds_engine, param, kind, file.whole(kind, part), adam_step)

@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pretrain.checkpoint.agreement import StepAgreement
 from pretrain.checkpoint.manifest import (
@@ -44,6 +44,9 @@ from pretrain.errors import CheckpointError, ConfigError
 from pretrain.logs import get_logger
 from pretrain.parallel.engine import TrainingEngine
 from pretrain.parallel.topology import describe_layout
+
+if TYPE_CHECKING:
+    from pretrain.checkpoint.cache_reader import CacheReads
 
 # First save, before any checkpoint size is known: bytes per parameter of module weights (fp32),
 # fp32 masters and AdamW's two moments, which bounds every layout we write.
@@ -244,8 +247,8 @@ class CheckpointStore:
                 raise CheckpointError(f"DeepSpeed could not load {point.folder}")
             how = "same layout"
         else:
-            self._reshard_into_engine(point)
-            how = f"resharded from {_describe(document['layout'])}"
+            reads = self._reshard_into_engine(point)
+            how = f"resharded from {_describe(document['layout'])}; rank {self.rank} {reads.describe()}"
         rank_states = {}
         if same_layout and document["world_size"] == self.world_size:
             for name in state.per_rank_names():
@@ -257,7 +260,7 @@ class CheckpointStore:
             self.unverified_resume = str(point.folder)
         return how
 
-    def _reshard_into_engine(self, point: ResumePoint) -> None:
+    def _reshard_into_engine(self, point: ResumePoint) -> CacheReads:
         from pretrain.checkpoint.reshard import ensure_universal, load_universal
 
         saved = point.state["layout"]
@@ -268,7 +271,7 @@ class CheckpointStore:
             )
         cache = ensure_universal(point, self.agreement, self.rank, self.world_size)
         adam_step = int(point.state["parts"]["engine"]["adam_step"])
-        load_universal(self.engine.ds, self.cfg, self.engine.ctx, cache, adam_step)
+        return load_universal(self.engine.ds, self.cfg, self.engine.ctx, cache, adam_step)
 
 
 def _describe(layout: dict[str, Any]) -> str:

@@ -211,6 +211,78 @@ def _set_zero3_weight(param: Any, value: torch.Tensor) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Resharding: only this rank's fragment into a live engine
+
+
+def optimizer_sharding(param: torch.nn.Parameter) -> str:
+    """How the layout keeps `param`'s fp32 master and moments: 'zero3' (a flat 1/dp partition per
+    parameter), 'fragments' (ZeRO 1-2 and the bf16 optimizer: a contiguous piece of the parameter, or
+    none, in this rank's flat partition) or 'whole' (torch's AdamW holds them whole)."""
+    if hasattr(param, "ds_id"):
+        return "zero3"
+    return "fragments" if hasattr(param, "_hp_mapping") else "whole"
+
+
+def zero3_partition(param: Any) -> tuple[int, int]:
+    """(start, size) of this rank's ZeRO-3 partition in the flattened parameter: ceil(numel / dp)
+    elements at rank x size, the last rank's zero-padded past the end (DeepSpeed's `_partition_param`)."""
+    import torch.distributed as dist
+
+    shard = _require(param, "ds_tensor", "a ZeRO-3 parameter's local shard")
+    group = _require(param, "ds_process_group", "a ZeRO-3 parameter's process group")
+    size = shard.numel()
+    return dist.get_rank(group=group) * size, size
+
+
+def fragment_range(param: Any) -> tuple[int, int] | None:
+    """(start, numel) of the piece of the flattened parameter this rank's ZeRO 1-2 / bf16-optimizer
+    partition holds; None when the partition holds none of it."""
+    mapping = _require(param, "_hp_mapping", "a ZeRO 1-2 parameter's fragment mapping")
+    if mapping is None:
+        return None
+    address = mapping.lp_fragment_address
+    return int(address.start), int(address.numel)
+
+
+def set_local_state(param: Any, kind: str, value: torch.Tensor) -> None:
+    """Give `param` this rank's part of its fp32 master ('fp32') or an Adam moment: under ZeRO-3 the
+    padded partition (`zero3_partition`, the module's own shard set to it too), under ZeRO 1-2 the
+    fragment (`fragment_range`; the module weight is set from the whole value by `set_full_state`)."""
+    from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
+
+    if optimizer_sharding(param) == "zero3":
+        value = value.to(param.ds_tensor.device)
+        if kind == "fp32":
+            safe_set_local_fp32_param(param, value)
+            param.ds_tensor.data.copy_(value.to(param.ds_tensor.dtype))
+        else:
+            safe_set_local_optimizer_state(param, value, kind)
+        return
+    fragment = param._hp_mapping.get_hp_fragment(None if kind == "fp32" else kind)
+    fragment.data.copy_(value.to(fragment.device))
+
+
+class Zero3Partitioned:
+    """While open, every ZeRO-3 parameter is released to its partition, the small persistent ones too
+    (DeepSpeed's own checkpoint prologue); on close the persistent ones are gathered again from the
+    partitions written meanwhile, so no rank needs their whole value from the cache."""
+
+    def __init__(self, ds_optimizer: Any):
+        self.optimizer = ds_optimizer
+        self.active = hasattr(ds_optimizer, "checkpoint_event_prologue")
+
+    def __enter__(self) -> Zero3Partitioned:
+        if self.active:
+            _require(self.optimizer, "checkpoint_event_epilogue", "gathering ZeRO-3's persistent parameters")
+            self.optimizer.checkpoint_event_prologue()
+        return self
+
+    def __exit__(self, error: type[BaseException] | None, *exc: object) -> None:
+        if self.active and error is None:  # a gather after a failed read would wait for the failed rank
+            self.optimizer.checkpoint_event_epilogue()
+
+
+# ---------------------------------------------------------------------------------------------
 # Parameter markers
 
 # Set by our tensor-parallel layers on every sharded parameter: DeepSpeed's (and Megatron's) marker,
