@@ -29,6 +29,11 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+# The ranks run_distributed starts import scale_workers by name.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    filter(None, [str(REPO), str(REPO / "bench"), os.environ.get("PYTHONPATH")])
+)
 MIB = 2**20
 
 
@@ -47,20 +52,26 @@ def launch(ranks: int, overrides: list[str], run_dir: Path) -> dict[str, Any]:
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
     command = [
         "deepspeed", "--num_gpus", str(ranks), "--master_port", str(29600 + ranks), "pretrain/main.py",
-        "--config", "configs/tiny.yaml", *overrides, f"train.global_batch_size={ranks}", f"run.dir={run_dir}",
+        "--config", "configs/tiny.yaml", f"train.global_batch_size={ranks}", *overrides, f"run.dir={run_dir}",
         "run.overwrite=true",
     ]  # fmt: skip
     started = time.perf_counter()
     out = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
     if out.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed ({out.returncode}):\n{out.stdout[-3000:]}{out.stderr[-3000:]}")
+        raise SystemExit(
+            f"{' '.join(command)} failed ({out.returncode}):\n{out.stdout[-3000:]}{out.stderr[-3000:]}"
+        )
     summary = json.loads((run_dir / "run_summary.json").read_text())
     summary["seconds"] = round(time.perf_counter() - started, 1)
     return summary
 
 
 def memory_case(ranks: int, offload: bool, args: argparse.Namespace, root: Path) -> dict[str, Any]:
-    overrides = [*model_overrides(args), "parallel.zero_stage=3", f"parallel.offload_optimizer={str(offload).lower()}"]
+    overrides = [
+        *model_overrides(args),
+        "parallel.zero_stage=3",
+        f"parallel.offload_optimizer={str(offload).lower()}",
+    ]
     summary = launch(ranks, overrides, root / f"memory-dp{ranks}-{'offload' if offload else 'gpu'}")
     per_rank = [
         {
@@ -81,7 +92,9 @@ def memory_case(ranks: int, offload: bool, args: argparse.Namespace, root: Path)
         "seconds": summary["seconds"],
         "step_growth_mib_worst_rank": worst["step_growth_mib"],
         "construction_growth_mib_worst_rank": max(r["construction_growth_mib"] for r in per_rank),
-        "step_bytes_per_parameter_worst_rank": round(worst["step_growth_mib"] * MIB / summary["parameters"], 2),
+        "step_bytes_per_parameter_worst_rank": round(
+            worst["step_growth_mib"] * MIB / summary["parameters"], 2
+        ),
         "per_rank": per_rank,
     }
 
@@ -94,9 +107,56 @@ def memory_section(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             cases.append(memory_case(ranks, offload, args, root))
     for case in cases:
         one = next(c for c in cases if c["dp"] == 1 and c["offload_optimizer"] == case["offload_optimizer"])
-        case["step_growth_vs_dp1"] = round(case["step_growth_mib_worst_rank"] / one["step_growth_mib_worst_rank"], 3)
+        case["step_growth_vs_dp1"] = round(
+            case["step_growth_mib_worst_rank"] / one["step_growth_mib_worst_rank"], 3
+        )
         case["ideal_vs_dp1"] = round(1 / case["dp"], 3)
     return {"cases": cases}
+
+
+def reshard_section(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    """A DP 1 ZeRO-1 checkpoint (the real command, one step), resumed at DP 4 under ZeRO-3: what each
+    rank reads of the layout-free cache (converted once, beside the checkpoint) against its size."""
+    from scale_workers import resume_and_read_cache
+
+    from pretrain.testing import run_distributed
+
+    source = root / "reshard-dp1"
+    print("reshard: DP 1 ZeRO-1, one step and a checkpoint ...", file=sys.stderr, flush=True)
+    launch(
+        1,
+        [
+            *model_overrides(args),
+            "parallel.zero_stage=1",
+            "train.global_batch_size=4",
+            "checkpoint.save_final=true",
+        ],
+        source,
+    )
+    step = max((source / "checkpoints").glob("step*"))
+    print("reshard: resumed at DP 4, ZeRO-3 ...", file=sys.stderr, flush=True)
+    overrides = [
+        *model_overrides(args), "parallel.zero_stage=3", "train.global_batch_size=4", f"checkpoint.resume={step}",
+    ]  # fmt: skip
+    started = time.perf_counter()
+    ranks = run_distributed(resume_and_read_cache, 4, overrides, str(root / "reshard-dp4"), timeout=3000)
+    cache = sum(ranks[0]["cache"].values())
+    return {
+        "from": "DP 1 ZeRO-1 fp32",
+        "to": "DP 4 ZeRO-3 fp32",
+        "cache_bytes": cache,
+        "seconds": round(time.perf_counter() - started, 1),
+        "per_rank": [
+            {
+                "rank": i,
+                "read_bytes": sum(r["read"].values()),
+                "fraction_of_cache": round(sum(r["read"].values()) / cache, 4),
+            }
+            for i, r in enumerate(ranks)
+        ],
+        "all_ranks_vs_cache": round(sum(sum(r["read"].values()) for r in ranks) / cache, 4),
+        "before_this_change": "every rank read the whole cache: fraction 1.0 each, 4.0 in all",
+    }
 
 
 def order_section(args: argparse.Namespace, root: Path) -> dict[str, Any]:
@@ -108,10 +168,13 @@ def order_section(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         for version in (1, 2):
             print(f"order: {samples:.0e} samples, version {version} ...", file=sys.stderr, flush=True)
             cases.append(order_memory(samples, version=version))
-    return {"cases": cases, "versions": {"1": "per-epoch numpy permutation (old)", "2": "keyed Feistel bijection"}}
+    return {
+        "cases": cases,
+        "versions": {"1": "per-epoch numpy permutation (old)", "2": "keyed Feistel bijection"},
+    }
 
 
-SECTIONS = {"memory": memory_section, "order": order_section}
+SECTIONS = {"memory": memory_section, "reshard": reshard_section, "order": order_section}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sections", default=",".join(SECTIONS))
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=16)
-    parser.add_argument("--offload", choices=("both", "off", "on"), default="both", help="memory cases to run")
+    parser.add_argument(
+        "--offload", choices=("both", "off", "on"), default="both", help="memory cases to run"
+    )
     parser.add_argument("--output", type=Path, help="also write the JSON here")
     args = parser.parse_args(argv)
     result: dict[str, Any] = {"command": "python bench/scale.py " + " ".join(argv or sys.argv[1:])}
