@@ -123,6 +123,22 @@ def set_adam_step(ds_optimizer: Any, step: int) -> None:
                 state["step"] = step
 
 
+def adopt_loaded_optimizer_state(ds_optimizer: Any) -> None:
+    """After DeepSpeed's own load, make the torch-level state fit CPU Adam when the checkpoint was
+    written without offload (the same layout loads natively): torch's load_state_dict keeps the saved
+    param groups, which lack CPU Adam's `bias_correction`, and torch's tensor step counters, which CPU
+    Adam's C++ kernel cannot take. (torch's AdamW converts an int counter itself.)"""
+    base = base_optimizer(ds_optimizer)
+    if not is_cpu_adam(base):
+        return
+    for group in base.param_groups:
+        group.setdefault("bias_correction", True)
+        group.setdefault("amsgrad", False)
+    for state in base.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = int(state["step"].item())
+
+
 # ---------------------------------------------------------------------------------------------
 # Resharding: full tensors into a live engine
 
@@ -135,8 +151,19 @@ FLAT_PARTITION_ATTRIBUTES = (
 )
 
 
-def _step_tensor(optimizer: Any, param: torch.Tensor, step: int) -> torch.Tensor:
-    """AdamW's step counter as torch itself makes it (on the device for fused or capturable AdamW)."""
+def is_cpu_adam(optimizer: Any) -> bool:
+    """DeepSpeed's CPU Adam (optimizer offload), whose step counter is a Python int handed to its C++
+    kernel; torch's AdamW keeps a tensor."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    return isinstance(optimizer, DeepSpeedCPUAdam)
+
+
+def _step_tensor(optimizer: Any, param: torch.Tensor, step: int) -> torch.Tensor | int:
+    """AdamW's step counter as the optimizer itself makes it: an int for CPU Adam, else a tensor as
+    torch does (on the device for fused or capturable AdamW)."""
+    if is_cpu_adam(optimizer):
+        return int(step)
     on_device = bool(optimizer.defaults.get("fused") or optimizer.defaults.get("capturable"))
     return torch.tensor(float(step), dtype=torch.float32, device=param.device if on_device else "cpu")
 

@@ -17,6 +17,16 @@ def we_clip_gradients(cfg: Config, precision: str) -> bool:
     return cfg.parallel.zero_stage == 0 and precision == "fp32"
 
 
+def gradient_data_types(cfg: Config, precision: str) -> dict[str, Any]:
+    """bf16: sum micro-batch gradients and all-reduce them in train.grad_accum_dtype (DeepSpeed's
+    default is the model's bf16). ZeRO 1-3 and the bf16 optimizer honour both keys; fp32 and fp16 keep
+    DeepSpeed's defaults (fp32 throughout; fp16 with loss scaling)."""
+    if precision != "bf16":
+        return {}
+    dtype = cfg.train.grad_accum_dtype
+    return {"data_types": {"grad_accum_dtype": dtype}, "communication_data_type": dtype}
+
+
 def build_deepspeed_config(cfg: Config, world_size: int, precision: str) -> dict[str, Any]:
     """`precision` is the resolved one (bf16, fp16 or fp32), see `pretrain.parallel.resolve_precision`."""
     par = cfg.parallel
@@ -27,8 +37,8 @@ def build_deepspeed_config(cfg: Config, world_size: int, precision: str) -> dict
     if par.zero_stage == 3:
         # Gather each layer's weights just in time; keep small ones resident.
         zero.update(stage3_prefetch_bucket_size=5e7, stage3_param_persistence_threshold=1e5)
-    if par.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if par.offload_optimizer != "none":
+        zero["offload_optimizer"] = {"device": par.offload_optimizer, "pin_memory": True}
     config: dict[str, Any] = {
         "train_batch_size": cfg.train.global_batch_size,
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
@@ -43,6 +53,7 @@ def build_deepspeed_config(cfg: Config, world_size: int, precision: str) -> dict
         # Our own callbacks log; DeepSpeed's per-step prints would only duplicate them.
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
+        **gradient_data_types(cfg, precision),
     }
     if par.pp > 1:
         # DeepSpeed splits activations sent between stages over the tensor-parallel ranks, which
