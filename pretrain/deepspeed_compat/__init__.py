@@ -123,22 +123,6 @@ def set_adam_step(ds_optimizer: Any, step: int) -> None:
                 state["step"] = step
 
 
-def adopt_loaded_optimizer_state(ds_optimizer: Any) -> None:
-    """After DeepSpeed's own load, make the torch-level state fit CPU Adam when the checkpoint was
-    written without offload (the same layout loads natively): torch's load_state_dict keeps the saved
-    param groups, which lack CPU Adam's `bias_correction`, and torch's tensor step counters, which CPU
-    Adam's C++ kernel cannot take. (torch's AdamW converts an int counter itself.)"""
-    base = base_optimizer(ds_optimizer)
-    if not is_cpu_adam(base):
-        return
-    for group in base.param_groups:
-        group.setdefault("bias_correction", True)
-        group.setdefault("amsgrad", False)
-    for state in base.state.values():
-        if torch.is_tensor(state.get("step")):
-            state["step"] = int(state["step"].item())
-
-
 # ---------------------------------------------------------------------------------------------
 # Resharding: full tensors into a live engine
 

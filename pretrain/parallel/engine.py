@@ -161,7 +161,6 @@ class TrainingEngine:
             load_optimizer_states=True,
             load_lr_scheduler_states=True,
         )
-        compat.adopt_loaded_optimizer_state(self.ds.optimizer)  # offload switched on at this resume
         return path is not None
 
 
