@@ -91,14 +91,13 @@ class ParallelConfig:
     def _offload_problems(self) -> list[str]:
         p = one_of("parallel.offload_optimizer", self.offload_optimizer, OFFLOAD_DEVICES)
         if self.offload_optimizer == "nvme":
-            # DeepSpeed swaps optimizer states to NVMe under ZeRO-3 only (ZeRO 1-2 silently keep them in
-            # host memory), and its checkpoints then hold them in a separate `offloaded_tensors` copy
-            # that our checkpoint manifest and resharding do not read.
+            # Measured with DeepSpeed 0.19.8's CPU build (async_io op, libaio-dev): it trains and saves,
+            # but its load_checkpoint restored neither masters nor moments (docs/PARALLELISM.md).
             p.append(
                 "parallel.offload_optimizer=nvme is not supported: DeepSpeed swaps optimizer states to NVMe "
-                "under ZeRO-3 only and checkpoints them outside its optimizer files, which this framework's "
-                "resume and resharding cannot read (docs/PARALLELISM.md, 'Optimizer offload'); use "
-                "parallel.offload_optimizer=cpu"
+                "under ZeRO-3 only, and its load_checkpoint with NVMe swapping restores neither the fp32 "
+                "masters nor the Adam moments it saved, so a resumed run would silently restart its "
+                "optimizer (docs/PARALLELISM.md, 'Optimizer offload'); use parallel.offload_optimizer=cpu"
             )
         elif self.offload_optimizer == "cpu" and self.zero_stage == 0:
             p.append(
