@@ -135,19 +135,9 @@ FLAT_PARTITION_ATTRIBUTES = (
 )
 
 
-def is_cpu_adam(optimizer: Any) -> bool:
-    """DeepSpeed's CPU Adam (optimizer offload), whose step counter is a Python int handed to its C++
-    kernel; torch's AdamW keeps a tensor."""
-    from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-    return isinstance(optimizer, DeepSpeedCPUAdam)
-
-
-def _step_tensor(optimizer: Any, param: torch.Tensor, step: int) -> torch.Tensor | int:
-    """AdamW's step counter as the optimizer itself makes it: an int for CPU Adam, else a tensor as
-    torch does (on the device for fused or capturable AdamW)."""
-    if is_cpu_adam(optimizer):
-        return int(step)
+def _step_tensor(optimizer: Any, param: torch.Tensor, step: int) -> torch.Tensor:
+    """AdamW's step counter as torch itself makes it (on the device for fused or capturable AdamW).
+    CPU Adam (offload) keeps an int, but takes this tensor too: its C++ binding reads it as an int."""
     on_device = bool(optimizer.defaults.get("fused") or optimizer.defaults.get("capturable"))
     return torch.tensor(float(step), dtype=torch.float32, device=param.device if on_device else "cpu")
 
