@@ -70,7 +70,7 @@ def memory_case(ranks: int, offload: bool, args: argparse.Namespace, root: Path)
     overrides = [
         *model_overrides(args),
         "parallel.zero_stage=3",
-        f"parallel.offload_optimizer={str(offload).lower()}",
+        f"parallel.offload_optimizer={'cpu' if offload else 'none'}",
     ]
     summary = launch(ranks, overrides, root / f"memory-dp{ranks}-{'offload' if offload else 'gpu'}")
     per_rank = [

@@ -348,3 +348,64 @@ def test_dry_run_fetches_only_the_manifest_of_a_remote_dataset(tmp_path):
     kind, message = refusal(lambda: check_from_metadata(cfg))
     assert kind is ConfigError and "set model.vocab_size >= 1000" in message
     assert not cache.exists()  # nothing of the dataset was copied
+
+
+def test_offload_optimizer_takes_a_device_and_still_reads_the_old_booleans(tmp_path):
+    assert load_config(TINY, ["parallel.offload_optimizer=true"]).parallel.offload_optimizer == "cpu"
+    assert load_config(TINY, ["parallel.offload_optimizer=false"]).parallel.offload_optimizer == "none"
+    old = tmp_path / "old.yaml"  # a config.yaml saved beside a checkpoint before the key took a device
+    old.write_text("parallel:\n  zero_stage: 2\n  offload_optimizer: true\n")
+    cfg = load_config(old)
+    assert cfg.parallel.offload_optimizer == "cpu" and "offload_optimizer: cpu" in cfg.to_yaml()
+    # Strict as before: only true/false translate, not numbers standing for them
+    assert problems(["parallel.offload_optimizer=1"]) == [
+        "parallel.offload_optimizer must be one of none, cpu, nvme, got '1'"
+    ]
+    assert problems(["parallel.offload_optimizer=gpu"]) == [
+        "parallel.offload_optimizer must be one of none, cpu, nvme, got 'gpu'"
+    ]
+
+
+def test_offload_and_gradient_dtype_combinations_deepspeed_cannot_run_name_the_fix():
+    assert problems(["parallel.offload_optimizer=cpu", "parallel.zero_stage=0"]) == [
+        "parallel.offload_optimizer=cpu needs parallel.zero_stage >= 1 (DeepSpeed offloads ZeRO's optimizer "
+        "partitions); set parallel.zero_stage=1, or parallel.offload_optimizer=none"
+    ]
+    (message,) = problems(["parallel.offload_optimizer=nvme", "parallel.zero_stage=3"])
+    assert (
+        "offload_optimizer=nvme is not supported" in message and "parallel.offload_optimizer=cpu" in message
+    )
+    assert problems(["train.precision=fp32", "train.grad_accum_dtype=bf16"]) == [
+        "train.grad_accum_dtype=bf16 needs bf16 training (train.precision=fp32 keeps fp32 gradients); set "
+        "train.precision=bf16, or train.grad_accum_dtype=fp32"
+    ]
+    (message,) = problems(["train.precision=bf16", "parallel.pp=2", "parallel.zero_stage=0"])
+    assert "needs parallel.zero_stage=1" in message and "train.grad_accum_dtype=bf16" in message
+    assert problems(["train.grad_accum_dtype=fp16"]) == [
+        "train.grad_accum_dtype must be one of fp32, bf16, got 'fp16'"
+    ]
+    # What DeepSpeed can do loads: a bf16 pipeline accumulating in bf16, or with ZeRO-1 in fp32
+    load_config(TINY, ["train.precision=bf16", "parallel.pp=2", "parallel.zero_stage=0",
+                       "train.grad_accum_dtype=bf16"], world_size=2)  # fmt: skip
+    load_config(TINY, ["train.precision=bf16", "parallel.pp=2", "parallel.zero_stage=1"], world_size=2)
+
+
+def test_the_deepspeed_config_asks_for_fp32_gradients_and_cpu_offload():
+    from pretrain.parallel.deepspeed_config import build_deepspeed_config
+
+    cfg = load_config(TINY, ["parallel.zero_stage=2", "parallel.offload_optimizer=cpu"], world_size=2)
+    ds = build_deepspeed_config(cfg, 2, "bf16")
+    assert ds["data_types"] == {"grad_accum_dtype": "fp32"} and ds["communication_data_type"] == "fp32"
+    assert ds["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
+    bf16_sums = load_config(TINY, ["train.grad_accum_dtype=bf16"], world_size=2)
+    assert build_deepspeed_config(bf16_sums, 2, "bf16")["communication_data_type"] == "bf16"
+    plain = build_deepspeed_config(load_config(TINY, world_size=2), 2, "fp32")
+    assert "data_types" not in plain and "offload_optimizer" not in plain["zero_optimization"]
+
+
+def test_cli_refuses_nvme_offload_with_exit_2_before_starting():
+    result = run_main(
+        "--config", str(TINY), "--dry-run", "parallel.zero_stage=3", "parallel.offload_optimizer=nvme"
+    )
+    assert result.returncode == 2 and "parallel.offload_optimizer=nvme is not supported" in result.stderr
+    assert "Traceback" not in result.stderr

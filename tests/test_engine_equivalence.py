@@ -48,8 +48,11 @@ def test_micro_batches_equal_one_big_batch(reference, tmp_path):
 
 
 # bf16 weights and activations round to 8 mantissa bits (~4e-3 relative) while the reference is fp32;
-# ZeRO keeps fp32 master weights and accumulates gradients in fp32, so the drift stays small: observed
-# at most 1.7e-4 (loss) and 1.7e-3 (grad norm) relative over 6 steps. Bounds are ~10x and ~6x that.
+# ZeRO keeps fp32 master weights and, with train.grad_accum_dtype=fp32 (the default; before it, DeepSpeed
+# summed bf16 gradients in bf16 although this comment said fp32), accumulates and all-reduces gradients
+# in fp32, so the drift stays small: observed at most 1.7e-4 (loss) and 1.7e-3 (grad norm) relative over
+# 6 steps (with bf16 sums of 2 micro-batches; tests/test_grad_accum_dtype.py measures the difference
+# fp32 sums make over 128). Bounds are ~10x and ~6x that.
 BF16_LOSS_RTOL, BF16_GRAD_RTOL = 2e-3, 1e-2
 
 

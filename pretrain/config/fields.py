@@ -8,11 +8,27 @@ import typing
 from typing import Any
 
 
-def documented(text: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
-    """A dataclass field with its documentation attached (shown by `--help-config` and the README)."""
+def documented(
+    text: str,
+    default: Any = dataclasses.MISSING,
+    legacy: tuple[tuple[Any, Any], ...] = (),
+    **kwargs: Any,
+) -> Any:
+    """A dataclass field with its documentation attached (shown by `--help-config` and the README).
+    `legacy`: (old value, today's value) pairs the loader translates, so configs and checkpoints
+    written before a key changed type still load (e.g. parallel.offload_optimizer: true -> cpu)."""
     if default is not dataclasses.MISSING:
         kwargs["default"] = default
-    return dataclasses.field(metadata={"doc": text}, **kwargs)
+    return dataclasses.field(metadata={"doc": text, "legacy": legacy}, **kwargs)
+
+
+def translate_legacy(field: dataclasses.Field[Any], value: Any) -> Any:
+    """`value` in today's terms if it is one of `field`'s legacy values (compared with its type,
+    so 1 is not taken for true), else unchanged."""
+    for old, new in field.metadata.get("legacy", ()):
+        if type(value) is type(old) and value == old:
+            return new
+    return value
 
 
 def choices(literal: Any) -> tuple[Any, ...]:

@@ -17,7 +17,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pretrain.config.fields import field_types
+from pretrain.config.fields import field_types, translate_legacy
 from pretrain.config.root import Config, validate
 from pretrain.errors import ConfigError
 
@@ -181,7 +181,8 @@ def _build(cls: type, raw: Any, path: str, problems: list[str]) -> Any:
         problems.append(f"{where}: expected a mapping of keys, got {raw!r}")
         return cls()
     hints = field_types(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = list(fields)
     for key in raw:
         if key not in names:
             problems.append(f"unknown key '{path}{key}'" + _suggest(str(key), path, names))
@@ -194,7 +195,7 @@ def _build(cls: type, raw: Any, path: str, problems: list[str]) -> Any:
             values[name] = _build(ftype, raw[name], f"{path}{name}.", problems)  # type: ignore[arg-type]
         else:
             try:
-                values[name] = _coerce(raw[name], ftype)
+                values[name] = _coerce(translate_legacy(fields[name], raw[name]), ftype)
             except (TypeError, ValueError) as e:
                 problems.append(f"{path}{name}: {e}")
     return cls(**values)

@@ -13,9 +13,11 @@ from pretrain.config.training import TrainConfig
 ZeroStage = Literal[0, 1, 2, 3]
 RecomputeMode = Literal["none", "full", "selective"]
 PipelinePartition = Literal["layers", "parameters"]
+OffloadDevice = Literal["none", "cpu", "nvme"]
 ZERO_STAGES: tuple[ZeroStage, ...] = choices(ZeroStage)
 RECOMPUTE_MODES: tuple[RecomputeMode, ...] = choices(RecomputeMode)
 PIPELINE_PARTITIONS: tuple[PipelinePartition, ...] = choices(PipelinePartition)
+OFFLOAD_DEVICES: tuple[OffloadDevice, ...] = choices(OffloadDevice)
 
 
 @dataclass
@@ -29,7 +31,13 @@ class ParallelConfig:
         "Tensor-parallel degree (model.num_heads and num_kv_heads must be divisible by it).", 1
     )
     pp: int = documented("Pipeline-parallel degree (at most model.num_layers; needs zero_stage 0 or 1).", 1)
-    offload_optimizer: bool = documented("Keep optimizer states in CPU memory (ZeRO stage >= 1).", False)
+    offload_optimizer: OffloadDevice = documented(
+        "Where the fp32 masters and Adam moments live and are updated: none (the device), cpu (host memory, "
+        "DeepSpeed's CPU Adam; ZeRO stage >= 1) or nvme (refused: see docs/PARALLELISM.md). Configs that "
+        "say true/false mean cpu/none.",
+        "none",
+        legacy=((True, "cpu"), (False, "none")),
+    )
     sequence_parallel: bool = documented(
         "With tp > 1, split norms and the activations between tensor-parallel regions along the sequence "
         "(Megatron-LM sequence parallelism): activation memory / tp, same communication volume.",
@@ -76,9 +84,45 @@ class ParallelConfig:
         p += one_of("parallel.pipeline_partition", self.pipeline_partition, PIPELINE_PARTITIONS)
         if self.pp > 1:
             p += self._pipeline_problems(model)
-        if self.offload_optimizer and self.zero_stage == 0:
-            p.append("parallel.offload_optimizer needs parallel.zero_stage >= 1")
+        p += self._offload_problems()
+        p += self.data_type_problems(train, train.precision)
         return p
+
+    def _offload_problems(self) -> list[str]:
+        p = one_of("parallel.offload_optimizer", self.offload_optimizer, OFFLOAD_DEVICES)
+        if self.offload_optimizer == "nvme":
+            # Measured with DeepSpeed 0.19.8's CPU build (async_io op, libaio-dev): it trains and saves,
+            # but its load_checkpoint restored neither masters nor moments (docs/PARALLELISM.md).
+            p.append(
+                "parallel.offload_optimizer=nvme is not supported: DeepSpeed swaps optimizer states to NVMe "
+                "under ZeRO-3 only, and its load_checkpoint with NVMe swapping restores neither the fp32 "
+                "masters nor the Adam moments it saved, so a resumed run would silently restart its "
+                "optimizer (docs/PARALLELISM.md, 'Optimizer offload'); use parallel.offload_optimizer=cpu"
+            )
+        elif self.offload_optimizer == "cpu" and self.zero_stage == 0:
+            p.append(
+                "parallel.offload_optimizer=cpu needs parallel.zero_stage >= 1 (DeepSpeed offloads ZeRO's "
+                "optimizer partitions); set parallel.zero_stage=1, or parallel.offload_optimizer=none"
+            )
+        return p
+
+    def data_type_problems(self, train: TrainConfig, precision: str) -> list[str]:
+        """train.grad_accum_dtype against what DeepSpeed builds for this layout at `precision` (the
+        resolved one; 'auto' is checked again by build_engine once the device is known)."""
+        if train.grad_accum_dtype == "bf16" and precision == "fp32":
+            return [
+                "train.grad_accum_dtype=bf16 needs bf16 training (train.precision=fp32 keeps fp32 gradients); "
+                "set train.precision=bf16, or train.grad_accum_dtype=fp32"
+            ]
+        if precision == "bf16" and train.grad_accum_dtype == "fp32" and self.zero_stage == 0 and self.pp > 1:
+            # DeepSpeed's engine raises "unsupported mix of model_dtype and grad_accum_dtype" here: only
+            # its ZeRO path builds the bf16 optimizer with fp32 gradient buffers.
+            return [
+                "bf16 with train.grad_accum_dtype=fp32 under a pipeline needs parallel.zero_stage=1 (DeepSpeed "
+                "accumulates bf16 gradients in fp32 only through ZeRO; it is the same bf16 optimizer, with "
+                "fp32 gradient buffers); set parallel.zero_stage=1, or train.grad_accum_dtype=bf16"
+            ]
+        return []
 
     def _tensor_parallel_problems(self, model: ModelConfig, train: TrainConfig) -> list[str]:
         p: list[str] = []

@@ -14,9 +14,11 @@ from pretrain.config.fields import choices, documented, one_of, positive
 Schedule = Literal["cosine", "wsd", "constant"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 NonfinitePolicy = Literal["fail", "skip", "rollback"]
+GradAccumDtype = Literal["fp32", "bf16"]
 SCHEDULES: tuple[Schedule, ...] = choices(Schedule)
 PRECISIONS: tuple[Precision, ...] = choices(Precision)
 NONFINITE_POLICIES: tuple[NonfinitePolicy, ...] = choices(NonfinitePolicy)
+GRAD_ACCUM_DTYPES: tuple[GradAccumDtype, ...] = choices(GradAccumDtype)
 
 
 @dataclass
@@ -117,6 +119,13 @@ class TrainConfig:
     precision: Precision = documented(
         "auto (bf16 on GPUs that support it, else fp32), bf16, fp16 or fp32.", "auto"
     )
+    grad_accum_dtype: GradAccumDtype = documented(
+        "bf16 training: the dtype gradients are summed over micro-batches and all-reduced in: fp32 (DeepSpeed's "
+        "data_types.grad_accum_dtype and communication_data_type; 2x the gradient buffer and traffic) or bf16 "
+        "(DeepSpeed's default; drifts with many micro-batches). fp32 runs are fp32 throughout; fp16 runs keep "
+        "DeepSpeed's fp16 path.",
+        "fp32",
+    )
     compile: bool = documented(
         "Compile each decoder block with torch.compile (fused norms, rotary, SwiGLU and their backward; "
         "the same weights and checkpoints). Costs compile time at the first steps (about a minute on a GPU).",
@@ -142,6 +151,7 @@ class TrainConfig:
         if self.grad_accum_steps is not None:
             p += positive("train.grad_accum_steps", self.grad_accum_steps)
         p += one_of("train.precision", self.precision, PRECISIONS)
+        p += one_of("train.grad_accum_dtype", self.grad_accum_dtype, GRAD_ACCUM_DTYPES)
         if self.eval_interval < 0:
             p.append(f"train.eval_interval must be >= 0 (0 disables evaluation), got {self.eval_interval}")
         p += positive("train.eval_batches", self.eval_batches)

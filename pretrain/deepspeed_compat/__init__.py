@@ -136,7 +136,8 @@ FLAT_PARTITION_ATTRIBUTES = (
 
 
 def _step_tensor(optimizer: Any, param: torch.Tensor, step: int) -> torch.Tensor:
-    """AdamW's step counter as torch itself makes it (on the device for fused or capturable AdamW)."""
+    """AdamW's step counter as torch itself makes it (on the device for fused or capturable AdamW).
+    CPU Adam (offload) keeps an int, but takes this tensor too: its C++ binding reads it as an int."""
     on_device = bool(optimizer.defaults.get("fused") or optimizer.defaults.get("capturable"))
     return torch.tensor(float(step), dtype=torch.float32, device=param.device if on_device else "cpu")
 

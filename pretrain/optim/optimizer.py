@@ -1,4 +1,5 @@
-"""AdamW over two parameter groups (matrices decay, vectors do not), built once per rank."""
+"""AdamW over two parameter groups (matrices decay, vectors do not), built once per rank: torch's, or
+DeepSpeed's CPU Adam (in AdamW mode) when the optimizer states are offloaded to host memory."""
 
 from __future__ import annotations
 
@@ -23,8 +24,12 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """torch's AdamW over `parameter_groups`: one fused kernel per step on GPU, foreach elsewhere."""
+def build_optimizer(model: nn.Module, cfg: OptimConfig, offload: bool = False) -> torch.optim.Optimizer:
+    """torch's AdamW over `parameter_groups`: one fused kernel per step on GPU, foreach elsewhere.
+    With `offload`, DeepSpeed's CPU Adam: ZeRO-Offload refuses any other optimizer (torch's would step
+    the host copies element by element), and computes the same AdamW update with SIMD on the host."""
+    if offload:
+        return _cpu_adamw(model, cfg)
     on_gpu = next(model.parameters()).device.type == "cuda"
     return torch.optim.AdamW(
         parameter_groups(model, cfg.weight_decay),
@@ -33,6 +38,20 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
         eps=cfg.eps,
         fused=on_gpu or None,
         foreach=None if on_gpu else True,
+    )
+
+
+def _cpu_adamw(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    # Imported here: building its C++ op (a JIT compile on first use, cached) is for offloaded runs only.
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    return DeepSpeedCPUAdam(
+        parameter_groups(model, cfg.weight_decay),
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+        adamw_mode=True,  # decoupled weight decay, as torch's AdamW
+        bias_correction=True,
     )
 
 

@@ -47,6 +47,16 @@ def zero3_sub_group_size(partition_elements: int) -> int:
     return min(10**9, max(10**7, partition_elements // 8))
 
 
+def gradient_data_types(cfg: Config, precision: str) -> dict[str, Any]:
+    """bf16: sum micro-batch gradients and all-reduce them in train.grad_accum_dtype (DeepSpeed's
+    default is the model's bf16). ZeRO 1-3 and the bf16 optimizer honour both keys; fp32 and fp16 keep
+    DeepSpeed's defaults (fp32 throughout; fp16 with loss scaling)."""
+    if precision != "bf16":
+        return {}
+    dtype = cfg.train.grad_accum_dtype
+    return {"data_types": {"grad_accum_dtype": dtype}, "communication_data_type": dtype}
+
+
 def build_deepspeed_config(cfg: Config, world_size: int, precision: str) -> dict[str, Any]:
     """`precision` is the resolved one (bf16, fp16 or fp32), see `pretrain.parallel.resolve_precision`."""
     par = cfg.parallel
@@ -56,8 +66,8 @@ def build_deepspeed_config(cfg: Config, world_size: int, precision: str) -> dict
         zero.update(overlap_comm=par.pp == 1, contiguous_gradients=True, reduce_scatter=True)
     if par.zero_stage == 3:
         zero.update(zero3_buffer_sizes(cfg, world_size))
-    if par.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if par.offload_optimizer != "none":
+        zero["offload_optimizer"] = {"device": par.offload_optimizer, "pin_memory": True}
     config: dict[str, Any] = {
         "train_batch_size": cfg.train.global_batch_size,
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
@@ -72,6 +82,7 @@ def build_deepspeed_config(cfg: Config, world_size: int, precision: str) -> dict
         # Our own callbacks log; DeepSpeed's per-step prints would only duplicate them.
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
+        **gradient_data_types(cfg, precision),
     }
     if par.pp > 1:
         # DeepSpeed splits activations sent between stages over the tensor-parallel ranks, which

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pretrain import deepspeed_compat as compat
-from pretrain.config import Config
+from pretrain.config import Config, ConfigError
 from pretrain.optim import LRScheduler, build_optimizer
 from pretrain.parallel.deepspeed_config import build_deepspeed_config, we_clip_gradients
 from pretrain.parallel.topology import ParallelContext, single_process_context
@@ -177,7 +177,10 @@ def build_engine(
 
     ctx = ctx or single_process_context()
     ds_config = build_deepspeed_config(cfg, world_size, precision)
-    optimizer = build_optimizer(model, cfg.optim)
+    problems = cfg.parallel.data_type_problems(cfg.train, precision)  # 'auto' resolved only now
+    if problems:
+        raise ConfigError(problems)
+    optimizer = build_optimizer(model, cfg.optim, offload=cfg.parallel.offload_optimizer != "none")
     clipper = None
     if we_clip_gradients(cfg, precision):
         clipper = GlobalNormClipper(
