@@ -124,12 +124,27 @@ def test_zero_paper_bytes_per_parameter(stage, paper, dp):
     assert zero_bytes_per_parameter(stage, dp, "bf16").total == pytest.approx(paper(dp))
 
 
-def test_zero_bytes_per_parameter_in_the_memory_estimate():
-    # One pipeline stage of 4 ranks, ZeRO-2, bf16: weights 2, gradients 2/4, optimizer 12/4 per parameter.
-    cfg = load_config(CONFIGS / "tiny.yaml", ["parallel.zero_stage=2", "train.precision=bf16"], world_size=4)
+@pytest.mark.parametrize("accumulate", ["bf16", "fp32"])
+def test_zero_bytes_per_parameter_in_the_memory_estimate(accumulate):
+    # One pipeline stage of 4 ranks, ZeRO-2, bf16: weights 2, gradients 2/4 (the ZeRO paper) or, with
+    # the gradient partition accumulated in fp32, 4/4; optimizer 12/4 per parameter.
+    cfg = load_config(
+        CONFIGS / "tiny.yaml",
+        ["parallel.zero_stage=2", "train.precision=bf16", f"train.grad_accum_dtype={accumulate}"],
+        world_size=4,
+    )
     stage = estimate_memory(cfg, 4, capacity=2**40).stages[0]
     params = rank_parameters(cfg)[0]
-    assert (stage.weights, stage.gradients, stage.optimizer_states) == (2 * params, params // 2, 3 * params)
+    gradients = params // 2 if accumulate == "bf16" else params
+    assert (stage.weights, stage.gradients, stage.optimizer_states) == (2 * params, gradients, 3 * params)
+
+
+def test_bf16_zero1_with_fp32_accumulation_counts_deepspeeds_whole_fp32_gradient_buffer():
+    # DeepSpeed then runs its BF16_Optimizer: an fp32 accumulator of every gradient of the stage on
+    # every rank, beside the bf16 gradients (2 + 4 bytes per parameter, not partitioned).
+    cfg = load_config(CONFIGS / "tiny.yaml", ["parallel.zero_stage=1", "train.precision=bf16"], world_size=4)
+    stage = estimate_memory(cfg, 4, capacity=2**40).stages[0]
+    assert stage.gradients == 6 * rank_parameters(cfg)[0]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -112,12 +112,21 @@ def zero_bytes_per_parameter(stage: int, dp: int, precision: str) -> StateBytes:
     )
 
 
-def model_state_bytes(stage: int, dp: int, precision: str) -> StateBytes:
-    """`zero_bytes_per_parameter`, with DeepSpeed's BF16_Optimizer for 16-bit training at stage 0."""
-    if stage == 0 and precision == "bf16":
+def model_state_bytes(stage: int, dp: int, precision: str, grad_accum: str = "bf16") -> StateBytes:
+    """`zero_bytes_per_parameter`, with how DeepSpeed accumulates bf16 gradients (`grad_accum`:
+    train.grad_accum_dtype): its BF16_Optimizer at stage 0, and at stage 1 with fp32 accumulation,
+    keeps a flat accumulator of the whole stage's gradients in that dtype beside the bf16 gradients;
+    ZeRO 2-3 keep their gradient partition in it."""
+    if precision != "bf16":
+        return zero_bytes_per_parameter(stage, dp, precision)
+    accumulator = 4 if grad_accum == "fp32" else 2
+    if stage == 0 or (stage == 1 and grad_accum == "fp32"):
         one = zero_bytes_per_parameter(1, dp, precision)
-        return StateBytes(one.weights, one.gradients + 2, one.optimizer)  # + flat bf16 accumulator
-    return zero_bytes_per_parameter(stage, dp, precision)
+        return StateBytes(one.weights, one.gradients + accumulator, one.optimizer)
+    states = zero_bytes_per_parameter(stage, dp, precision)
+    if stage >= 2:
+        return StateBytes(states.weights, accumulator / dp, states.optimizer)
+    return states
 
 
 @dataclass(frozen=True)
@@ -273,7 +282,7 @@ def _stage_memory(
         for mode in act.RECOMPUTE_MODES
     }
     mode = par.activation_checkpointing
-    states = model_state_bytes(par.zero_stage, dp, precision)
+    states = model_state_bytes(par.zero_stage, dp, precision, cfg.train.grad_accum_dtype)
     working = max(
         act.loss_working_bytes(shape) if stage == par.pp - 1 else 0.0,
         act.block_working_bytes(shape) if blocks else 0.0,
