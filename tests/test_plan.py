@@ -374,6 +374,26 @@ def test_cli_impossible_layout_reports_the_config_error(run_plan):
     assert result.returncode == 2 and "did you mean 'parallel.tp'?" in result.stderr
 
 
+def test_planner_refuses_what_the_engine_refuses_once_auto_is_bf16(run_plan):
+    # The presets say train.precision=auto: the config check cannot know it is bf16, the engine
+    # (pretrain/parallel/engine.py) checks again on the GPU and refuses ZeRO-0 under a pipeline with
+    # fp32 accumulation; the planner, which plans for a GPU, must refuse it too, in --search as well.
+    result = run_plan("--config", "configs/70b.yaml", "--nodes", "32", "parallel.zero_stage=0")
+    assert result.returncode == 2 and "needs parallel.zero_stage=1" in result.stderr
+    result = run_plan("--config", "configs/70b.yaml", "--nodes", "32", "--search", "--json", "--top", "100")
+    ranked = json.loads(result.stdout)["ranked"]
+    assert ranked and all(r["layout"]["pp"] == 1 or r["layout"]["zero_stage"] == 1 for r in ranked)
+    bf16 = run_plan(
+        "--config",
+        "configs/70b.yaml",
+        "--nodes",
+        "32",
+        "parallel.zero_stage=0",
+        "train.grad_accum_dtype=bf16",
+    )
+    assert bf16.returncode in (0, 1), bf16.stderr
+
+
 def test_cli_does_not_fit_exits_1(run_plan):
     result = run_plan(
         "--config", "configs/70b.yaml", "--nodes", "32", "parallel.activation_checkpointing=none"
