@@ -231,12 +231,12 @@ def test_in_flight_micro_batches_follow_deepspeeds_1f1b_schedule(pp, micro_batch
 
 
 def test_pipeline_bubble_and_in_flight_by_hand():
-    cfg = load_config(CONFIGS / "70b.yaml")  # tp 2 x pp 8 over 256 GPUs: dp 16, accumulation 1024 / 16 = 64
+    cfg = load_config(CONFIGS / "70b.yaml")  # tp 2 x pp 16 over 256 GPUs: dp 8, accumulation 1024 / 8 = 128
     plan = plan_layout(cfg, make_cluster(32, 8, "h100-80gb"))
-    assert plan.step.bubble_fraction == pytest.approx(7 / (64 + 7))
-    assert [s.in_flight for s in plan.memory.stages] == [8, 7, 6, 5, 4, 3, 2, 1]
+    assert plan.step.bubble_fraction == pytest.approx(15 / (128 + 15))
+    assert [s.in_flight for s in plan.memory.stages] == list(range(16, 0, -1))
     assert plan.step.step_s == pytest.approx(
-        (64 + 7) * plan.step.micro_batch_s
+        (128 + 15) * plan.step.micro_batch_s
         + plan.step.pipeline_p2p_s
         + plan.step.data_parallel_s
         + plan.step.optimizer_s
