@@ -324,7 +324,7 @@ def test_cli_1t_on_3072_h100s():
     # By hand: per block 4 h^2 (q, k, v, o) + 3 h f (SwiGLU, f = 68352) + 2 h (norms) = 7,870,924,800;
     # x 128 = 1,007,478,374,400; + the tied embedding 51,200 x 25,600 + the final norm 25,600.
     assert "1,008,789,120,000 parameters" in result.stdout
-    assert "data-parallel 12 x tensor-parallel 8 x pipeline-parallel 32, ZeRO-1" in result.stdout
+    assert "data-parallel 6 x tensor-parallel 8 x pipeline-parallel 64, ZeRO-1" in result.stdout
     assert "\nFITS: " in result.stdout and "MFU" in result.stdout
 
 
