@@ -259,6 +259,37 @@ def test_compute_time_by_hand():
     assert plan.step.mfu == pytest.approx(flops / plan.step.step_s / 989.4e12)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        # DeepSpeed's BF16_Optimizer (ZeRO-1 with fp32 sums): an all-reduce of the fp32 gradients after
+        # the backward pass, then the bf16 weights all-gathered.
+        (["parallel.zero_stage=1"], lambda ring, mb, backward: ring(4, 2) + ring(2, 1)),
+        # ZeRO-1's own optimizer (bf16 sums): one bf16 reduce-scatter overlapping the last backward pass.
+        (
+            ["parallel.zero_stage=1", "train.grad_accum_dtype=bf16"],
+            lambda ring, mb, backward: max(0.0, ring(2, 1) - backward) + ring(2, 1),
+        ),
+        # ZeRO-2 reduce-scatters every micro-batch's gradients (fp32), each overlapping its backward.
+        (
+            ["parallel.zero_stage=2"],
+            lambda ring, mb, backward: mb * max(0.0, ring(4, 1) - backward) + ring(2, 1),
+        ),
+    ],
+)
+def test_data_parallel_traffic_as_deepspeed_moves_it(overrides, expected):
+    cluster = make_cluster(4, 8, "h100-80gb")
+    cfg = load_config(CONFIGS / "7b.yaml", ["parallel.pp=1", *overrides], world_size=32)
+    step = plan_layout(cfg, cluster).step
+    params = rank_parameters(cfg)[0]
+
+    def ring(nbytes: int, passes: int) -> float:  # a ring collective of `nbytes` per parameter over 32 ranks
+        bandwidth = cluster.group_bandwidth_gbps(32) * 1e9
+        return cluster.group_latency_s(32) + passes * 31 / 32 * nbytes * params / bandwidth
+
+    assert step.data_parallel_s == pytest.approx(expected(ring, 32, step.micro_batch_s * 2 / 3))
+
+
 def test_fits_is_decided_against_the_gpus_memory():
     cfg = load_config(CONFIGS / "7b.yaml", world_size=32)
     needed = plan_layout(cfg, make_cluster(4, 8, "h100-80gb")).memory.required
