@@ -248,7 +248,7 @@ def test_compute_time_by_hand():
     # not the host, is the bottleneck for this shape), plus elementwise work and the optimizer.
     cfg = load_config(
         CONFIGS / "7b.yaml",
-        ["parallel.zero_stage=1", "train.global_batch_size=16", "train.micro_batch_size=1"],
+        ["parallel.zero_stage=1", "parallel.pp=1", "train.global_batch_size=16", "train.micro_batch_size=1"],
         world_size=1,
     )
     plan = plan_layout(cfg, make_cluster(1, 1, "h100-80gb"))
