@@ -231,12 +231,12 @@ def test_in_flight_micro_batches_follow_deepspeeds_1f1b_schedule(pp, micro_batch
 
 
 def test_pipeline_bubble_and_in_flight_by_hand():
-    cfg = load_config(CONFIGS / "70b.yaml")  # tp 2 x pp 8 over 256 GPUs: dp 16, accumulation 1024 / 16 = 64
+    cfg = load_config(CONFIGS / "70b.yaml")  # tp 2 x pp 16 over 256 GPUs: dp 8, accumulation 1024 / 8 = 128
     plan = plan_layout(cfg, make_cluster(32, 8, "h100-80gb"))
-    assert plan.step.bubble_fraction == pytest.approx(7 / (64 + 7))
-    assert [s.in_flight for s in plan.memory.stages] == [8, 7, 6, 5, 4, 3, 2, 1]
+    assert plan.step.bubble_fraction == pytest.approx(15 / (128 + 15))
+    assert [s.in_flight for s in plan.memory.stages] == list(range(16, 0, -1))
     assert plan.step.step_s == pytest.approx(
-        (64 + 7) * plan.step.micro_batch_s
+        (128 + 15) * plan.step.micro_batch_s
         + plan.step.pipeline_p2p_s
         + plan.step.data_parallel_s
         + plan.step.optimizer_s
@@ -248,7 +248,7 @@ def test_compute_time_by_hand():
     # not the host, is the bottleneck for this shape), plus elementwise work and the optimizer.
     cfg = load_config(
         CONFIGS / "7b.yaml",
-        ["parallel.zero_stage=1", "train.global_batch_size=16", "train.micro_batch_size=1"],
+        ["parallel.zero_stage=1", "parallel.pp=1", "train.global_batch_size=16", "train.micro_batch_size=1"],
         world_size=1,
     )
     plan = plan_layout(cfg, make_cluster(1, 1, "h100-80gb"))
@@ -257,6 +257,37 @@ def test_compute_time_by_hand():
     assert not plan.step.host_bound
     assert plan.step.tensor_parallel_s == plan.step.data_parallel_s == plan.step.bubble_s == 0
     assert plan.step.mfu == pytest.approx(flops / plan.step.step_s / 989.4e12)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        # DeepSpeed's BF16_Optimizer (ZeRO-1 with fp32 sums): an all-reduce of the fp32 gradients after
+        # the backward pass, then the bf16 weights all-gathered.
+        (["parallel.zero_stage=1"], lambda ring, mb, backward: ring(4, 2) + ring(2, 1)),
+        # ZeRO-1's own optimizer (bf16 sums): one bf16 reduce-scatter overlapping the last backward pass.
+        (
+            ["parallel.zero_stage=1", "train.grad_accum_dtype=bf16"],
+            lambda ring, mb, backward: max(0.0, ring(2, 1) - backward) + ring(2, 1),
+        ),
+        # ZeRO-2 reduce-scatters every micro-batch's gradients (fp32), each overlapping its backward.
+        (
+            ["parallel.zero_stage=2"],
+            lambda ring, mb, backward: mb * max(0.0, ring(4, 1) - backward) + ring(2, 1),
+        ),
+    ],
+)
+def test_data_parallel_traffic_as_deepspeed_moves_it(overrides, expected):
+    cluster = make_cluster(4, 8, "h100-80gb")
+    cfg = load_config(CONFIGS / "7b.yaml", ["parallel.pp=1", *overrides], world_size=32)
+    step = plan_layout(cfg, cluster).step
+    params = rank_parameters(cfg)[0]
+
+    def ring(nbytes: int, passes: int) -> float:  # a ring collective of `nbytes` per parameter over 32 ranks
+        bandwidth = cluster.group_bandwidth_gbps(32) * 1e9
+        return cluster.group_latency_s(32) + passes * 31 / 32 * nbytes * params / bandwidth
+
+    assert step.data_parallel_s == pytest.approx(expected(ring, 32, step.micro_batch_s * 2 / 3))
 
 
 def test_fits_is_decided_against_the_gpus_memory():
@@ -324,7 +355,7 @@ def test_cli_1t_on_3072_h100s():
     # By hand: per block 4 h^2 (q, k, v, o) + 3 h f (SwiGLU, f = 68352) + 2 h (norms) = 7,870,924,800;
     # x 128 = 1,007,478,374,400; + the tied embedding 51,200 x 25,600 + the final norm 25,600.
     assert "1,008,789,120,000 parameters" in result.stdout
-    assert "data-parallel 12 x tensor-parallel 8 x pipeline-parallel 32, ZeRO-1" in result.stdout
+    assert "data-parallel 6 x tensor-parallel 8 x pipeline-parallel 64, ZeRO-1" in result.stdout
     assert "\nFITS: " in result.stdout and "MFU" in result.stdout
 
 
@@ -372,6 +403,26 @@ def test_cli_impossible_layout_reports_the_config_error(run_plan):
     assert result.returncode == 2 and "cannot be combined with pipeline parallelism" in result.stderr
     result = run_plan("--config", "configs/70b.yaml", "--nodes", "32", "parallel.tpp=2")
     assert result.returncode == 2 and "did you mean 'parallel.tp'?" in result.stderr
+
+
+def test_planner_refuses_what_the_engine_refuses_once_auto_is_bf16(run_plan):
+    # The presets say train.precision=auto: the config check cannot know it is bf16, the engine
+    # (pretrain/parallel/engine.py) checks again on the GPU and refuses ZeRO-0 under a pipeline with
+    # fp32 accumulation; the planner, which plans for a GPU, must refuse it too, in --search as well.
+    result = run_plan("--config", "configs/70b.yaml", "--nodes", "32", "parallel.zero_stage=0")
+    assert result.returncode == 2 and "needs parallel.zero_stage=1" in result.stderr
+    result = run_plan("--config", "configs/70b.yaml", "--nodes", "32", "--search", "--json", "--top", "100")
+    ranked = json.loads(result.stdout)["ranked"]
+    assert ranked and all(r["layout"]["pp"] == 1 or r["layout"]["zero_stage"] == 1 for r in ranked)
+    bf16 = run_plan(
+        "--config",
+        "configs/70b.yaml",
+        "--nodes",
+        "32",
+        "parallel.zero_stage=0",
+        "train.grad_accum_dtype=bf16",
+    )
+    assert bf16.returncode in (0, 1), bf16.stderr
 
 
 def test_cli_does_not_fit_exits_1(run_plan):

@@ -21,11 +21,17 @@ Per step:
   pipeline      1F1B: (micro-batches + pp - 1) x the slowest stage's micro-batch time; the pp - 1 extra
                 slots are the bubble. Activations between stages (and their gradients): one send each
                 way per micro-batch, on the critical path
-  data-par.     gradients reduce-scattered and weights all-gathered once per step, 2 (Nd-1)/Nd of the
-                stage's gradient bytes (ZeRO-0: an all-reduce, the same volume; ZeRO-3: per micro-batch
-                and per layer, gathered forward and backward and reduce-scattered, overlapped with that
-                micro-batch's compute). Without a pipeline DeepSpeed overlaps the reduction with the last
-                backward pass (overlap_comm); the all-gather after the step is exposed
+  data-par.     gradients reduce-scattered and weights all-gathered once per step, (Nd-1)/Nd of the
+                stage's bytes each, gradients in their communication dtype (fp32 for bf16 training with
+                train.grad_accum_dtype=fp32: DeepSpeed's communication_data_type), weights in the model's.
+                DeepSpeed's BF16_Optimizer (bf16 at ZeRO-0, and at ZeRO-1 with fp32 accumulation) all-reduces
+                the gradients instead (engine.buffered_allreduce_fallback: twice the volume), after the
+                backward pass; ZeRO-2 reduce-scatters every micro-batch's gradients, not once per step (the
+                engine: "ZeRO stage >= 2 communicates during non gradient accumulation boundaries");
+                ZeRO-3: per micro-batch and per layer, gathered forward and backward and reduce-scattered,
+                overlapped with that micro-batch's compute. Without a pipeline DeepSpeed's ZeRO optimizer
+                overlaps each reduction with the backward pass (overlap_comm); the all-gather after the
+                step is exposed
   optimizer     fused Adam over the rank's optimizer partition: ~36 bytes of HBM traffic per parameter
 Bandwidth of a group: NVLink when all its ranks are in one node, else the network, x comm_efficiency.
 MFU = model FLOPs per token x tokens/s / (GPUs x peak), as the trainer reports it.
@@ -185,14 +191,28 @@ def _data_parallel_s(
     if dp == 1:
         return 0.0
     span = dp * cfg.parallel.tp  # data-parallel peers are tp ranks apart
-    nbytes = dtype_bytes(precision) * params
+    weights = dtype_bytes(precision) * params
+    fp32_sums = precision == "bf16" and cfg.train.grad_accum_dtype == "fp32"
+    gradients = (4 if fp32_sums else dtype_bytes(precision)) * params  # DeepSpeed's communication_data_type
     stage = cfg.parallel.zero_stage
     if stage == 3:
         # Per layer: weights gathered for the forward and again for the backward, gradients scattered.
-        per_layer = 3 * _collective_s(cluster, nbytes / layers, dp, span, passes=1)
+        per_layer = 2 * _collective_s(cluster, weights / layers, dp, span, passes=1) + _collective_s(
+            cluster, gradients / layers, dp, span, passes=1
+        )
         return micro_batches * max(0.0, layers * per_layer - micro.compute)
-    half = _collective_s(cluster, nbytes, dp, span, passes=1)  # one reduce-scatter, or one all-gather
-    if cfg.parallel.pp == 1 and stage in (1, 2):
+    gather = _collective_s(cluster, weights, dp, span, passes=1)  # the updated weights, after the step
+    if precision == "bf16" and (stage == 0 or (stage == 1 and fp32_sums)):
+        # DeepSpeed's BF16_Optimizer: an all-reduce of the accumulated gradients after the backward pass.
+        return _collective_s(cluster, gradients, dp, span, passes=2) + gather
+    if stage == 0:
+        return _collective_s(cluster, gradients, dp, span, passes=2)  # plain data parallelism: one all-reduce
+    scatter = _collective_s(cluster, gradients, dp, span, passes=1)
+    if stage == 2:
+        # Every micro-batch's gradients are reduce-scattered; without a pipeline each overlaps its backward.
+        backward = micro.total * 2 / 3 if cfg.parallel.pp == 1 else 0.0
+        return micro_batches * max(0.0, scatter - backward) + gather
+    if cfg.parallel.pp == 1:
         backward = micro.total * 2 / 3  # the reduction overlaps the last backward pass (overlap_comm)
-        return max(0.0, half - backward) + half
-    return 2 * half
+        return max(0.0, scatter - backward) + gather
+    return scatter + gather

@@ -110,10 +110,13 @@ def with_layout(
 def layout_problems(cfg: Config, world_size: int) -> list[str]:
     """Why the trainer would refuse `cfg` on `world_size` ranks: pretrain.config's validation and the
     split into pipeline stages (pretrain.parallel.layout), each only once the checks before it pass, plus
-    the refusal pretrain/train/build.py adds once the precision is known (bf16 without ZeRO and without a
-    pipeline accumulates gradients in bf16)."""
+    the refusals once the precision is known: pretrain/parallel/engine.py's data-type check for a resolved
+    'auto' (bf16 with fp32 accumulation under a pipeline needs ZeRO-1) and pretrain/train/build.py's (bf16
+    without ZeRO and without a pipeline accumulates gradients in bf16)."""
     problems = validate(cfg, world_size) or model_layout_problems(cfg, world_size)
     precision = planned_precision(cfg.train.precision, CUDA)
+    if not problems and cfg.train.precision == "auto":
+        problems += cfg.parallel.data_type_problems(cfg.train, precision)
     if not problems and precision == "bf16" and cfg.parallel.zero_stage == 0 and cfg.parallel.pp == 1:
         problems.append(
             "bf16 with parallel.zero_stage=0 is refused by the trainer (gradients would be accumulated and "
