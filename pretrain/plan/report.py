@@ -25,13 +25,22 @@ def _describe_layout(plan: Plan) -> str:
     )
 
 
+def _gradient_dtypes(plan: Plan) -> str:
+    """What the gradient row holds: the model's dtype, and where bf16 gradients are summed in fp32 the
+    accumulator beside them (ZeRO 0-1: DeepSpeed's whole fp32 buffer; ZeRO 2-3: the fp32 partition)."""
+    precision, accumulate = plan.memory.precision, plan.cfg.train.grad_accum_dtype
+    if precision != "bf16" or accumulate == "bf16":
+        return precision
+    return "bf16 + fp32 accumulator" if plan.cfg.parallel.zero_stage <= 1 else "fp32 partition"
+
+
 def _memory_lines(plan: Plan) -> list[str]:
     mem, s = plan.memory, plan.memory.worst
     dp, zero = plan.layout()["dp"], plan.cfg.parallel.zero_stage
     by_mode = ", ".join(f"{m} {v / GiB:.2f}" for m, v in s.activations_by_mode.items())
     rows = [
         (f"weights ({mem.precision})", s.weights),
-        (f"gradients ({mem.precision})", s.gradients),
+        (f"gradients ({_gradient_dtypes(plan)})", s.gradients),
         (f"optimizer states (fp32 master + Adam, ZeRO-{zero} over {dp})", s.optimizer_states),
         (f"activations ({s.in_flight} micro-batch(es) in flight, {plan.layout()['activation_checkpointing']})", s.activations),
         ("pipeline buffers (1F1B inputs and outputs)", s.pipeline_buffers),
