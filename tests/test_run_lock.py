@@ -133,6 +133,46 @@ def test_of_two_starts_racing_for_one_stale_lock_exactly_one_wins(tmp_path):
         assert json.loads((tmp_path / LOCK_FILE).read_text())["token"] == winners[0]
 
 
+def test_a_lock_that_vanished_while_being_judged_is_not_removed_after_another_start_took_it(
+    tmp_path, monkeypatch
+):
+    """The interleaving that let two racing starts both win (seen once in a full suite run): start B
+    finds the stale lock gone (start A renamed it away), A then creates its own lock, and B, having
+    judged "it vanished", renamed A's new lock away unchecked and created its own."""
+    write_lock(tmp_path, host="node-9", age_s=STALE_AFTER + 60)
+    a, b = RunLock(tmp_path, STALE_AFTER), RunLock(tmp_path, STALE_AFTER)
+    create, age = RunLock._create, RunLock._heartbeat_age
+    first = {"create": True, "age": True}
+
+    def b_create(self):
+        if self is b and first["create"]:
+            first["create"] = False
+            (tmp_path / LOCK_FILE).unlink()  # A renames the stale lock away as B looks
+            return False
+        return create(self)
+
+    def b_age(self):
+        if self is b and first["age"]:
+            first["age"] = False
+            a.acquire()  # A creates its lock between B's look and B's removal
+            return None
+        return age(self)
+
+    monkeypatch.setattr(RunLock, "_create", b_create)
+    monkeypatch.setattr(RunLock, "_heartbeat_age", b_age)
+    holders = []
+    for lock in (b, a):
+        try:
+            if lock not in run_lock._held:
+                lock.acquire()
+        except ConfigError:
+            continue
+        holders.append(lock)
+    assert len(holders) == 1
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["token"] == holders[0].holder.token
+    holders[0].release()
+
+
 def test_the_heartbeat_keeps_the_lock_fresh(tmp_path, monkeypatch):
     monkeypatch.setattr(run_lock, "HEARTBEAT_S", 0.05)
     lock = RunLock(tmp_path, STALE_AFTER)

@@ -34,6 +34,7 @@ from pretrain.errors import ConfigError
 from pretrain.logs import get_logger
 
 LOCK_FILE = "run.lock"
+VANISHED = "it vanished"  # a stale reason that leaves nothing to remove
 HEARTBEAT_S = LOCK_HEARTBEAT_S
 log = get_logger(__name__)
 _held: set[RunLock] = set()  # for release_held_locks()
@@ -97,11 +98,14 @@ class RunLock:
                 self._start_heartbeat()
                 _held.add(self)
                 return
+            inode = _inode(self.path)
             found = self._read()
+            if inode is None or inode != _inode(self.path):
+                continue  # released or replaced while we looked: look again
             reason = self._stale_reason(found)
             if reason is None:
                 raise ConfigError([self._held_message(found)])
-            if self._remove_stale(found):
+            if reason is not VANISHED and self._remove_stale(found, inode):
                 log.warning(f"took over the stale lock {self.path} ({reason})")
         raise ConfigError(
             [f"could not take {self.path}: other starts keep racing for it; start one run only"]
@@ -141,7 +145,7 @@ class RunLock:
     def _stale_reason(self, found: Holder | None) -> str | None:
         age = self._heartbeat_age()
         if age is None:
-            return "it vanished"  # released meanwhile: try again
+            return VANISHED  # released meanwhile: nothing to remove, try again
         if found is None:
             return f"unreadable and untouched for {age:.0f} s" if age > self.stale_after else None
         me = self.holder
@@ -167,16 +171,20 @@ class RunLock:
         finally:
             probe.unlink(missing_ok=True)
 
-    def _remove_stale(self, judged: Holder | None) -> bool:
-        """Rename the stale lock away; if what was renamed is not what was judged (another start took
-        it over in between), put it back."""
+    def _remove_stale(self, judged: Holder | None, inode: tuple[int, int]) -> bool:
+        """Rename the stale lock away; if what was renamed is not the file that was judged (another
+        start took it over in between and wrote its own lock), put it back. The file is recognised by
+        its inode, which also tells an unreadable lock from the new one that replaced it."""
         aside = self.path.with_name(f".{LOCK_FILE}.stale-{self.holder.token}")
         try:
             self.path.rename(aside)
         except FileNotFoundError:
             return False
         moved = self._read(aside)
-        if judged is not None and (moved is None or moved.token != judged.token):
+        replaced = _inode(aside) != inode or (
+            judged is not None and (moved is None or moved.token != judged.token)
+        )
+        if replaced:
             with suppress(OSError):  # back, unless a third start has created one since
                 os.link(aside, self.path)
             aside.unlink(missing_ok=True)
@@ -210,6 +218,14 @@ class RunLock:
                 continue
             with suppress(OSError):  # a transient filesystem error: the next beat tries again
                 os.utime(self.path)  # NULL times: NFS sets the server's time
+
+
+def _inode(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino)
 
 
 def _process_start(pid: int) -> str | None:
