@@ -409,3 +409,19 @@ def test_cli_refuses_nvme_offload_with_exit_2_before_starting():
     )
     assert result.returncode == 2 and "parallel.offload_optimizer=nvme is not supported" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_an_auto_precision_that_resolves_to_bf16_is_checked_before_any_layer_is_built():
+    # precision=auto passes pretrain.config (it cannot know the device); once a GPU resolves it to
+    # bf16, a pipeline at ZeRO-0 with fp32 accumulation is DeepSpeed's "unsupported mix": refused by
+    # build_trainer's precision check, which runs before the model is built.
+    import torch
+
+    from pretrain.parallel import DistInfo
+    from pretrain.train.build import _check_precision
+
+    cfg = load_config(TINY, ["train.precision=auto", "parallel.pp=2", "parallel.zero_stage=0"], world_size=2)
+    cpu = DistInfo(rank=0, local_rank=0, world_size=2, device=torch.device("cpu"))
+    _check_precision(cfg, "fp32", cpu)  # what 'auto' is on a CPU: fine
+    with pytest.raises(ConfigError, match=r"parallel.zero_stage=1"):
+        _check_precision(cfg, "bf16", cpu)

@@ -156,6 +156,10 @@ def _load_data(cfg: Config, dist: DistInfo) -> TrainingData:
 
 
 def _check_precision(cfg: Config, precision: str, dist: DistInfo) -> None:
+    # What pretrain.config could not check while train.precision was 'auto' (build_engine checks it
+    # too, for its other callers), here before any layer is built.
+    if problems := cfg.parallel.data_type_problems(cfg.train, precision):
+        raise ConfigError(problems)
     if precision == "fp16" and not _fp16_supported():
         raise ConfigError(
             [
