@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from training_runs import REPO, SMALL
+from training_runs import REPO, SMALL, small_trainer
 
 
 def train_and_describe_optimizer(overrides: list[str], run_dir: str) -> dict[str, Any]:
@@ -15,16 +15,8 @@ def train_and_describe_optimizer(overrides: list[str], run_dir: str) -> dict[str
     import torch.distributed as dist
 
     from pretrain import deepspeed_compat as compat
-    from pretrain.config import load_config
-    from pretrain.parallel import init_distributed
-    from pretrain.train import build_trainer
 
-    cfg = load_config(
-        REPO / "configs" / "tiny.yaml",
-        [*SMALL, *overrides, f"run.dir={run_dir}"],
-        world_size=dist.get_world_size(),
-    )
-    trainer = build_trainer(cfg, init_distributed())
+    trainer = small_trainer(overrides, run_dir)
     trainer.fit()
     base = compat.base_optimizer(trainer.engine.ds.optimizer)
     moments = [state["exp_avg"].device.type for state in base.state.values() if "exp_avg" in state]

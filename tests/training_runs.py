@@ -32,8 +32,8 @@ SMALL = [
 ]
 
 
-def train_and_read_metrics(overrides: list[str], run_dir: str) -> list[dict[str, Any]]:
-    """Build the real trainer from configs/tiny.yaml + SMALL + overrides, fit, return metrics.jsonl records."""
+def small_trainer(overrides: list[str], run_dir: str) -> Any:
+    """The real trainer of this rank, built from configs/tiny.yaml + SMALL + overrides."""
     import torch.distributed as dist
 
     from pretrain.config import load_config
@@ -45,7 +45,14 @@ def train_and_read_metrics(overrides: list[str], run_dir: str) -> list[dict[str,
         [*SMALL, *overrides, f"run.dir={run_dir}"],
         world_size=dist.get_world_size(),
     )
-    build_trainer(cfg, init_distributed()).fit()
+    return build_trainer(cfg, init_distributed())
+
+
+def train_and_read_metrics(overrides: list[str], run_dir: str) -> list[dict[str, Any]]:
+    """Build the real trainer from configs/tiny.yaml + SMALL + overrides, fit, return metrics.jsonl records."""
+    import torch.distributed as dist
+
+    small_trainer(overrides, run_dir).fit()
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if dist.get_rank() == 0 else []
 
@@ -247,18 +254,7 @@ def threads_after_close(overrides: list[str], run_dir: str) -> dict[str, list[st
     """The threads alive after fit() (checkpoint writer, watchdog, prefetch) and after Trainer.close()."""
     import threading
 
-    import torch.distributed as dist
-
-    from pretrain.config import load_config
-    from pretrain.parallel import init_distributed
-    from pretrain.train import build_trainer
-
-    cfg = load_config(
-        REPO / "configs" / "tiny.yaml",
-        [*SMALL, *overrides, f"run.dir={run_dir}"],
-        world_size=dist.get_world_size(),
-    )
-    trainer = build_trainer(cfg, init_distributed())
+    trainer = small_trainer(overrides, run_dir)
     trainer.fit()
     names = lambda: sorted(t.name for t in threading.enumerate() if t is not threading.main_thread())  # noqa: E731
     before = names()
