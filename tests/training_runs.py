@@ -333,3 +333,14 @@ def _optimizer_partition_numel(param: Any) -> int:
     if hasattr(param, "_hp_mapping"):
         return 0 if param._hp_mapping is None else int(param._hp_mapping.lp_fragment_address.numel)
     return int(param.numel())
+
+
+def resume_expecting_error(overrides: list[str], run_dir: str) -> str:
+    """Build the trainer (which resumes) and return the message of the PretrainError it raised."""
+    from pretrain.errors import PretrainError
+
+    try:
+        small_trainer(overrides, run_dir)
+    except PretrainError as e:
+        return str(e)
+    raise AssertionError("the resume did not fail")

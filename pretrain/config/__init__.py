@@ -29,6 +29,7 @@ from pretrain.config.checkpoint import (
 from pretrain.config.data import DataConfig
 from pretrain.config.loader import all_keys, load_config
 from pretrain.config.model import ModelConfig
+from pretrain.config.moe import MoEConfig
 from pretrain.config.parallel import (
     PIPELINE_PARTITIONS,
     RECOMPUTE_MODES,
@@ -68,6 +69,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "LoggingConfig",
+    "MoEConfig",
     "ModelConfig",
     "NonfinitePolicy",
     "OptimConfig",

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pretrain.config.fields import documented, positive
+from pretrain.config.moe import MoEConfig
 
 
 @dataclass
@@ -38,6 +39,7 @@ class ModelConfig:
         "tensor-parallel shards); padded rows stay zero, are never predicted, and are removed on export.",
         128,
     )
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
     @property
     def kv_heads(self) -> int:
@@ -53,6 +55,20 @@ class ModelConfig:
             return self.ffn_hidden_size
         raw = int(8 * self.hidden_size / 3)
         return self.ffn_multiple_of * math.ceil(raw / self.ffn_multiple_of)
+
+    @property
+    def expert_ffn_size(self) -> int:
+        """Inner width of one routed (or shared) expert."""
+        width = self.moe.expert_ffn_hidden_size
+        return width if width is not None else self.ffn_size
+
+    def is_moe_block(self, block: int) -> bool:
+        """Whether decoder block `block` (0-based) has a mixture of experts instead of a dense MLP."""
+        return self.moe.enabled and block >= self.moe.first_dense_layers
+
+    @property
+    def num_moe_blocks(self) -> int:
+        return sum(self.is_moe_block(b) for b in range(self.num_layers))
 
     def padded_vocab_size(self, tensor_parallel: int) -> int:
         multiple = self.vocab_pad_multiple * tensor_parallel
@@ -85,4 +101,4 @@ class ModelConfig:
                 f"model.num_heads ({self.num_heads}) must be divisible by model.num_kv_heads ({self.num_kv_heads}) "
                 f"for grouped-query attention"
             )
-        return p
+        return p + self.moe.problems(self.num_layers)

@@ -30,6 +30,11 @@ class ParallelConfig:
     tp: int = documented(
         "Tensor-parallel degree (model.num_heads and num_kv_heads must be divisible by it).", 1
     )
+    ep: int = documented(
+        "Expert-parallel degree: the routed experts of each MoE block are split over this many data-parallel "
+        "ranks (it must divide the data-parallel size and model.moe.num_experts; needs zero_stage 1 or 2).",
+        1,
+    )
     pp: int = documented("Pipeline-parallel degree (at most model.num_layers; needs zero_stage 0 or 1).", 1)
     offload_optimizer: OffloadDevice = documented(
         "Where the fp32 masters and Adam moments live and are updated: none (the device), cpu (host memory, "
@@ -71,6 +76,8 @@ class ParallelConfig:
             )
         p += positive("parallel.tp", self.tp)
         p += positive("parallel.pp", self.pp)
+        p += positive("parallel.ep", self.ep)
+        p += self._expert_problems(model, train)
         # Here rather than with model.*: the vocabulary is padded to vocab_pad_multiple x tp.
         p += positive("model.vocab_pad_multiple", model.vocab_pad_multiple)
         if self.tp > 1:
@@ -86,6 +93,54 @@ class ParallelConfig:
             p += self._pipeline_problems(model)
         p += self._offload_problems()
         p += self.data_type_problems(train, train.precision)
+        return p
+
+    def _expert_problems(self, model: ModelConfig, train: TrainConfig) -> list[str]:
+        """MoE and expert parallelism against the other choices (docs/MOE.md, 'Layouts')."""
+        moe = model.moe
+        if not moe.enabled:
+            if self.ep > 1:
+                return [
+                    f"parallel.ep={self.ep} needs a mixture-of-experts model: set model.moe.num_experts (a multiple "
+                    f"of {self.ep}), or parallel.ep=1"
+                ]
+            return []
+        p: list[str] = []
+        if self.ep > 0 and moe.num_experts % self.ep:
+            p.append(
+                f"model.moe.num_experts ({moe.num_experts}) is not divisible by parallel.ep ({self.ep}): each "
+                f"expert-parallel rank holds num_experts / ep whole experts; use a parallel.ep that divides "
+                f"{moe.num_experts}"
+            )
+        if self.zero_stage == 3:
+            p.append(
+                "model.moe with parallel.zero_stage=3 is not supported: DeepSpeed 0.19 partitions expert weights "
+                "under ZeRO-3 only for its own AutoEP layers; use parallel.zero_stage=1 or 2 (expert optimizer "
+                "state is then partitioned over the expert-data-parallel ranks)"
+            )
+        elif self.ep > 1 and self.zero_stage == 0:
+            p.append(
+                f"parallel.ep={self.ep} needs parallel.zero_stage 1 or 2: without ZeRO, DeepSpeed writes the "
+                "optimizer state of data-parallel rank 0 only, which holds 1/ep of the experts, so a resume would "
+                "lose the others' Adam moments; set parallel.zero_stage=1"
+            )
+        if self.sequence_parallel and self.tp > 1:
+            p.append(
+                "model.moe with parallel.sequence_parallel=true is not supported yet (the router balances whole "
+                "sequences, which sequence parallelism splits over tensor-parallel ranks); set "
+                "parallel.sequence_parallel=false"
+            )
+        if train.precision == "fp16":
+            p.append(
+                "model.moe with train.precision=fp16 is not supported (the load-balancing gradient is not "
+                "loss-scaled); use train.precision=bf16"
+            )
+        width = model.expert_ffn_size * moe.num_shared_experts
+        if self.tp > 1 and width % self.tp:
+            p.append(
+                f"the shared experts' width ({width} = model.moe.num_shared_experts x expert width) must be "
+                f"divisible by parallel.tp ({self.tp}); they are split over tensor-parallel ranks like the dense MLP"
+            )
         return p
 
     def _offload_problems(self) -> list[str]:

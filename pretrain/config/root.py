@@ -102,6 +102,12 @@ class Config:
                 f"{model_parallel}; launch a multiple of {model_parallel} processes or change the layout"
             ]
         dp = world_size // model_parallel
+        if dp % par.ep:
+            return [
+                f"parallel.ep ({par.ep}) does not divide the data-parallel size ({dp} = world size {world_size} / "
+                f"(tp x pp = {model_parallel})): experts are split over data-parallel ranks; use a parallel.ep "
+                f"that divides {dp}, or launch a multiple of {model_parallel * par.ep} processes"
+            ]
         per_step = t.micro_batch_size * dp
         if t.grad_accum_steps is not None:
             if t.micro_batch_size * t.grad_accum_steps * dp != t.global_batch_size:

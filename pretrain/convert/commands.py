@@ -108,6 +108,7 @@ def to_hf(
 
     output = Path(output)
     weights = open_weights(checkpoint, config)
+    _refuse_mixture_of_experts(weights.model, "to-hf")
     model = weights.model
     out_dtype = _export_dtype(dtype, weights)
     tmp = _fresh_output(output, overwrite)
@@ -225,6 +226,15 @@ def _max_positions(weights: Weights) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+def _refuse_mixture_of_experts(model: Any, command: str) -> None:
+    if model.moe.enabled:
+        raise ConversionError(
+            f"{command} of a mixture-of-experts model is not supported yet (its experts are spread over the "
+            "expert-parallel ranks' ZeRO partitions, which the checkpoint reader does not gather yet; "
+            "docs/MOE.md, 'Not yet'); nothing was written"
+        )
+
+
 def to_fp32(
     checkpoint: str | Path, output: str | Path, config: str | Path | None = None, overwrite: bool = False
 ) -> Report:
@@ -234,6 +244,7 @@ def to_fp32(
     if output.suffix != ".safetensors":
         raise ConversionError(f"--output {output} should end in .safetensors")
     weights = open_weights(checkpoint, config)
+    _refuse_mixture_of_experts(weights.model, "to-fp32")
     tmp = _fresh_output(output, overwrite)
     provenance = {**weights.provenance, "consolidated_with": code_version()}
     if weights.config is not None:

@@ -9,7 +9,8 @@ inside a resume at 3 a.m. `TESTED_DEEPSPEED` is the range `pyproject.toml` pins.
 
 Sections: the engine (checkpoint engine, counters, the wrapped torch optimizer); parameter markers;
 the pipeline's stage boundaries; the checkpoint files (names, keys, the classes DeepSpeed pickles).
-Submodules, re-exported here: `resharding` (writing full tensors or only this rank's fragment of fp32
+Submodules, re-exported here: `experts` (expert parallelism on DeepSpeed's expert groups, markers
+and MoE optimizer groups), `resharding` (writing full tensors or only this rank's fragment of fp32
 masters, moments and ZeRO-3 shards into a live engine), `shm` (the CPU accelerator's shared-memory
 buffers), `errors` (`DeepSpeedIncompatible`, the tested range).
 """
@@ -25,6 +26,14 @@ from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngi
 
 from pretrain.deepspeed_compat.errors import TESTED_DEEPSPEED, DeepSpeedIncompatible
 from pretrain.deepspeed_compat.errors import require as _require
+from pretrain.deepspeed_compat.experts import (
+    create_expert_groups,
+    expert_aware_engines,
+    expert_group_name,
+    expert_parameter_group,
+    is_expert_parameter,
+    mark_expert_parameter,
+)
 from pretrain.deepspeed_compat.resharding import (  # one namespace for callers
     FLAT_PARTITION_ATTRIBUTES,
     Zero3Partitioned,
@@ -48,8 +57,14 @@ __all__ = [
     "DeepSpeedIncompatible",
     "PresetPartitionPipeline",
     "Zero3Partitioned",
+    "create_expert_groups",
     "create_optimizer_state",
+    "expert_aware_engines",
+    "expert_group_name",
+    "expert_parameter_group",
     "fragment_range",
+    "is_expert_parameter",
+    "mark_expert_parameter",
     "optimizer_sharding",
     "remove_orphaned_shm_buffers",
     "set_full_state",

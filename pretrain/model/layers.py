@@ -91,15 +91,22 @@ class SwiGLU(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)). (Activation recomputation
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)), the MLP dense or a mixture
+    of experts (pretrain.model.moe). (Activation recomputation
     is applied to it from outside, by pretrain.parallel.recompute.)"""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, mixture_of_experts: bool = False):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg)
+        self.mlp: nn.Module
+        if mixture_of_experts:
+            from pretrain.model.moe import MixtureOfExperts
+
+            self.mlp = MixtureOfExperts(cfg)
+        else:
+            self.mlp = SwiGLU(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x))

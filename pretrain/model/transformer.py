@@ -104,7 +104,7 @@ def build_layer(cfg: ModelConfig, index: int, padded_vocab_size: int, seed: int)
     if kind == "embedding":
         layer = TokenEmbedding(padded_vocab_size, cfg.hidden_size)
     elif kind == "block":
-        layer = DecoderBlock(cfg)
+        layer = DecoderBlock(cfg, mixture_of_experts=cfg.is_moe_block(index - 1))
     elif kind == "norm":
         layer = RMSNorm(cfg.hidden_size, cfg.norm_eps)
     else:
@@ -124,10 +124,13 @@ def init_layer(layer: nn.Module, cfg: ModelConfig, generator: torch.Generator) -
         if param.ndim == 1:
             param.fill_(1.0)
             continue
-        std = out_std if name.split(".")[-2:-1] in (["o_proj"], ["down_proj"]) else cfg.init_std
+        # Matrices end in '.weight'; stacked experts, (experts, out, in), are named by their projection.
+        parts = name.split(".")
+        projection = parts[-2] if param.ndim == 2 and len(parts) > 1 else parts[-1]
+        std = out_std if projection in ("o_proj", "down_proj") else cfg.init_std
         rows = cfg.vocab_size if isinstance(layer, TokenEmbedding | OutputHead) else param.shape[0]
         param.zero_()
-        values = torch.empty(rows, param.shape[1]).normal_(0.0, std, generator=generator)
+        values = torch.empty(rows, *param.shape[1:]).normal_(0.0, std, generator=generator)
         param[:rows].copy_(values)
 
 

@@ -14,14 +14,23 @@ from pretrain.config import OptimConfig
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Decay matrices (linear and embedding weights); leave vectors (norm scales, biases) alone.
-    Always these two groups, in this order (checkpoint conversion and resuming rely on it)."""
+    Always these two groups, in this order (checkpoint conversion and resuming rely on it); under
+    expert parallelism a third one, the expert matrices (partitioned over other ranks by ZeRO)."""
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
+    experts: list[nn.Parameter] = []
     for param in model.parameters():
-        if param.requires_grad:
+        if not param.requires_grad:
+            continue
+        if compat.is_expert_parameter(param):
+            experts.append(param)
+        else:
             # The full shape: a ZeRO-3 partitioned parameter's own `.data` is empty.
             (decay if len(compat.full_shape(param)) >= 2 else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if experts:
+        groups.append(compat.expert_parameter_group(experts, weight_decay))
+    return groups
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, offload: bool = False) -> torch.optim.Optimizer:
@@ -60,4 +69,5 @@ def apply_hyperparameters(groups: list[dict[str, Any]], cfg: OptimConfig) -> Non
     checkpoint's: the loaded optimizer state brings its old betas, eps and weight decay)."""
     for index, group in enumerate(groups):
         group.update(betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-        group["weight_decay"] = cfg.weight_decay if index == 0 else 0.0  # matrices, then vectors
+        # Matrices, then vectors, then (expert parallelism) expert matrices.
+        group["weight_decay"] = cfg.weight_decay if index != 1 else 0.0

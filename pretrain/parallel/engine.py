@@ -189,12 +189,13 @@ def build_engine(
         optimizer.register_step_pre_hook(clipper)
     scheduler = LRScheduler(optimizer, cfg.optim, cfg.schedule, cfg.train.steps)
     mpu = ctx.grid if ctx.pp == 1 else None  # a PipelineModule brings its own
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-        config=ds_config,
-        mpu=mpu,
-        dist_init_required=False,
-    )
+    with compat.expert_aware_engines():
+        engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=ds_config,
+            mpu=mpu,
+            dist_init_required=False,
+        )
     return TrainingEngine(engine, ctx, clipper), ds_config

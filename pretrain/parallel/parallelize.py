@@ -4,7 +4,8 @@
 2. Build each of them from the plain model's definition, one at a time on the CPU, initialised from
    the layer's own seed (so every layout starts from the same numbers), or, with
    checkpoint.init_weights, with that layer's full tensors read from the consolidated file.
-3. Apply the tensor-parallel plan: slice the weights, swap in parallel layers and the loss.
+3. Apply the tensor-parallel plan: slice the weights, swap in parallel layers and the loss; then
+   expert parallelism: keep this rank's slice of each MoE block's routed experts.
 4. Set activation recomputation on the decoder blocks, and compile them (train.compile).
 5. Move to the device; under ZeRO-3 cut it into this rank's data-parallel partitions at once
    (pretrain.parallel.zero3).
@@ -22,6 +23,7 @@ from pretrain.config import Config
 from pretrain.model.layers import DecoderBlock
 from pretrain.model.names import layer_name
 from pretrain.model.transformer import CausalLMLoss, Transformer, build_layer, num_layers
+from pretrain.parallel.expert_parallel import apply_expert_parallel, set_loss_gradient_scale
 from pretrain.parallel.recompute import apply_activation_checkpointing
 from pretrain.parallel.tensor_parallel import VocabParallelCausalLMLoss
 from pretrain.parallel.topology import ParallelContext
@@ -87,6 +89,8 @@ def build_rank_layers(
         else:
             layer = init.build_layer(cfg.model, source, cfg.padded_vocab_size)
         layer = apply_tensor_parallel(layer, layer_name(cfg.model, source), ctx)
+        layer = apply_expert_parallel(layer, ctx.ep, ctx.ep_rank, ctx.ep_group)
+        set_loss_gradient_scale([layer], cfg.grad_accum_steps(ctx.tp * ctx.pp * ctx.dp))
         if isinstance(layer, DecoderBlock):
             apply_activation_checkpointing(layer, cfg.parallel.activation_checkpointing)
             if cfg.train.compile and device.type != "meta":

@@ -30,6 +30,9 @@ class ParallelContext:
     topology: Any = None  # deepspeed's PipeModelDataParallelTopology (None for a single process)
     grid: Any = None  # deepspeed's PipelineParallelGrid: DeepSpeed's `mpu` (None without TP or PP)
     tp_group: Any = None  # torch ProcessGroup of this rank's tensor-parallel peers (None when tp == 1)
+    ep: int = 1  # expert-parallel degree (taken from the data-parallel ranks)
+    ep_rank: int = 0
+    ep_group: Any = None  # DeepSpeed's expert-parallel group of this rank (None when ep == 1)
 
     @property
     def is_first_stage(self) -> bool:
@@ -52,11 +55,13 @@ class ParallelContext:
 
 
 def describe_layout(
-    dp: int, tp: int, pp: int, zero_stage: int | None = None, precision: str | None = None
+    dp: int, tp: int, pp: int, zero_stage: int | None = None, precision: str | None = None, ep: int = 1
 ) -> str:
     """The one way a layout is written for people: 'data-parallel 2 x tensor-parallel 1 x
-    pipeline-parallel 1[, ZeRO-1][, bf16]'."""
+    pipeline-parallel 1[, experts over 2 data-parallel ranks][, ZeRO-1][, bf16]'."""
     parts = [f"data-parallel {dp} x tensor-parallel {tp} x pipeline-parallel {pp}"]
+    if ep > 1:
+        parts.append(f"expert-parallel {ep} (experts over {ep} of the data-parallel ranks)")
     if zero_stage is not None:
         parts.append(f"ZeRO-{zero_stage}")
     if precision is not None:
@@ -71,12 +76,12 @@ def build_parallel_context(cfg: Config, rank: int, world_size: int) -> ParallelC
     assert tp * pp * dp == world_size, "layout validated by pretrain.config before we get here"
     sequence_parallel = cfg.parallel.sequence_parallel and tp > 1
     if tp == 1 and pp == 1:
-        return ParallelContext(1, 1, dp, 0, 0, rank, False)
+        return _with_experts(ParallelContext(1, 1, dp, 0, 0, rank, False), cfg.parallel.ep)
     from pretrain.deepspeed_compat import pipeline_grid, tensor_parallel_group
 
     topology, grid = pipeline_grid(pp, tp, dp)
     coord = topology.get_coord(rank)
-    return ParallelContext(
+    context = ParallelContext(
         tp=tp,
         pp=pp,
         dp=dp,
@@ -88,6 +93,19 @@ def build_parallel_context(cfg: Config, rank: int, world_size: int) -> ParallelC
         grid=grid,
         tp_group=tensor_parallel_group(grid) if tp > 1 else None,
     )
+    return _with_experts(context, cfg.parallel.ep)
+
+
+def _with_experts(ctx: ParallelContext, ep: int) -> ParallelContext:
+    """`ctx` with DeepSpeed's expert-parallel group of degree `ep` (collective over all ranks)."""
+    if ep == 1:
+        return ctx
+    from pretrain.deepspeed_compat import create_expert_groups
+
+    ctx.ep_group, _ = create_expert_groups(ep, ctx.grid)
+    ctx.ep = ep
+    ctx.ep_rank = dist.get_rank(group=ctx.ep_group)
+    return ctx
 
 
 def single_process_context() -> ParallelContext:

@@ -37,6 +37,10 @@ TENSOR_PARALLEL_PLAN: dict[str, str] = {
     "blocks.*.mlp.gate_proj": "column",
     "blocks.*.mlp.up_proj": "column",
     "blocks.*.mlp.down_proj": "row",
+    # Mixture of experts: the shared experts like the dense MLP; router and routed experts replicated.
+    "blocks.*.mlp.shared.gate_proj": "column",
+    "blocks.*.mlp.shared.up_proj": "column",
+    "blocks.*.mlp.shared.down_proj": "row",
     "norm": "norm",
     "head": "column",
 }

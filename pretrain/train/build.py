@@ -18,7 +18,7 @@ from pretrain.data.checks import check_vocabulary
 from pretrain.deepspeed_compat import version_warning
 from pretrain.errors import ConfigError, OutputError
 from pretrain.logs import get_logger, setup_logging
-from pretrain.model import Transformer, count_parameters, flops_per_token
+from pretrain.model import Transformer, active_parameters, count_parameters, flops_per_token
 from pretrain.parallel import (
     DistInfo,
     ParallelContext,
@@ -41,6 +41,7 @@ from pretrain.train.callbacks import (
     TensorBoardWriter,
     ThroughputMonitor,
 )
+from pretrain.train.callbacks.moe import ExpertBalance
 from pretrain.train.callbacks.nonfinite import NonFiniteGuard
 from pretrain.train.memory import MemoryMarks, MemoryReport
 from pretrain.train.mfu import peak_tflops
@@ -77,6 +78,8 @@ def run_summary(cfg: Config, world_size: int, precision: str) -> dict[str, Any]:
         "total_tokens": cfg.tokens_per_step * cfg.train.steps,
         "precision": precision,
         "parameters": parameters,
+        "active_parameters": active_parameters(cfg.model),
+        "expert_parallel_size": cfg.parallel.ep,
         "padded_vocab_size": cfg.padded_vocab_size,
         "ffn_hidden_size": cfg.model.ffn_size,
         "flops_per_token": flops_per_token(cfg.model, cfg.train.seq_len),
@@ -188,6 +191,8 @@ def _layout(cfg: Config, ctx: ParallelContext, precision: str, world_size: int) 
         "precision": precision,
         "padded_vocab_size": cfg.padded_vocab_size,
         "pipeline_partition": cfg.parallel.pipeline_partition if ctx.pp > 1 else None,
+        # Only for MoE models, so dense checkpoints written before these keys still load natively.
+        **({"moe": True, "ep": ctx.ep} if cfg.model.moe.enabled else {}),
     }
 
 
@@ -251,11 +256,19 @@ def _callbacks(
         SavePolicy(store, cfg.checkpoint.interval, cfg.checkpoint.save_final),
         Watchdog.for_run(cfg.watchdog, run_dir, dist.rank, dist.world_size),
     ]
+    if cfg.model.moe.enabled:  # a collective: on every rank
+        moe = cfg.model.moe
+        blocks = [f"blocks.{b}" for b in range(cfg.model.num_layers) if cfg.model.is_moe_block(b)]
+        callbacks.append(ExpertBalance(cfg.logging.interval, blocks, moe.num_experts, moe.bias_update_rate))
     if cfg.parallel.check_replicas_interval > 0:  # a collective: on every rank
         callbacks.append(ReplicaChecker(cfg.parallel.check_replicas_interval))
     if dist.is_main:
         layout = describe_layout(
-            summary["data_parallel_size"], cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.zero_stage
+            summary["data_parallel_size"],
+            cfg.parallel.tp,
+            cfg.parallel.pp,
+            cfg.parallel.zero_stage,
+            ep=cfg.parallel.ep,
         )
         callbacks += [ConsoleProgress(summary, layout), JsonlWriter(run_dir / "metrics.jsonl")]
         if cfg.logging.tensorboard:

@@ -17,6 +17,7 @@ from pretrain.data import DistributedBatches
 from pretrain.data.loader import Batch, SkippedBatches
 from pretrain.errors import NonFiniteLossError, nonfinite_fixes
 from pretrain.parallel import DistInfo, TrainingEngine, all_reduce_mean
+from pretrain.parallel.expert_parallel import expert_weights
 from pretrain.train.callbacks.base import Callback, ordered
 
 
@@ -64,6 +65,8 @@ class Trainer:
         it draws random numbers)."""
         state = RunState()
         state.register("engine", self.engine)
+        if (experts := expert_weights(self.engine.module)) is not None:
+            state.register("experts", experts, per_rank=True)
         state.register("lr_schedule", self.engine.lr_scheduler)
         state.register("loop", self)
         state.register("data", self.train_batches)

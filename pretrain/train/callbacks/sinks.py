@@ -73,13 +73,25 @@ class TensorBoardWriter(Callback):
     def on_log(self, trainer: TrainerView, record: dict[str, Any]) -> None:
         if self.writer is None:  # a record logged before this callback's on_train_start
             self.on_train_start(trainer)
-        for key, value in record.items():
-            if key != "step" and isinstance(value, int | float):
-                self.writer.add_scalar(key, value, record["step"])
+        for key, value in _scalars(record):
+            self.writer.add_scalar(key, value, record["step"])
 
     def on_train_end(self, trainer: TrainerView) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _scalars(record: dict[str, Any], prefix: str = "") -> list[tuple[str, float]]:
+    """The record's numbers, nested dicts as 'outer/inner' tags (e.g. moe_layers/blocks.1/max_over_mean)."""
+    out: list[tuple[str, float]] = []
+    for key, value in record.items():
+        if key == "step" and not prefix:
+            continue
+        if isinstance(value, dict):
+            out += _scalars(value, f"{prefix}{key}/")
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            out.append((f"{prefix}{key}", value))
+    return out
 
 
 def format_duration(seconds: float) -> str:
@@ -107,7 +119,8 @@ class ConsoleProgress(Callback):
     def on_train_start(self, trainer: TrainerView) -> None:
         cfg, s = trainer.cfg, self.summary
         log.info(
-            f"model: {s['parameters']:,} parameters, {s['flops_per_token']:,} FLOPs/token; precision {s['precision']}\n"
+            f"model: {s['parameters']:,} parameters{_active(s)}, {s['flops_per_token']:,} FLOPs/token; "
+            f"precision {s['precision']}\n"
             f"batch: {cfg.train.global_batch_size} sequences x {cfg.train.seq_len} tokens = {s['tokens_per_step']:,} "
             f"tokens/step = micro {cfg.train.micro_batch_size} x accumulation {s['grad_accum_steps']} x "
             f"data-parallel {s['data_parallel_size']}\n"
@@ -131,8 +144,19 @@ class ConsoleProgress(Callback):
             log.info(
                 f"{head} | validation loss {record['val_loss']:.4f} | perplexity {record['val_ppl']:.2f}"
             )
+        elif "moe_aux_loss" in record:
+            log.info(
+                f"{head} | MoE aux loss {record['moe_aux_loss']:.4f} | z-loss {record['moe_z_loss']:.3f} | "
+                f"busiest expert {record['moe_max_load_over_mean']:.2f}x mean | idle experts "
+                f"{record['moe_idle_experts']} | dropped {record['moe_dropped']}"
+            )
         elif "checkpoint" in record:
             log.info(f"{head} | saved checkpoint {record['checkpoint']}")
+
+
+def _active(summary: dict[str, Any]) -> str:
+    active = summary.get("active_parameters", summary["parameters"])
+    return "" if active == summary["parameters"] else f" ({active:,} active per token)"
 
 
 class Plotter(Callback):
