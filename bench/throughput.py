@@ -52,6 +52,7 @@ sys.path.insert(0, str(REPO))
 SIZES = {
     "tiny": REPO / "configs" / "tiny.yaml",
     "125m": REPO / "configs" / "125m.yaml",
+    "tiny-moe": REPO / "configs" / "tiny-moe.yaml",
     "350m": REPO / "configs" / "350m.yaml",
     "1.3b": REPO / "configs" / "1.3b.yaml",
 }
@@ -93,6 +94,7 @@ class PlainLoop:
         from pretrain.model import Transformer
         from pretrain.optim import parameter_groups
         from pretrain.optim.schedule import LRSchedule
+        from pretrain.parallel.expert_parallel import set_loss_gradient_scale
         from pretrain.parallel.recompute import apply_activation_checkpointing
 
         if precision not in ("fp32", "bf16"):
@@ -104,6 +106,7 @@ class PlainLoop:
         if getattr(cfg.train, "compile", False):
             for block in model.blocks:
                 block.compile()
+        set_loss_gradient_scale(list(model.blocks), cfg.grad_accum_steps(1))  # as the trainer does
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         self.model = model.to(device=device, dtype=dtype)
         groups = parameter_groups(self.model, cfg.optim.weight_decay)
@@ -143,11 +146,22 @@ class PlainLoop:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._update_expert_bias()
         if self.masters is not self.params:
             self.model.zero_grad(set_to_none=True)
             with torch.no_grad():
                 torch._foreach_copy_(self.params, self.masters)
         self.losses.append(torch.stack(losses).mean())
+
+    def _update_expert_bias(self) -> None:
+        """Auxiliary-loss-free balancing after the step, as the framework's ExpertBalance does."""
+        from pretrain.model.moe import MixtureOfExperts
+        from pretrain.train.callbacks.moe import update_expert_bias
+
+        for module in self.model.modules():
+            if isinstance(module, MixtureOfExperts):
+                load = module.take_statistics().tokens_per_expert
+                update_expert_bias(module, load, self.cfg.model.moe.bias_update_rate)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -153,6 +153,10 @@ def _config_error(*overrides: str, world_size: int = 4) -> subprocess.CompletedP
         (["model.moe.dropless=false", "model.moe.capacity_factor=0.5"], "capacity_factor (0.5) is below 1"),
         (["model.moe.capacity_factor=0.5"], "is set but model.moe.dropless=true"),
         (["model.moe.num_experts=0", "parallel.ep=2"], "parallel.ep=2 needs a mixture-of-experts model"),
+        (
+            ["parallel.pp=2", "parallel.ep=2", "model.moe.first_dense_layers=2"],
+            "every pipeline stage needs a mixture-of-experts block, but stage(s) 0 hold only dense blocks",
+        ),
     ],
 )
 def test_impossible_moe_settings_are_config_errors_before_anything_starts(overrides, expected):

@@ -11,8 +11,8 @@ from training_runs import step_records, train_and_read_metrics
 pytestmark = pytest.mark.slow
 
 # 4 routed experts (top-2) of width 32 and one shared expert; SMALL has 2 blocks, so block 0 stays
-# dense and block 1 is the MoE one (dense-then-MoE; with pp=2 they sit on different stages). All three
-# balancing mechanisms on, so their gradients and the bias update are part of what is compared.
+# dense and block 1 is the MoE one. All three balancing mechanisms on, so their gradients and the
+# bias update are part of what is compared.
 MOE = [
     "model.moe.num_experts=4",
     "model.moe.top_k=2",
@@ -29,25 +29,33 @@ MOE = [
 # in the norm, or tokens sent to the wrong rank move the loss or the norm by > 1e-3 at once.
 RTOL = 2e-5
 
+# Dense-then-MoE over two stages: 4 blocks, block 0 dense; stage 0 holds blocks 0 (dense) and 1,
+# stage 1 blocks 2 and 3 (under EP every stage needs an MoE block: pretrain.parallel.layout).
+FOUR_BLOCKS = ["model.num_layers=4"]
+
 LAYOUTS = {
-    "ep2": (2, ["parallel.ep=2"]),
-    "ep4": (4, ["parallel.ep=4"]),
-    "ep2-tp2": (4, ["parallel.ep=2", "parallel.tp=2"]),
-    "ep2-pp2": (4, ["parallel.ep=2", "parallel.pp=2"]),  # dense block on stage 0, MoE block on stage 1
-    "ep2-zero2": (2, ["parallel.ep=2", "parallel.zero_stage=2"]),
+    # name: (processes, layout, model overrides shared with the single-process reference)
+    "ep2": (2, ["parallel.ep=2"], []),
+    "ep4": (4, ["parallel.ep=4"], []),
+    "ep2-tp2": (4, ["parallel.ep=2", "parallel.tp=2"], []),
+    "ep2-pp2": (4, ["parallel.ep=2", "parallel.pp=2"], FOUR_BLOCKS),
+    "ep2-zero2": (2, ["parallel.ep=2", "parallel.zero_stage=2"], []),
 }
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """runs(name) -> metrics records of that layout ('one': the single-process reference), cached."""
+    """runs(name) -> metrics records of that layout ('one', 'one-4': the single-process references of
+    the 2- and 4-block models), cached."""
     cache = {}
+    references = {"one": (1, [], []), "one-4": (1, [], FOUR_BLOCKS)}
 
     def get(name):
         if name not in cache:
-            processes, layout = (1, []) if name == "one" else LAYOUTS[name]
+            processes, layout, model = references.get(name) or LAYOUTS[name]
             run_dir = tmp_path_factory.mktemp(name) / "run"
-            cache[name] = run_distributed(train_and_read_metrics, processes, [*MOE, *layout], str(run_dir))[0]
+            overrides = [*MOE, *model, *layout]
+            cache[name] = run_distributed(train_and_read_metrics, processes, overrides, str(run_dir))[0]
         return cache[name]
 
     return get
@@ -55,7 +63,8 @@ def runs(tmp_path_factory):
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_moe_layout_matches_the_single_process_run(name, runs):
-    expected, records = step_records(runs("one")), step_records(runs(name))
+    reference = "one-4" if LAYOUTS[name][2] else "one"
+    expected, records = step_records(runs(reference)), step_records(runs(name))
     assert [r["step"] for r in records] == [r["step"] for r in expected] == [1, 2, 3, 4, 5, 6]
     for ours, ref in zip(records, expected, strict=True):
         assert ours["loss"] == pytest.approx(ref["loss"], rel=RTOL), f"loss at step {ref['step']}"

@@ -72,12 +72,12 @@ def expert_parameter_group(params: list[torch.nn.Parameter], weight_decay: float
 
 def _expert_aware(base: type) -> type:
     class ExpertAwareEngine(base):
-        """`base` with DeepSpeed's MoE paths on for parameters marked by `mark_expert_parameter`."""
+        """`base` with DeepSpeed's MoE paths on for parameters marked by `mark_expert_parameter`
+        (every rank holds some: pretrain.parallel.layout refuses a pipeline stage without MoE blocks)."""
 
         def _configure_distributed_model(self, model: torch.nn.Module) -> None:
             super()._configure_distributed_model(model)
-            if any(is_expert_parameter(p) for p in model.parameters()):
-                self.has_moe_layers = True
+            self.has_moe_layers = True
 
         def save_checkpoint(self, *args: Any, **kwargs: Any) -> Any:
             with _ordinary_checkpoint_path(self):
@@ -105,10 +105,14 @@ def _ordinary_checkpoint_path(engine: Any) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def expert_aware_engines() -> Iterator[None]:
-    """Within: `deepspeed.initialize` builds expert-aware versions of its engine and pipeline engine."""
+def expert_aware_engines(enabled: bool) -> Iterator[None]:
+    """Within (when `enabled`: expert parallelism): `deepspeed.initialize` builds expert-aware
+    versions of its engine and pipeline engine."""
     import deepspeed
 
+    if not enabled:
+        yield
+        return
     names = ("DeepSpeedEngine", "PipelineEngine")
     saved = {
         name: _require(deepspeed, name, "the engine classes deepspeed.initialize builds") for name in names

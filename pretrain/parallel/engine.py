@@ -189,7 +189,7 @@ def build_engine(
         optimizer.register_step_pre_hook(clipper)
     scheduler = LRScheduler(optimizer, cfg.optim, cfg.schedule, cfg.train.steps)
     mpu = ctx.grid if ctx.pp == 1 else None  # a PipelineModule brings its own
-    with compat.expert_aware_engines():
+    with compat.expert_aware_engines(ctx.ep > 1):
         engine, _, _, _ = deepspeed.initialize(
             model=model,
             optimizer=optimizer,

@@ -75,13 +75,9 @@ class ExpertBalance(Callback):
         table[:, self.num_experts + _DROPPED] /= trainer.engine.ctx.tp
         return table.cpu()
 
-    @torch.no_grad()
     def _update_bias(self, modules: dict[int, MixtureOfExperts], totals: torch.Tensor) -> None:
         for row, module in modules.items():
-            load = totals[row, : self.num_experts]
-            step = self.rate * torch.sign(load.mean() - load)
-            bias = module.router.get_buffer("expert_bias")
-            bias.add_(step.to(bias.device, bias.dtype))
+            update_expert_bias(module, totals[row, : self.num_experts], self.rate)
 
     def _record(self, step: int, totals: torch.Tensor) -> dict[str, Any]:
         forwards = totals[:, self.num_experts + _FORWARDS].clamp(min=1)
@@ -107,3 +103,13 @@ class ExpertBalance(Callback):
             "moe_dropped": sum(v["dropped"] for v in layers.values()),
             "moe_layers": layers,
         }
+
+
+@torch.no_grad()
+def update_expert_bias(module: MixtureOfExperts, load: torch.Tensor, rate: float) -> None:
+    """DeepSeek-V3's update: b_i += rate * sign(mean load - load_i)."""
+    if rate <= 0:
+        return
+    step = rate * torch.sign(load.mean() - load)
+    bias = module.router.get_buffer("expert_bias")
+    bias.add_(step.to(bias.device, bias.dtype))
