@@ -167,9 +167,11 @@ def zero_partitioning(overrides: list[str], run_dir: str) -> dict[str, Any]:
     }
 
 
-def replica_check_after_drift(overrides: list[str], run_dir: str, drift_rank: int, param: str) -> list[dict]:
-    """Train 4 steps checking replicas every 2; after step 3 nudge the replicated parameter `param`
-    on `drift_rank` only. Returns rank 0's replica records."""
+def replica_check_after_drift(
+    overrides: list[str], run_dir: str, drift_rank: int, param: str, drift_step: int = 3
+) -> list[dict]:
+    """Train 4 steps checking replicas every 2; after step `drift_step` (before that step's check)
+    nudge the replicated parameter `param` on `drift_rank` only. Returns rank 0's replica records."""
     import json
     from pathlib import Path
 
@@ -188,7 +190,7 @@ def replica_check_after_drift(overrides: list[str], run_dir: str, drift_rank: in
 
     class Drift(Callback):
         def on_step_end(self, trainer: Any) -> None:
-            if trainer.state.step == 3 and dist.get_rank() == drift_rank:
+            if trainer.state.step == drift_step and dist.get_rank() == drift_rank:
                 with torch.no_grad():
                     trainer.engine.module.get_parameter(param)[0] += 1e-3
 

@@ -98,15 +98,23 @@ def test_moe_metrics_reach_the_jsonl_with_the_load_of_every_block(runs):
 SAVE = ["train.steps=6", "checkpoint.interval=3", "checkpoint.keep_last=0", "train.eval_interval=0"]
 
 
-def test_ep2_resume_is_bitwise_the_uninterrupted_run_router_bias_included(tmp_path):
+@pytest.mark.parametrize(
+    ("processes", "layout"),
+    [(2, ["parallel.ep=2"]), (4, ["parallel.ep=2", "parallel.pp=2", *FOUR_BLOCKS])],
+    ids=["ep2", "ep2-pp2"],
+)
+def test_ep_resume_is_bitwise_the_uninterrupted_run_router_bias_included(processes, layout, tmp_path):
     """Exact resume with expert parallelism: each rank's experts (fp32 masters and Adam moments in
     its ZeRO partition file) and the routers' bias (moved every step by bias_update_rate) come back."""
-    layout = [*MOE, *SAVE, "parallel.ep=2"]
-    source = step_records(run_distributed(train_and_read_metrics, 2, layout, str(tmp_path / "a"))[0])
+    layout = [*MOE, *SAVE, *layout]
+    source = step_records(run_distributed(train_and_read_metrics, processes, layout, str(tmp_path / "a"))[0])
     checkpoint = tmp_path / "a" / "checkpoints" / "step00000003"
     resumed = step_records(
         run_distributed(
-            train_and_read_metrics, 2, [*layout, f"checkpoint.resume={checkpoint}"], str(tmp_path / "b")
+            train_and_read_metrics,
+            processes,
+            [*layout, f"checkpoint.resume={checkpoint}"],
+            str(tmp_path / "b"),
         )[0]
     )
     uninterrupted = {r["step"]: r for r in source}
@@ -129,3 +137,19 @@ def test_resharding_an_moe_checkpoint_is_refused_with_the_layout_to_use(tmp_path
     )
     assert "resharding MoE checkpoints is not supported yet" in message
     assert "expert-parallel 2" in message and "parallel.ep" in message
+
+
+def test_replica_check_compares_expert_slices_only_where_they_are_copies(tmp_path):
+    """DP 4 x EP 2: the experts differ between the two expert-parallel ranks by design (not reported);
+    a drift of one rank's expert slice is reported against its expert-data-parallel peer. (Drifted
+    after step 4's update, just before its check: ZeRO rewrites the module weights from the fp32
+    masters at every step.)"""
+    from parallel_checks import replica_check_after_drift
+
+    expert = "blocks.1.mlp.experts.gate_proj"
+    records = run_distributed(
+        replica_check_after_drift, 4, [*MOE, "parallel.ep=2"], str(tmp_path), 0, expert, 4
+    )[0]
+    by_step = {r["step"]: r["replica_divergence"] for r in records}
+    assert by_step[2] == []
+    assert len(by_step[4]) == 1 and by_step[4][0].startswith(f"{expert}: expert-data-parallel copies differ")

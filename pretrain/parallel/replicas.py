@@ -74,7 +74,11 @@ def check_replicas(module: nn.Module, ctx: ParallelContext) -> list[str]:
     Collective over the world: every rank must call it at the same step."""
     # ZeRO-3 parameters are partitioned: each rank holds a different piece.
     named = [(n, p) for n, p in module.named_parameters() if not compat.is_zero3_partitioned(p)]
-    problems = _differing(named, ctx.dp_group, "data-parallel")
+    # Expert slices are copies only over the ranks holding the same experts (expert-data-parallel).
+    experts = [(n, p) for n, p in named if compat.is_expert_parameter(p)]
+    dense = [(n, p) for n, p in named if not compat.is_expert_parameter(p)]
+    problems = _differing(dense, ctx.dp_group, "data-parallel")
+    problems += _differing(experts, ctx.expert_dp_group, "expert-data-parallel")
     replicated = [(n, p) for n, p in named if not compat.is_tensor_parallel(p)]
     problems += _differing(replicated, ctx.tp_group, "tensor-parallel")
     for name, param, group in compat.tied_weights(module):

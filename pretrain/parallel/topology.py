@@ -33,6 +33,7 @@ class ParallelContext:
     ep: int = 1  # expert-parallel degree (taken from the data-parallel ranks)
     ep_rank: int = 0
     ep_group: Any = None  # DeepSpeed's expert-parallel group of this rank (None when ep == 1)
+    expert_dp_group: Any = None  # the ranks holding the same experts (None when ep == 1)
 
     @property
     def is_first_stage(self) -> bool:
@@ -102,7 +103,7 @@ def _with_experts(ctx: ParallelContext, ep: int) -> ParallelContext:
         return ctx
     from pretrain.deepspeed_compat import create_expert_groups
 
-    ctx.ep_group, _ = create_expert_groups(ep, ctx.grid)
+    ctx.ep_group, ctx.expert_dp_group = create_expert_groups(ep, ctx.grid)
     ctx.ep = ep
     ctx.ep_rank = dist.get_rank(group=ctx.ep_group)
     return ctx

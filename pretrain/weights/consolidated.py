@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from pretrain.config import ModelConfig
+from pretrain.config import ModelConfig, MoEConfig
 from pretrain.errors import ConfigError
 from pretrain.model.names import VOCAB_PARAMETERS, layer_name, parameter_shapes
 from pretrain.model.transformer import build_layer, layer_kind
@@ -58,6 +58,14 @@ def model_config_from_dict(data: dict[str, Any], where: str) -> ModelConfig:
         raise ConfigError(
             [f"{where}: unknown model config keys {unknown}; was it written by a newer version?"]
         )
+    moe = data.get("moe", {})
+    if isinstance(moe, dict):
+        moe_known = {f.name for f in dataclasses.fields(MoEConfig)}
+        if unknown := sorted(set(moe) - moe_known):
+            raise ConfigError(
+                [f"{where}: unknown model.moe keys {unknown}; was it written by a newer version?"]
+            )
+        data = {**data, "moe": MoEConfig(**moe)}
     return ModelConfig(**data)
 
 
