@@ -64,11 +64,11 @@ def test_sigmoid_router_normalises_and_scales_the_selected_scores():
     assert (scores > 0).all() and (scores < 1).all()
 
 
-def test_aux_loss_is_one_for_a_perfectly_balanced_uniform_router():
-    """E/(kT) sum_i count_i P_i: uniform probabilities and equal counts give exactly 1."""
+def test_aux_and_z_loss_follow_their_formulas_for_a_uniform_router():
+    """Uniform probabilities (P_i = 1/E): the aux loss is E/(kT) sum_i count_i / E for the counts the
+    router chose, and the z-loss is logsumexp(0, ..., 0)^2 = log(E)^2."""
     block = _block()
     torch.nn.init.zeros_(block.router.weight)  # all scores equal: uniform probabilities
-    block.router.expert_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 0.0]))
     x = torch.randn(1, 8, 32)
     routing, logits, scores = block.router(x.reshape(-1, 32))
     aux, z_loss = block._balancing_losses(routing, logits, scores, batch=1)
