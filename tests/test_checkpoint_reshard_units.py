@@ -22,7 +22,7 @@ def write(folder, name, shape):
 
 
 def layout(tp, tp_rank):
-    return SimpleNamespace(padded_vocab_size=PADDED), SimpleNamespace(tp=tp, tp_rank=tp_rank)
+    return SimpleNamespace(padded_vocab_size=PADDED), SimpleNamespace(tp=tp, tp_rank=tp_rank, ep=1, ep_rank=0)
 
 
 def padded(full):

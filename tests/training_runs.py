@@ -262,11 +262,15 @@ def threads_after_close(overrides: list[str], run_dir: str) -> dict[str, list[st
     return {"before": before, "after": names()}
 
 
-def resume_and_compare_with_cache(overrides: list[str], run_dir: str) -> dict[str, Any]:
+def resume_and_compare_with_cache(
+    overrides: list[str], run_dir: str, then_train: bool = False
+) -> dict[str, Any]:
     """Build the real trainer, which resumes (resharded) from checkpoint.resume in overrides, train
     nothing; return this rank's bytes read from the cache and, per kind, how many of its parameters'
     full fp32 master / moments (gathered through DeepSpeed's public getters) or module weights differ
-    from the cache's tensors (read independently: whole, vocabulary padded, TP-sliced)."""
+    from the cache's tensors (read independently: whole, vocabulary padded, TP-sliced, a routed
+    expert's EP slice), and how many persistent buffers (MoE router bias) differ. With `then_train`,
+    train on to the end and return rank 0's metrics records too."""
     import deepspeed
     import torch
     import torch.distributed as dist
@@ -275,7 +279,7 @@ def resume_and_compare_with_cache(overrides: list[str], run_dir: str) -> dict[st
 
     from pretrain.checkpoint.reshard import last_cache_reads
     from pretrain.config import load_config
-    from pretrain.model.names import VOCAB_PARAMETERS
+    from pretrain.model.names import VOCAB_PARAMETERS, buffer_shapes, is_routed_expert
     from pretrain.parallel import init_distributed
     from pretrain.parallel.pipeline import plain_parameter_name
     from pretrain.parallel.tensor_parallel import shard
@@ -301,6 +305,9 @@ def resume_and_compare_with_cache(overrides: list[str], run_dir: str) -> dict[st
                     [full, full.new_zeros(cfg.padded_vocab_size - full.shape[0], *full.shape[1:])]
                 )
             dim = partition_dim(name)
+            if ctx.ep > 1 and is_routed_expert(name):
+                per_rank = full.shape[0] // ctx.ep
+                full = full.narrow(0, ctx.ep_rank * per_rank, per_rank)
             expected[kind] = shard(full, dim, ctx.tp_rank, ctx.tp) if dim is not None and ctx.tp > 1 else full
         got = {
             "fp32": safe_get_full_fp32_param(param),
@@ -316,13 +323,28 @@ def resume_and_compare_with_cache(overrides: list[str], run_dir: str) -> dict[st
         with deepspeed.zero.GatheredParameters([param], enabled=hasattr(param, "ds_id")):
             module = param.detach().clone()
         differ["module"] += not torch.equal(module, expected["fp32"].to(module.dtype).view_as(module))
+    buffers = buffer_shapes(cfg.model)
+    if buffers:
+        cached = load_file(str(cache / "buffers.safetensors"))
+        differ["buffers"] = 0
+        for module_name, buffer in ds.module.named_buffers():
+            name = plain_parameter_name(cfg.model, module_name, ctx.pp > 1)
+            if name in buffers:
+                differ["buffers"] += not torch.equal(buffer, cached[name])
     reads = last_cache_reads()
-    return {
+    result = {
         "differ": differ,
         "reads": reads.as_dict() if reads else None,
         "held": held,
         "rank": dist.get_rank(),
     }
+    if then_train:
+        trainer.fit()
+        path = Path(run_dir) / "metrics.jsonl"
+        result["records"] = (
+            [json.loads(line) for line in path.read_text().splitlines()] if dist.get_rank() == 0 else []
+        )
+    return result
 
 
 def _optimizer_partition_numel(param: Any) -> int:

@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 
 from pretrain.config import Config
 from pretrain.errors import CheckpointError
-from pretrain.model.names import VOCAB_PARAMETERS
+from pretrain.model.names import VOCAB_PARAMETERS, is_routed_expert
 from pretrain.parallel.topology import ParallelContext
 from pretrain.parallel.tp_plan import partition_dim
 
@@ -67,7 +67,8 @@ class CacheReads:
 
 @dataclass(frozen=True)
 class TensorSlice:
-    """Where this rank's TP slice of a parameter lies in the padded full tensor."""
+    """Where this rank's TP slice (or, for a routed expert weight under expert parallelism, its EP
+    slice) of a parameter lies in the padded full tensor."""
 
     shape: tuple[int, ...]  # the TP slice's shape (vocabulary padded)
     dim: int | None  # the TP plan's split dimension (None: the whole tensor)
@@ -78,6 +79,9 @@ class TensorSlice:
         shape = list(full_shape)
         if name in VOCAB_PARAMETERS:
             shape[0] = cfg.padded_vocab_size
+        if ctx.ep > 1 and is_routed_expert(name):  # this EP rank's experts (routed experts have no TP split)
+            shape[0] //= ctx.ep
+            return cls(tuple(shape), 0, ctx.ep_rank * shape[0])
         dim = partition_dim(name) if ctx.tp > 1 else None
         offset = 0
         if dim is not None:

@@ -39,7 +39,13 @@ from pretrain import deepspeed_compat as compat
 from pretrain.checkpoint.optimizer_files import FlatPartitions, Fp16OptimizerMasters, TorchOptimizerState
 from pretrain.config import Config
 from pretrain.errors import ConversionError
-from pretrain.model.names import VOCAB_PARAMETERS, layer_name, layer_parameters
+from pretrain.model.names import (
+    VOCAB_PARAMETERS,
+    is_routed_expert,
+    layer_buffers,
+    layer_name,
+    layer_parameters,
+)
 from pretrain.model.transformer import num_layers
 from pretrain.parallel.partition import partition_layers
 from pretrain.parallel.pipeline import plain_parameter_name
@@ -75,9 +81,10 @@ class Layout:
     pp: int
     dp: int
     zero_stage: int
+    ep: int = 1
 
     def describe(self) -> str:
-        return describe_layout(self.dp, self.tp, self.pp, self.zero_stage)
+        return describe_layout(self.dp, self.tp, self.pp, self.zero_stage, ep=self.ep)
 
 
 _Partitions = FlatPartitions | Fp16OptimizerMasters | TorchOptimizerState
@@ -110,7 +117,7 @@ class DeepSpeedCheckpoint:
             raise ConversionError(
                 f"{first}: the files and the saved DeepSpeed config disagree on the ZeRO stage"
             )
-        self.layout = Layout(tp, pp, int(states.get(compat.Keys.DP_WORLD_SIZE, 1)), zero_stage)
+        self.layout = Layout(tp, pp, int(states.get(compat.Keys.DP_WORLD_SIZE, 1)), zero_stage, par.ep)
         self.step = int(states.get("step", states.get(compat.Keys.GLOBAL_STEPS, 0)))
         self.tokens_seen = states.get("tokens_seen")
         self.masters = self.layout.zero_stage == 3 or self._module_dtype() != torch.float32
@@ -203,7 +210,12 @@ class DeepSpeedCheckpoint:
             flat: _Partitions
             if files[0].is_file():
                 flat = FlatPartitions(
-                    states[compat.Keys.PARAM_SHAPES], files, self.layout.zero_stage, self._load, kind
+                    states[compat.Keys.PARAM_SHAPES],
+                    files,
+                    self.layout.zero_stage,
+                    self._load,
+                    kind,
+                    self.layout.ep,
                 )
             elif compat.Keys.FP16_MASTERS in optimizer:
                 if kind != "fp32":
@@ -249,7 +261,10 @@ class DeepSpeedCheckpoint:
 
     def _shard(self, name: str, shape: torch.Size, index: int, tp_rank: int, kind: str) -> torch.Tensor:
         """This TP rank's piece of parameter `name` (of layer `index`), vocabulary padded as trained."""
-        if self.masters or kind != "fp32":
+        # Under expert parallelism the module file holds DP rank 0's experts only; every EP rank's
+        # fp32 masters are in its ZeRO partition files (ZeRO 1-2 only: the config refuses others).
+        experts_split = self.layout.ep > 1 and is_routed_expert(name)
+        if self.masters or kind != "fp32" or experts_split:
             names = self._plain_name_index(kind)
             if (name, tp_rank) not in names:
                 raise ConversionError(
@@ -279,6 +294,21 @@ class DeepSpeedCheckpoint:
                 f"{self.dir}: {name} is missing from the module weights of TP rank {tp_rank}"
             )
         return tensors[key]
+
+    def buffer(self, index: int, name: str) -> torch.Tensor:
+        """Persistent buffer `name` of layer `index` (a router's balancing bias): the same on every
+        rank, read from the module weights of TP rank 0."""
+        return self._module_shard(name, index, 0).float()
+
+    def stored_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """What consolidated weights hold (`pretrain.model.names.stored_shapes`): each layer's fp32
+        masters, then its persistent buffers."""
+        buffers = dict(layer_buffers(self.cfg.model))
+        for index, params in layer_parameters(self.cfg.model):
+            for name, shape in params:
+                yield name, self.tensor(index, name, shape)
+            for name, _ in buffers[index]:
+                yield name, self.buffer(index, name)
 
     def tensors(self, kind: str = "fp32") -> Iterator[tuple[str, torch.Tensor]]:
         """(plain name, full unpadded tensor) for every stored parameter, in layer order: the fp32

@@ -14,6 +14,8 @@ import torch
 from pretrain import deepspeed_compat as compat
 from pretrain.errors import ConversionError
 
+_Piece = tuple[int, int, int, int]  # (rank, group, start, stop) in that rank's flat buffer of the group
+
 
 class FlatPartitions:
     """One model-parallel rank's flat fp32 buffers split over data-parallel ranks, indexed by name.
@@ -35,14 +37,18 @@ class FlatPartitions:
         zero_stage: int,
         load: Callable[[Path], dict[str, Any]],
         kind: str = "fp32",
+        ep: int = 1,
     ):
         states = [load(p)[compat.OPTIMIZER_STATE_KEY] for p in rank_files]
+        self.states = states
         # [rank][group]
         self.groups: list[list[torch.Tensor]] = [
             _flat_buffers(s, zero_stage, kind, path) for s, path in zip(states, rank_files, strict=True)
         ]
         # name -> pieces (rank, group, start, stop) whose concatenation is the parameter (+ padding)
-        self.pieces: dict[str, list[tuple[int, int, int, int]]] = {}
+        self.pieces: dict[str, list[_Piece]] = {}
+        # routed experts under expert parallelism: name -> per EP rank, the pieces of its slice
+        self.experts: dict[str, list[list[_Piece]]] = {}
         if param_shapes is None:
             for rank, state in enumerate(states):
                 for group, mapping in enumerate(state.get(compat.Keys.SLICE_MAPPINGS) or []):
@@ -56,7 +62,7 @@ class FlatPartitions:
         elif zero_stage == 3:
             self._index_zero3(param_shapes, rank_files[0])
         else:
-            self._index_zero12(param_shapes, states[0].get(compat.Keys.ALIGNMENT_PADDINGS), rank_files[0])
+            self._index_zero12(param_shapes, states, rank_files, ep)
 
     def _index_zero3(self, param_shapes: list[dict[str, torch.Size]], path: Path) -> None:
         sizes = [g.numel() for g in self.groups[0]]
@@ -73,30 +79,74 @@ class FlatPartitions:
         _check(offset, sum(sizes), path)
 
     def _index_zero12(
-        self, param_shapes: list[dict[str, torch.Size]], paddings: list[list[int]] | None, path: Path
+        self,
+        param_shapes: list[dict[str, torch.Size]],
+        states: list[dict[str, Any]],
+        files: list[Path],
+        ep: int,
     ) -> None:
+        """Each group's flat buffer is split over its ranks: all data-parallel ranks, but for an expert
+        group (expert parallelism) each EP rank's experts are their own buffer, split over the ranks
+        holding those experts: data-parallel ranks e, e + ep, ... for EP rank e (DeepSpeed's
+        expert-data-parallel groups; `pretrain.parallel.topology` checks the layout)."""
+        paddings = states[0].get(compat.Keys.ALIGNMENT_PADDINGS)
+        expert_groups = compat.expert_optimizer_groups(states[0]) if ep > 1 else set()
         for group, shapes in enumerate(param_shapes):
-            size = self.groups[0][group].numel()  # every rank's partition of a group has this size
-            offset = 0
-            for i, (name, shape) in enumerate(shapes.items()):
-                numel = shape.numel()
-                self.pieces[name] = [
-                    (
-                        rank,
-                        group,
-                        max(offset, rank * size) - rank * size,
-                        min(offset + numel, (rank + 1) * size) - rank * size,
-                    )
-                    for rank in range(offset // size, (offset + numel - 1) // size + 1)
-                ]
-                offset += numel + (paddings[group][i] if paddings else 0)
-            _check(offset, size * len(self.groups), path)
+            if group not in expert_groups:
+                self.pieces.update(
+                    self._group_pieces(group, shapes, paddings, list(range(len(files))), files)
+                )
+                continue
+            for e in range(ep):
+                pieces = self._group_pieces(group, shapes, paddings, list(range(e, len(files), ep)), files)
+                for name, piece in pieces.items():
+                    self.experts.setdefault(name, []).append(piece)
+
+    def _group_pieces(
+        self,
+        group: int,
+        shapes: dict[str, torch.Size],
+        paddings: list[list[int]] | None,
+        ranks: list[int],
+        files: list[Path],
+    ) -> dict[str, list[_Piece]]:
+        size = self.groups[ranks[0]][group].numel()  # every rank's partition of a group has this size
+        counts = compat.partition_counts(self.states[ranks[0]])
+        if counts is not None and counts[group] != len(ranks):
+            raise ConversionError(
+                f"{files[ranks[0]]}: parameter group {group} is split over {counts[group]} ranks, the config's "
+                f"layout splits it over {len(ranks)}; the config (parallel.ep) does not belong to this checkpoint"
+            )
+        out, offset = {}, 0
+        for i, (name, shape) in enumerate(shapes.items()):
+            numel = shape.numel()
+            out[name] = [
+                (
+                    ranks[p],
+                    group,
+                    max(offset, p * size) - p * size,
+                    min(offset + numel, (p + 1) * size) - p * size,
+                )
+                for p in range(offset // size, (offset + numel - 1) // size + 1)
+            ]
+            offset += numel + (paddings[group][i] if paddings else 0)
+        _check(offset, size * len(ranks), files[ranks[0]])
+        return out
 
     def names(self) -> list[str]:
-        return list(self.pieces)
+        return [*self.pieces, *self.experts]
 
     def get(self, name: str, shape: torch.Size) -> torch.Tensor:
-        flat = torch.cat([self.groups[r][g][a:b] for r, g, a, b in self.pieces[name]])
+        """The parameter `name` of (training) `shape`; routed experts split over EP ranks come back
+        whole, their slices concatenated along the expert dimension."""
+        if name in self.experts:
+            slices = self.experts[name]
+            slice_shape = torch.Size([shape[0] // len(slices), *shape[1:]])
+            return torch.cat([self._gather(name, pieces, slice_shape) for pieces in slices])
+        return self._gather(name, self.pieces[name], shape)
+
+    def _gather(self, name: str, pieces: list[_Piece], shape: torch.Size) -> torch.Tensor:
+        flat = torch.cat([self.groups[r][g][a:b] for r, g, a, b in pieces])
         if flat.numel() < shape.numel():
             raise ConversionError(
                 f"{name}: the optimizer partitions hold {flat.numel()} elements, the model needs {list(shape)}; "

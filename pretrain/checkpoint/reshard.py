@@ -19,6 +19,11 @@ what this rank's fp32 partition holds (DeepSpeed's tensor-fragment mapping, via
 | ZeRO 1-2, bf16 optimizer | all (the module weights are replicated over DP) | its fragment (about 1/dp) | from the master |
 | ZeRO-0, fp32 | all (it is the module weight) | all (torch's AdamW is replicated) | the master |
 
+Under expert parallelism a rank's slice of a routed expert weight is its EP rank's experts (a range
+of rows along the expert dimension), read like a TP slice; the cache holds every expert whole,
+gathered from the EP ranks' ZeRO partition files. Persistent buffers (the MoE routers' balancing
+bias) are one small file, `buffers.safetensors`, read whole by every rank.
+
 So under ZeRO-3 the ranks together read the cache about once, not DP times; `last_cache_reads()`
 gives the bytes this process read, which the resume's log line also reports.
 """
@@ -29,6 +34,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import save
 
 from pretrain import deepspeed_compat as compat
@@ -39,11 +45,12 @@ from pretrain.checkpoint.manifest import FileEntry, Manifest, check_sizes, read_
 from pretrain.checkpoint.resume import ResumePoint
 from pretrain.config import Config
 from pretrain.errors import CheckpointError
-from pretrain.model.names import layer_parameters
+from pretrain.model.names import buffer_shapes, layer_buffers, layer_parameters
 from pretrain.parallel.pipeline import plain_parameter_name
 from pretrain.parallel.topology import ParallelContext
 
 CACHE_DIR = "universal"
+BUFFERS_FILE = "buffers.safetensors"  # the persistent buffers (MoE routers' bias), one small file
 _last_reads: CacheReads | None = None
 
 
@@ -110,6 +117,12 @@ def _convert_share(point: ResumePoint, out: Path, rank: int, world_size: int) ->
         file = f"{name}.safetensors"
         size, checksum = write_bytes_durably(out / file, save(tensors))
         entries[file] = FileEntry(size, checksum)
+    buffers = {
+        name: checkpoint.buffer(i, name) for i, bs in layer_buffers(point.config.model) for name, _ in bs
+    }
+    if buffers and rank == 0:
+        size, checksum = write_bytes_durably(out / BUFFERS_FILE, save(buffers))
+        entries[BUFFERS_FILE] = FileEntry(size, checksum)
     return entries
 
 
@@ -139,8 +152,32 @@ def load_universal(
             with CacheFile(cache, name, expected[name], reads) as file:
                 _load_parameter(ds_engine, param, file, part, adam_step)
     compat.set_adam_step(ds_engine.optimizer, adam_step)
+    _load_buffers(ds_engine, cfg, ctx, cache)
     _last_reads = reads
     return reads
+
+
+def _load_buffers(ds_engine: Any, cfg: Config, ctx: ParallelContext, cache: Path) -> None:
+    """The persistent buffers this rank's module holds (replicated: each is read whole)."""
+    from safetensors import SafetensorError, safe_open
+
+    expected = buffer_shapes(cfg.model)
+    live = {}
+    for module_name, buffer in ds_engine.module.named_buffers():
+        name = plain_parameter_name(cfg.model, module_name, ctx.pp > 1)
+        if name in expected:
+            live[name] = buffer
+    if not live:
+        return
+    path = cache / BUFFERS_FILE
+    try:
+        with safe_open(str(path), framework="pt") as file, torch.no_grad():
+            for name, buffer in live.items():
+                buffer.copy_(file.get_tensor(name).to(buffer.device, buffer.dtype))
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise CheckpointError(
+            f"{path} cannot be read ({e}); delete {cache} and resume again to rebuild the resharding cache"
+        ) from e
 
 
 def _load_parameter(ds_engine: Any, param: Any, file: CacheFile, part: TensorSlice, adam_step: int) -> None:

@@ -264,15 +264,6 @@ class CheckpointStore:
         from pretrain.checkpoint.reshard import ensure_universal, load_universal
 
         saved = point.state["layout"]
-        if saved.get("moe") or self.layout.get("moe"):
-            # The layout-free cache holds parameters only: expert slices spread over EP ranks' ZeRO
-            # partitions and the routers' bias buffers are not in it yet (docs/MOE.md).
-            raise CheckpointError(
-                f"{point.folder} is a mixture-of-experts checkpoint saved in another layout "
-                f"({_describe(saved)}, expert-parallel {saved.get('ep', 1)}); resharding MoE checkpoints is not "
-                f"supported yet: resume it in its own layout (the same world size, parallel.tp, parallel.pp, "
-                f"parallel.ep, parallel.zero_stage and precision)"
-            )
         if saved["precision"] == "fp16" and saved["zero_stage"] == 0:
             raise CheckpointError(
                 f"{point.folder} was saved with fp16 and ZeRO-0, whose optimizer state cannot be resharded; "
@@ -285,5 +276,10 @@ class CheckpointStore:
 
 def _describe(layout: dict[str, Any]) -> str:
     return describe_layout(
-        layout["dp"], layout["tp"], layout["pp"], layout["zero_stage"], layout["precision"]
+        layout["dp"],
+        layout["tp"],
+        layout["pp"],
+        layout["zero_stage"],
+        layout["precision"],
+        layout.get("ep", 1),
     )

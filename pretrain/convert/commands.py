@@ -28,7 +28,7 @@ from pretrain.convert.hf import (
 )
 from pretrain.convert.source import Weights, open_weights
 from pretrain.errors import ConversionError
-from pretrain.model.names import parameter_shapes
+from pretrain.model.names import parameter_shapes, stored_shapes
 from pretrain.provenance import code_version
 from pretrain.weights.consolidated import WEIGHTS_FILE, model_config_to_json, write_consolidated
 from pretrain.weights.safetensors_io import SafetensorsWriter, parse_size, plan_shards, shard_file_names
@@ -229,9 +229,9 @@ def _max_positions(weights: Weights) -> int:
 def _refuse_mixture_of_experts(model: Any, command: str) -> None:
     if model.moe.enabled:
         raise ConversionError(
-            f"{command} of a mixture-of-experts model is not supported yet (its experts are spread over the "
-            "expert-parallel ranks' ZeRO partitions, which the checkpoint reader does not gather yet; "
-            "docs/MOE.md, 'Not yet'); nothing was written"
+            f"{command} of a mixture-of-experts model is not supported yet (no mapping onto a Hugging Face "
+            "MoE class yet; docs/MOE.md, 'Not yet'); nothing was written. `python -m pretrain.convert to-fp32` "
+            "consolidates it into this framework's own weights file"
         )
 
 
@@ -244,12 +244,11 @@ def to_fp32(
     if output.suffix != ".safetensors":
         raise ConversionError(f"--output {output} should end in .safetensors")
     weights = open_weights(checkpoint, config)
-    _refuse_mixture_of_experts(weights.model, "to-fp32")
     tmp = _fresh_output(output, overwrite)
     provenance = {**weights.provenance, "consolidated_with": code_version()}
     if weights.config is not None:
         provenance["max_position_embeddings"] = weights.config.train.seq_len
-    count = len(parameter_shapes(weights.model))
+    count = len(stored_shapes(weights.model))
     try:
         write_consolidated(
             tmp, weights.model, _Progress(count, "consolidated").wrap(weights.tensors()), provenance

@@ -83,7 +83,8 @@ def run_config(step_dir: Path, config_path: str | Path | None = None) -> Config:
 
 @dataclass
 class Weights:
-    """A model's full fp32 weights, available as a stream of (plain name, unpadded tensor)."""
+    """A model's full fp32 weights, available as a stream of (plain name, unpadded tensor): the
+    parameters and persistent buffers (`pretrain.model.names.stored_shapes`)."""
 
     model: ModelConfig
     provenance: dict[str, Any]
@@ -128,4 +129,4 @@ def open_weights(path: str | Path, config_path: str | Path | None = None) -> Wei
         "precision": summary.get("precision", cfg.train.precision),
         "weights": checkpoint.source,
     }
-    return Weights(cfg.model, provenance, cfg, run_dir, checkpoint.tensors)
+    return Weights(cfg.model, provenance, cfg, run_dir, checkpoint.stored_tensors)

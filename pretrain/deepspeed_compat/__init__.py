@@ -284,6 +284,20 @@ def base_optimizer_key(zero_stage: int) -> str:
     return "optimizer_state_dict" if zero_stage == 3 else "base_optimizer_state"
 
 
+def expert_optimizer_groups(optimizer_state: dict[str, Any]) -> set[int]:
+    """Indices of the MoE parameter groups (`expert_parameter_group`) in a ZeRO 1-2 optimizer file's
+    state: their flat buffers hold one EP rank's experts, split over its expert-data-parallel ranks."""
+    groups = (optimizer_state.get(base_optimizer_key(1)) or {}).get("param_groups") or []
+    return {i for i, group in enumerate(groups) if group.get("moe")}
+
+
+def partition_counts(optimizer_state: dict[str, Any]) -> list[int] | None:
+    """Over how many ranks each parameter group's flat buffer is split (ZeRO 1-2 files; None when
+    not saved)."""
+    counts = optimizer_state.get("partition_count")
+    return [int(c) for c in counts] if isinstance(counts, list | tuple) else None
+
+
 def universal_checkpoint_keys() -> Any:
     """The module of key names DeepSpeed's universal-checkpoint tools (`ds_to_universal`) read."""
     from deepspeed.checkpoint import constants

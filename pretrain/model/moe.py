@@ -180,7 +180,9 @@ class MoEStatistics:
     """What the blocks measured since the trainer last read it (training forwards only, each once)."""
 
     def __init__(self, num_experts: int):
-        self.tokens_per_expert = torch.zeros(num_experts, dtype=torch.float64)
+        # On the host whatever device the module is built under (a model built on the meta device
+        # and materialised later would otherwise keep a meta counter).
+        self.tokens_per_expert = torch.zeros(num_experts, dtype=torch.float64, device="cpu")
         # Device tensors once a forward has added to them (read on the host once per step).
         self.aux_loss: torch.Tensor | float = 0.0
         self.z_loss: torch.Tensor | float = 0.0

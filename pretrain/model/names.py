@@ -21,10 +21,23 @@ def layer_name(cfg: ModelConfig, index: int) -> str:
     return f"blocks.{index - 1}" if kind == "block" else kind
 
 
-def layer_parameters(cfg: ModelConfig) -> list[tuple[int, list[tuple[str, torch.Size]]]]:
+LayerTensors = list[tuple[int, list[tuple[str, torch.Size]]]]
+
+
+def layer_parameters(cfg: ModelConfig) -> LayerTensors:
     """(layer index, [(parameter name, unpadded shape), ...]) for every layer, in layer order; the
     tied output layer has no parameters of its own."""
-    out: list[tuple[int, list[tuple[str, torch.Size]]]] = []
+    return _layer_tensors(cfg, buffers=False)
+
+
+def layer_buffers(cfg: ModelConfig) -> LayerTensors:
+    """(layer index, [(buffer name, shape), ...]) of the persistent buffers, state that is not
+    trained by the optimizer but survives a restart (the MoE routers' balancing bias)."""
+    return _layer_tensors(cfg, buffers=True)
+
+
+def _layer_tensors(cfg: ModelConfig, buffers: bool) -> LayerTensors:
+    out: LayerTensors = []
     with torch.device("meta"):
         for index in range(num_layers(cfg)):
             prefix = layer_name(cfg, index)
@@ -32,10 +45,33 @@ def layer_parameters(cfg: ModelConfig) -> list[tuple[int, list[tuple[str, torch.
                 out.append((index, []))
                 continue
             layer = build_layer(cfg, index, cfg.vocab_size, seed=0)
-            out.append((index, [(f"{prefix}.{name}", p.shape) for name, p in layer.named_parameters()]))
+            params = dict(layer.named_parameters())
+            tensors = (
+                [(n, t) for n, t in layer.state_dict().items() if n not in params]
+                if buffers
+                else params.items()
+            )
+            out.append((index, [(f"{prefix}.{name}", t.shape) for name, t in tensors]))
     return out
 
 
 def parameter_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
-    """Every stored tensor's name and unpadded shape, in layer order."""
+    """Every parameter's name and unpadded shape, in layer order."""
     return {name: shape for _, params in layer_parameters(cfg) for name, shape in params}
+
+
+def buffer_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
+    """Every persistent buffer's name and shape, in layer order (none in a dense model)."""
+    return {name: shape for _, buffers in layer_buffers(cfg) for name, shape in buffers}
+
+
+def stored_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
+    """What consolidated weights hold: each layer's parameters, then its persistent buffers."""
+    params, buffers = layer_parameters(cfg), dict(layer_buffers(cfg))
+    return {name: shape for index, ps in params for name, shape in [*ps, *buffers[index]]}
+
+
+def is_routed_expert(name: str) -> bool:
+    """Whether `name` is a stacked routed-expert weight (experts, out, in), which expert parallelism
+    splits along its first dimension."""
+    return ".mlp.experts." in name

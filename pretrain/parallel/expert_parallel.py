@@ -152,7 +152,8 @@ class ExpertWeights:
                 p.copy_(state[name].to(p.device, p.dtype))
 
     def start_fresh(self, step: int) -> None:
-        """Nothing to derive: a resume in another layout is refused for MoE checkpoints (resharding)."""
+        """Nothing to derive: a resume in another layout (resharding) sets every expert's module
+        weight from its fp32 master in the layout-free cache."""
 
 
 def expert_weights(module: nn.Module) -> ExpertWeights | None:

@@ -106,6 +106,17 @@ def _with_experts(ctx: ParallelContext, ep: int) -> ParallelContext:
     ctx.ep_group, ctx.expert_dp_group = create_expert_groups(ep, ctx.grid)
     ctx.ep = ep
     ctx.ep_rank = dist.get_rank(group=ctx.ep_group)
+    # Checkpoint readers find EP rank e's experts in the files of data-parallel ranks e, e + ep, ...
+    # (pretrain.checkpoint.optimizer_files): DeepSpeed's expert-then-data layout, checked here.
+    expected = (ctx.dp_rank % ep, ctx.dp_rank // ep)
+    if (ctx.ep_rank, dist.get_rank(group=ctx.expert_dp_group)) != expected:
+        from pretrain.deepspeed_compat import DeepSpeedIncompatible
+
+        raise DeepSpeedIncompatible(
+            f"expert-parallel layout placing data-parallel rank {ctx.dp_rank} at expert-parallel rank "
+            f"{expected[0]}, expert-data-parallel rank {expected[1]}",
+            "expert groups",
+        )
     return ctx
 
 

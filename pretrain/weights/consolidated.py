@@ -8,6 +8,8 @@ was trained in. `to-fp32` writes it, `from-hf` writes it, and the trainer starts
   (padding depends on the layout and is added back when loading).
 - Tied embeddings are stored once, as `embedding.weight`; there is no `head.weight` and the model
   config says `tie_embeddings: true`.
+- Persistent buffers follow their layer's parameters (a mixture of experts' router bias:
+  `blocks.N.mlp.router.expert_bias`, which decides routing and so belongs to the weights).
 - The header's `__metadata__` holds the model config (`pretrain.model_config`, JSON of `ModelConfig`)
   and where the weights came from (`pretrain.provenance`), so the file describes itself.
 
@@ -26,7 +28,7 @@ import torch
 
 from pretrain.config import ModelConfig, MoEConfig
 from pretrain.errors import ConfigError
-from pretrain.model.names import VOCAB_PARAMETERS, layer_name, parameter_shapes
+from pretrain.model.names import VOCAB_PARAMETERS, layer_name, stored_shapes
 from pretrain.model.transformer import build_layer, layer_kind
 
 FORMAT = "pretrain-consolidated-v1"
@@ -44,7 +46,23 @@ ARCHITECTURE_FIELDS = (
     "rope_theta",
     "tie_embeddings",
 )
-_OVERRIDE_KEY = {"kv_heads": "num_kv_heads", "ffn_size": "ffn_hidden_size"}
+# Of a mixture of experts (compared when either model has one; the balancing coefficients only
+# steer training).
+MOE_ARCHITECTURE_FIELDS = (
+    "moe.num_experts",
+    "moe.top_k",
+    "expert_ffn_size",
+    "moe.num_shared_experts",
+    "moe.first_dense_layers",
+    "moe.score_func",
+    "moe.normalize_top_k",
+    "moe.route_scale",
+)
+_OVERRIDE_KEY = {
+    "kv_heads": "num_kv_heads",
+    "ffn_size": "ffn_hidden_size",
+    "expert_ffn_size": "moe.expert_ffn_hidden_size",
+}
 
 
 def model_config_to_json(cfg: ModelConfig) -> str:
@@ -72,8 +90,9 @@ def model_config_from_dict(data: dict[str, Any], where: str) -> ModelConfig:
 def architecture_differences(saved: ModelConfig, wanted: ModelConfig) -> list[str]:
     """Each architectural field where the two disagree, with the override that makes `wanted` match."""
     problems = []
-    for name in ARCHITECTURE_FIELDS:
-        have, want = getattr(saved, name), getattr(wanted, name)
+    moe = MOE_ARCHITECTURE_FIELDS if saved.moe.enabled or wanted.moe.enabled else ()
+    for name in (*ARCHITECTURE_FIELDS, *moe):
+        have, want = _field(saved, name), _field(wanted, name)
         if have != want:
             key = _OVERRIDE_KEY.get(name, name)
             value = json.dumps(have) if not isinstance(have, bool) else str(have).lower()
@@ -81,6 +100,11 @@ def architecture_differences(saved: ModelConfig, wanted: ModelConfig) -> list[st
                 f"model.{key}: the weights have {have}, the config has {want}; set model.{key}={value}"
             )
     return problems
+
+
+def _field(cfg: ModelConfig, dotted: str) -> Any:
+    section, _, name = dotted.rpartition(".")
+    return getattr(getattr(cfg, section) if section else cfg, name)
 
 
 def weights_file(path: str | Path) -> Path:
@@ -132,7 +156,7 @@ class ConsolidatedWeights:
         problems = [f"{self.path}: {p}" for p in architecture_differences(self.model_config, cfg)]
         if problems:
             raise ConfigError(problems)
-        expected = parameter_shapes(cfg)
+        expected = stored_shapes(cfg)
         for name in sorted(set(expected) - self.names):
             problems.append(f"{self.path}: tensor {name} is missing; the file is incomplete: write it again")
         for name in sorted(self.names - set(expected)):
@@ -158,7 +182,7 @@ class ConsolidatedWeights:
         return tensor
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for name in parameter_shapes(self.model_config):
+        for name in stored_shapes(self.model_config):
             yield name, self.get(name)
 
     @torch.no_grad()
@@ -182,6 +206,10 @@ class ConsolidatedWeights:
                     ]
                 )
             param.copy_(value)
+        params = dict(layer.named_parameters())
+        for name, buffer in layer.state_dict().items():  # persistent buffers: a router's bias
+            if name not in params:
+                buffer.copy_(self.get(f"{prefix}.{name}"))
         return layer
 
 
@@ -202,7 +230,7 @@ def write_consolidated(
     """Stream `tensors` (plain names, unpadded, in layer order) into a consolidated safetensors file."""
     from pretrain.weights.safetensors_io import SafetensorsWriter
 
-    shapes = parameter_shapes(cfg)
+    shapes = stored_shapes(cfg)
     metadata = {
         "format": "pt",
         "pretrain.format": FORMAT,

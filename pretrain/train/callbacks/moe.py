@@ -36,12 +36,16 @@ class ExpertBalance(Callback):
         self._totals: torch.Tensor | None = None  # summed over the steps since the last record
 
     def on_restore(self, trainer: TrainerView) -> None:
+        """After a rollback: the undone step's counts (the trainer stops telling callbacks about a
+        step it undoes, so they are still in the blocks) must not move the bias of the next one."""
         self._totals = None
+        for module in self._modules(trainer).values():
+            module.take_statistics()
 
     def on_step_end(self, trainer: TrainerView) -> None:
         modules = self._modules(trainer)
         step_totals = self._reduce(modules, trainer)
-        if self.rate > 0:
+        if self.rate > 0 and not trainer.engine.last_step_skipped:  # a skipped step changes no state
             self._update_bias(modules, step_totals)
         self._totals = step_totals if self._totals is None else self._totals + step_totals
         step = trainer.state.step
