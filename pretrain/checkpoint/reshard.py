@@ -117,10 +117,9 @@ def _convert_share(point: ResumePoint, out: Path, rank: int, world_size: int) ->
         file = f"{name}.safetensors"
         size, checksum = write_bytes_durably(out / file, save(tensors))
         entries[file] = FileEntry(size, checksum)
-    buffers = {
-        name: checkpoint.buffer(i, name) for i, bs in layer_buffers(point.config.model) for name, _ in bs
-    }
-    if buffers and rank == 0:
+    layers = layer_buffers(point.config.model) if rank == 0 else []  # replicated, small: rank 0 writes them
+    buffers = {name: checkpoint.buffer(i, name) for i, bs in layers for name, _ in bs}
+    if buffers:
         size, checksum = write_bytes_durably(out / BUFFERS_FILE, save(buffers))
         entries[BUFFERS_FILE] = FileEntry(size, checksum)
     return entries
