@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from pretrain.config.fields import documented
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*")
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes in a size written as "200GB" (powers of 1000), "64MiB" (powers of 1024) or a plain number."""
+    match = _SIZE.fullmatch(str(text))
+    unit = match.group(2).upper() if match else None
+    if match is None or unit not in _UNITS:
+        raise ValueError(f"{text!r} is not a size; write it as bytes or with a unit, e.g. 200GB or 64MiB")
+    return int(float(match.group(1)) * _UNITS[unit])
 
 
 @dataclass
@@ -24,7 +38,26 @@ class DataConfig:
         "Check every shard's sha256 against its manifest before training (reads all data once).", False
     )
     cache_dir: str | None = documented(
-        "Local cache for remote (fsspec URL) datasets; null: $PRETRAIN_CACHE or ~/.cache/pretrain.", None
+        "Local cache for remote (fsspec URL) datasets; null: $PRETRAIN_CACHE/datasets or "
+        "~/.cache/pretrain/datasets. Shared by the ranks of a node (file locks): keep it node-local.",
+        None,
+    )
+    cache_limit: str = documented(
+        "Most disk the cached chunks of remote datasets' .bin files may take (all datasets in cache_dir), "
+        "e.g. 200GB or 512MiB; least recently used chunks are evicted beyond it.",
+        "100GB",
+    )
+    cache_chunk: str = documented(
+        "Size of the aligned byte ranges of a remote .bin fetched and cached at once, e.g. 16MiB.", "16MiB"
+    )
+    remote_attempts: int = documented(
+        "Tries of each read from a remote dataset before it is a data error (exponential backoff between).",
+        4,
+    )
+    remote_backoff_s: float = documented("Wait before the second try of a remote read; doubles after.", 1.0)
+    remote_timeout_s: float = documented(
+        "A remote read (http(s)://, s3://) that connects or sends nothing for this long fails (and is retried).",
+        60.0,
     )
 
     def problems(self) -> list[str]:
@@ -43,4 +76,26 @@ class DataConfig:
             )
         if not 0.0 <= self.validation_fraction < 1.0:
             p.append(f"data.validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        return p + self._cache_problems()
+
+    def _cache_problems(self) -> list[str]:
+        p: list[str] = []
+        sizes = {}
+        for key in ("cache_limit", "cache_chunk"):
+            try:
+                sizes[key] = parse_size(getattr(self, key))
+            except ValueError as e:
+                p.append(f"data.{key}: {e}")
+        if len(sizes) == 2 and not 1 << 10 <= sizes["cache_chunk"] <= sizes["cache_limit"]:
+            p.append(
+                f"data.cache_chunk ({self.cache_chunk}) must be at least 1KiB and at most data.cache_limit "
+                f"({self.cache_limit}); chunks of 4MiB to 64MiB suit object stores"
+            )
+        if self.remote_attempts < 1:
+            p.append(f"data.remote_attempts must be at least 1, got {self.remote_attempts}")
+        if self.remote_backoff_s < 0 or self.remote_timeout_s <= 0:
+            p.append(
+                f"data.remote_backoff_s must be >= 0 and data.remote_timeout_s > 0, got "
+                f"{self.remote_backoff_s} and {self.remote_timeout_s}"
+            )
         return p

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pretrain.config import Config
+from pretrain.config import Config, DataConfig
 from pretrain.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ def check_from_metadata(cfg: Config) -> None:
         return
     names, hashes, vocab_sizes = [], [], []
     for path in data.paths:
-        manifest = _manifest(path)
+        manifest = _manifest(path, data)
         total = manifest.num_tokens
         cut = training_cut(total, data.validation_fraction)
         check_training_samples(path, total, cut, seq_len, data.validation_fraction)
@@ -86,13 +86,14 @@ def unreadable(path: str, error: OSError) -> DataError:
     return DataError(f"dataset {path} cannot be read ({error}); check the files and their permissions")
 
 
-def _manifest(path: str) -> Manifest:
+def _manifest(path: str, data: DataConfig) -> Manifest:
     from pretrain.data.manifest import MANIFEST, load_manifest, parse_manifest, require_tokens
-    from pretrain.data.remote import fetch_manifest, is_remote
+    from pretrain.data.remote import RetryPolicy, fetch_manifest, is_remote
 
     try:
         if is_remote(path):
-            return require_tokens(path, parse_manifest(fetch_manifest(path), f"{path}/{MANIFEST}"))
+            manifest = fetch_manifest(path, RetryPolicy.of(data))
+            return require_tokens(path, parse_manifest(manifest, f"{path.rstrip('/')}/{MANIFEST}"))
         return require_tokens(path, load_manifest(path))
     except OSError as e:
         raise unreadable(path, e) from e

@@ -23,6 +23,7 @@ import struct
 from array import array
 from functools import cached_property
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -147,13 +148,27 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-class IndexedDataset:
-    """Read-only view of one shard; the header is checked on open, the tokens are memory-mapped lazily."""
+class TokenSource(Protocol):
+    """Tokens read by slicing, like a memory-mapped .bin: what TokenStream and `document` need of one.
+    (A remote .bin read through the node's cache is one: pretrain/data/remote_cache.py.)"""
 
-    def __init__(self, prefix: Path | str):
+    dtype: np.dtype
+    nbytes: int
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: slice) -> np.ndarray: ...
+
+
+class IndexedDataset:
+    """Read-only view of one shard; the header is checked on open, the tokens are memory-mapped lazily
+    (or, given a `bin_source`, read from it: the .bin of a remote dataset)."""
+
+    def __init__(self, prefix: Path | str, bin_source: TokenSource | None = None):
         self.prefix = Path(prefix)
         self.idx_path, self.bin_path = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
-        for path in (self.idx_path, self.bin_path):
+        self.bin_source = bin_source
+        for path in (self.idx_path,) if bin_source else (self.idx_path, self.bin_path):
             if not path.is_file():
                 raise ShardError(
                     f"{path} does not exist; re-run `python -m pretrain.data prepare` for this dataset"
@@ -195,7 +210,7 @@ class IndexedDataset:
         offset += sequences * 8
         self.document_indices = np.frombuffer(raw, dtype="<i8", count=documents, offset=offset)
         self.num_tokens = int(self.sizes.sum(dtype=np.int64))
-        bin_size = self.bin_path.stat().st_size
+        bin_size = bin_source.nbytes if bin_source else self.bin_path.stat().st_size
         if bin_size != self.num_tokens * self.dtype.itemsize:
             raise ShardError(
                 f"{self.bin_path} holds {bin_size} bytes but its index describes {self.num_tokens} tokens of "
@@ -223,8 +238,10 @@ class IndexedDataset:
         return max(0, len(self.document_indices) - 1)
 
     @cached_property
-    def tokens(self) -> np.ndarray:
+    def tokens(self) -> np.ndarray | TokenSource:
         """The whole .bin as one read-only array, mapped on first use (opening a shard reads only its .idx)."""
+        if self.bin_source is not None:
+            return self.bin_source
         if self.num_tokens == 0:  # numpy cannot map an empty file
             empty = np.zeros(0, dtype=self.dtype)
             empty.flags.writeable = False

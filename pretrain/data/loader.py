@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pretrain.data.indexed import TokenSource
 from pretrain.data.manifest import REWRITE_SHARD
 from pretrain.data.order import FEISTEL_ORDER, LEGACY_ORDER, GlobalOrder, SampleOrder, sample_order
 from pretrain.errors import DataError
@@ -41,11 +42,13 @@ _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 
 class TokenStream:
     """Arrays (shards) read as one sequence of tokens without copying them together. `names` and
-    `document_sizes` (tokens per document, per part) serve only to say where a token came from."""
+    `document_sizes` (tokens per document, per part) serve only to say where a token came from.
+    A part is read only by slicing, so a remote .bin (a TokenSource reading through the node's cache)
+    serves as well as a memory-mapped one."""
 
     def __init__(
         self,
-        parts: Sequence[np.ndarray],
+        parts: Sequence[np.ndarray | TokenSource],
         names: Sequence[str] | None = None,
         document_sizes: Sequence[np.ndarray] | None = None,
     ):

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pretrain.config import DataConfig
 from pretrain.data.checks import check_training_samples, dataset_name, training_cut
 from pretrain.data.loader import PackedSamples, TokenStream
+
+if TYPE_CHECKING:
+    from pretrain.data.indexed import IndexedDataset
+    from pretrain.data.manifest import Manifest
 
 
 @dataclass
@@ -23,17 +28,14 @@ class OpenedDataset:
 
 def open_dataset(path: str, cfg: DataConfig, seq_len: int) -> OpenedDataset:
     """Validate the dataset at `path` against its manifest (sizes always, sha256 if asked), memory-map
-    its shards, and hold out its last validation_fraction of tokens for validation."""
-    from pretrain.data.indexed import IndexedDataset
-    from pretrain.data.manifest import check_vocabulary, recorded_tokenizer, verify
-    from pretrain.data.remote import is_remote, localize
+    its shards (a remote dataset's: read through the node's cache), and hold out its last
+    validation_fraction of tokens for validation."""
+    from pretrain.data.manifest import check_vocabulary, recorded_tokenizer
 
-    local = localize(path, Path(cfg.cache_dir) if cfg.cache_dir else None) if is_remote(path) else Path(path)
-    manifest = verify(local, checksums=cfg.verify_checksums)
+    manifest, shards = _open_shards(path, cfg)
     tokenizer = recorded_tokenizer(manifest)
     if tokenizer is not None:
         check_vocabulary(manifest, path, tokenizer)
-    shards = [IndexedDataset(local / shard.prefix) for shard in manifest.shards]
     # Shards named as configured (a remote dataset's URL, not the cache): that is what to re-prepare.
     names = [f"{path.rstrip('/')}/{shard.prefix}.bin" for shard in manifest.shards]
     stream = TokenStream([shard.tokens for shard in shards], names, [shard.sizes for shard in shards])
@@ -49,6 +51,19 @@ def open_dataset(path: str, cfg: DataConfig, seq_len: int) -> OpenedDataset:
         manifest.tokenizer_hash,
         _fingerprint([f"{r.prefix}:{r.bin_sha256}:{r.idx_sha256}" for r in manifest.shards]),
     )
+
+
+def _open_shards(path: str, cfg: DataConfig) -> tuple[Manifest, list[IndexedDataset]]:
+    from pretrain.data.indexed import IndexedDataset
+    from pretrain.data.manifest import verify
+    from pretrain.data.remote import is_remote
+    from pretrain.data.remote_dataset import open_remote
+
+    if is_remote(path):
+        manifest, shards, _ = open_remote(path, cfg)
+        return manifest, shards
+    manifest = verify(Path(path), checksums=cfg.verify_checksums)
+    return manifest, [IndexedDataset(Path(path) / shard.prefix) for shard in manifest.shards]
 
 
 def _fingerprint(items: list[str]) -> str:
