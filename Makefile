@@ -11,7 +11,7 @@ setup:
 	python3 -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(if $(TORCH),$(BIN)/python -m pip install --quiet '$(TORCH)')
-	$(BIN)/python -m pip install --quiet -e '.[dev,mpi]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,mpi,remote]'
 	@echo "set up: activate with '. $(BIN)/activate'"
 
 # The whole path on the built-in corpus (the Python standard library's source): train a BPE tokenizer,
