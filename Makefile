@@ -4,6 +4,9 @@ BIN := $(VENV)/bin
 # CPU machines and CI take the CPU build that pip finds locally; on a GPU node pass the build you use,
 # e.g. `make setup TORCH=` to keep whatever torch the venv already has.
 TORCH ?= torch==2.13.0
+# The lowest transformers pyproject.toml allows, with the tokenizers and huggingface_hub it needs (the venv's
+# are too new for it): tests/test_transformers_lowest.py loads exports with it, first on PYTHONPATH.
+TRANSFORMERS_LOWEST := transformers==4.45.2 tokenizers==0.20.3 huggingface_hub==0.26.5
 
 .PHONY: setup quickstart check lint test check-gpu
 
@@ -12,6 +15,7 @@ setup:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(if $(TORCH),$(BIN)/python -m pip install --quiet '$(TORCH)')
 	$(BIN)/python -m pip install --quiet -e '.[dev,mpi,remote]'
+	$(BIN)/python -m pip install --quiet --upgrade --no-deps --target $(VENV)/transformers-lowest $(TRANSFORMERS_LOWEST)
 	@echo "set up: activate with '. $(BIN)/activate'"
 
 # The whole path on the built-in corpus (the Python standard library's source): train a BPE tokenizer,

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pretrain.config import Config
+from pretrain.data.tokenizer import MODEL_INPUT_NAMES, write_hf_tokenizer_config
 from pretrain.errors import ConversionError
 
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -77,7 +78,7 @@ def export_tokenizer(source: Path | None, output: Path, model_vocab_size: int) -
     if source is None:
         inner = byte_level_tokenizer()
         inner.save(str(output / "tokenizer.json"))
-        _write_tokenizer_config(output, eos=BYTE_EOS, bos=None, pad=None)
+        write_hf_tokenizer_config(output, eos=BYTE_EOS, bos=None, pad=None)
         exported = ExportedTokenizer("UTF-8 bytes (ids 0-255) + <|eos|> (256)", 257, {"eos": 256})
     else:
         folder = source if source.is_dir() else source.parent
@@ -91,12 +92,14 @@ def export_tokenizer(source: Path | None, output: Path, model_vocab_size: int) -
         loaded = load_tokenizer(output)
         if "tokenizer_config.json" not in copied:
             vocab = {i: t for t, i in loaded.inner.get_vocab(with_added_tokens=True).items()}
-            _write_tokenizer_config(
+            write_hf_tokenizer_config(
                 output,
                 eos=vocab[loaded.eod_id],
                 bos=vocab.get(loaded.bos_id) if loaded.bos_id is not None else None,
                 pad=vocab.get(loaded.pad_id) if loaded.pad_id is not None else None,
             )
+        else:
+            _complete_tokenizer_config(output)
         exported = ExportedTokenizer(
             str(source), loaded.vocab_size, {"eos": loaded.eod_id, "bos": loaded.bos_id, "pad": loaded.pad_id}
         )
@@ -145,12 +148,12 @@ def _bytes_to_unicode() -> dict[int, str]:
     return table
 
 
-def _write_tokenizer_config(output: Path, eos: str, bos: str | None, pad: str | None) -> None:
-    specials = {"eos_token": eos, "bos_token": bos, "pad_token": pad}
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "model_max_length": 1 << 30,
-        "clean_up_tokenization_spaces": False,
-        **{k: v for k, v in specials.items() if v is not None},
-    }
-    (output / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+def _complete_tokenizer_config(output: Path) -> None:
+    """A copied tokenizer_config.json (an older `train-tokenizer` folder, another project's tokenizer)
+    made to feed the exported Llama model what it takes: transformers 4.x otherwise also returns
+    token_type_ids, which `model.generate(**tokenizer(text, return_tensors="pt"))` refuses."""
+    path = output / "tokenizer_config.json"
+    config = json.loads(path.read_text())  # load_tokenizer has read it: valid JSON
+    config["model_input_names"] = MODEL_INPUT_NAMES
+    config.setdefault("padding_side", "left")
+    path.write_text(json.dumps(config, indent=2) + "\n")

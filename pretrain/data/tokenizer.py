@@ -6,10 +6,14 @@ import hashlib
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from pretrain.errors import DataError
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+# What a causal LM takes. Without this list transformers 4.x's fast tokenizers also return
+# token_type_ids, and `model.generate(**tokenizer(text, return_tensors="pt"))` refuses them.
+MODEL_INPUT_NAMES = ["input_ids", "attention_mask"]
 # Special tokens of common tokenizer families, tried in order when a tokenizer's folder does not name
 # them (tokenizer_config.json / special_tokens_map.json), e.g. a bare tokenizer.json.
 _EOS_CANDIDATES = (EOS, "<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>")
@@ -130,19 +134,23 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, output_dir: str | Pat
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     inner.save(str(output / "tokenizer.json"))
-    specials = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": None}
-    (output / "special_tokens_map.json").write_text(
-        json.dumps({k: v for k, v in specials.items() if v}, indent=2)
-    )
-    (output / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "tokenizer_class": "PreTrainedTokenizerFast",
-                "model_max_length": 1 << 30,
-                "clean_up_tokenization_spaces": False,
-                **specials,
-            },
-            indent=2,
-        )
-    )
+    specials = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
+    (output / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))
+    write_hf_tokenizer_config(output, eos=EOS, bos=BOS, pad=PAD)
     return load_tokenizer(output)
+
+
+def write_hf_tokenizer_config(output: Path, eos: str, bos: str | None, pad: str | None) -> None:
+    """The tokenizer_config.json that makes a folder with a tokenizer.json load with
+    `transformers.AutoTokenizer` (4.x and 5.x) and feed `model.generate` what a causal LM takes."""
+    specials = {"eos_token": eos, "bos_token": bos, "pad_token": pad}
+    config: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_input_names": MODEL_INPUT_NAMES,
+        # Batched generation continues each row from its last token: padding goes on the left.
+        "padding_side": "left",
+        "model_max_length": 1 << 30,
+        "clean_up_tokenization_spaces": False,
+        **{k: v for k, v in specials.items() if v is not None},
+    }
+    (output / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
