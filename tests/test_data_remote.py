@@ -3,6 +3,7 @@ what it served, an S3 server (moto) read through s3fs, servers that fail or stal
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import multiprocessing as mp
 import re
@@ -89,12 +90,10 @@ def _handler(owner: RangeServer) -> type[BaseHTTPRequestHandler]:
             self.send_header("Accept-Ranges", "bytes")
             self.end_headers()
             if body:
-                try:
-                    self.wfile.write(part)
-                except (BrokenPipeError, ConnectionResetError):  # the client timed out first
-                    return
-                with owner.lock:
+                with owner.lock:  # counted before it is sent: the client may look as soon as it has it
                     owner.served[self.path] += len(part)
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # a client timed out
+                    self.wfile.write(part)
 
     return Handler
 

@@ -30,6 +30,9 @@ from pretrain.data.remote import (
     read_bytes,
 )
 from pretrain.data.remote_cache import ChunkCache, RemoteBin
+from pretrain.logs import get_logger
+
+log = get_logger(__name__)
 
 RE_UPLOAD = "the remote copy changed or is damaged: re-upload the dataset (or re-run prepare and upload it)"
 
@@ -60,7 +63,20 @@ def open_remote(url: str, cfg: DataConfig) -> tuple[Manifest, list[IndexedDatase
         if cfg.verify_checksums:
             _check_bin(source, shard, cache.chunk_bytes)
         shards.append(opened)
+    _warn_if_too_small(url, cfg, manifest.num_tokens * np.dtype(manifest.dtype).itemsize)
     return manifest, shards, cache
+
+
+def _warn_if_too_small(url: str, cfg: DataConfig, nbytes: int) -> None:
+    """Samples are drawn from anywhere in the dataset: a cache that cannot hold it keeps evicting
+    chunks it needs again, and every sample read may then fetch a whole chunk."""
+    if nbytes > parse_size(cfg.cache_limit):
+        log.warning(
+            f"data: {url} holds {nbytes:,} bytes of tokens, more than data.cache_limit={cfg.cache_limit}: "
+            f"shuffled reads will fetch chunks again and again (up to data.cache_chunk={cfg.cache_chunk} per "
+            f"sample); raise data.cache_limit above the datasets' size, or lower data.cache_chunk toward "
+            f"the bytes of one sample"
+        )
 
 
 def launch_id() -> str:
