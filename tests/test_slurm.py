@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -24,7 +26,9 @@ from training_runs import SMALL
 
 pytestmark = pytest.mark.slow
 
-CPU = ["--gpus-per-node=0", "--cpus-per-task=1"]  # the scripts' per-node defaults are for GPU nodes
+# The scripts' per-node defaults are for 8-GPU nodes (8 CPUs a task); --mem=0 (all of a node's memory)
+# is fine here, where memory is not a consumable resource (SelectTypeParameters=CR_Core).
+CPU = ["--gpus-per-node=0", "--cpus-per-task=1"]
 STEPS = 60
 TRAIN = ["configs/tiny.yaml", *SMALL, f"train.steps={STEPS}", "checkpoint.interval=30"]
 
@@ -46,8 +50,19 @@ def job_log(run_dir: Path, job_id: str) -> str:
 
 STUB = """#!/bin/bash
 # Stands in for python in train.sbatch: `-m launch ...` goes to the real one, the trainer exits $STUB_EXIT.
+# STUB_EXIT=SIGKILL (SIGABRT, ...): task $STUB_TASK (default 0) kills itself with that signal after
+# $STUB_DELAY s, the other tasks exit $STUB_OTHERS (default 1, as a rank that lost its peer) after $STUB_WAIT s.
 [[ $1 == -m ]] && exec {python} "$@"
 echo "stub trainer: exit $STUB_EXIT on restart ${{SLURM_RESTART_COUNT:-0}}"
+echo "stub trainer: interfaces nccl=${{NCCL_SOCKET_IFNAME:-}} gloo=${{GLOO_SOCKET_IFNAME:-}}"
+if [[ $STUB_EXIT == SIG* ]]; then
+    if [[ $SLURM_PROCID == ${{STUB_TASK:-0}} ]]; then
+        sleep ${{STUB_DELAY:-0}}
+        kill -s ${{STUB_EXIT#SIG}} $$
+    fi
+    sleep ${{STUB_WAIT:-2}}
+    exit ${{STUB_OTHERS:-1}}
+fi
 exit $STUB_EXIT
 """
 
@@ -80,16 +95,43 @@ def slurm_cluster() -> Cluster:
     return start_cluster()
 
 
+# Which tests wait for each job: a job none of the selected tests needs is not submitted
+# (`pytest tests/test_slurm.py -k requeue` runs only the stub jobs).
+USED_BY = {
+    "preempted": ("test_preemption_",),
+    "killed": ("test_a_task_killed_mid_run_",),
+    "reference": ("test_preemption_", "test_a_task_killed_mid_run_", "test_train_sbatch_runs_", "test_sbatch_nodes_2_",
+                  "test_mpiexec_", "test_convert_sbatch_"),
+    "two_nodes": ("test_sbatch_nodes_2_",),
+    "convert": ("test_convert_sbatch_",),
+    "mpi": ("test_mpiexec_",),
+    "deepspeed": ("test_hostfile_",),
+    "pmi2": ("test_srun_mpi_pmi2_",),
+    "stub75": ("test_requeue_only_on_exit_75",),
+    "stub4": ("test_requeue_only_on_exit_75",),
+    "stub_kill": ("test_a_signal_requeues_",),
+    "stub_abort": ("test_a_signal_requeues_",),
+    "stub_first4": ("test_a_final_exit_",),
+    "prepare": ("test_prepare_array_job_",),
+}  # fmt: skip
+
+
 @pytest.fixture(scope="module")
-def jobs(slurm_cluster: Cluster, tmp_path_factory) -> Iterator[dict[str, Any]]:
+def jobs(slurm_cluster: Cluster, tmp_path_factory, request) -> Iterator[dict[str, Any]]:
     from pretrain.data.tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("slurm")
     submitted: dict[str, Any] = {"root": root}
+    selected = [item.name for item in request.session.items]
+
+    def wanted(name: str) -> bool:
+        return any(test.startswith(prefix) for test in selected for prefix in USED_BY[name])
 
     def train(
         name: str, *sbatch: str, overrides: tuple[str, ...] = (), env: dict[str, str] | None = None
     ) -> None:
+        if not wanted(name):
+            return
         run_dir = root / name
         job = slurm_cluster.sbatch(
             *CPU, f"--output={root / name}.out", *sbatch, "slurm/train.sbatch", *TRAIN, f"run.dir={run_dir}",
@@ -99,25 +141,29 @@ def jobs(slurm_cluster: Cluster, tmp_path_factory) -> Iterator[dict[str, Any]]:
 
     # The preempted run first: its test signals it as soon as it trains.
     train("preempted", "--ntasks-per-node=2")
+    # Then the run whose rank 1 is killed once a checkpoint is complete (interval 10, not 30: earlier).
+    train("killed", "--ntasks-per-node=2", overrides=("checkpoint.interval=10",))
     train("reference", "--ntasks-per-node=2")
     train("two_nodes", "--nodes=2", "--ntasks-per-node=1")
-    ref_job = submitted["reference"][0]
     hf = root / "hf"
-    submitted["convert"] = (
-        slurm_cluster.sbatch(
-            f"--dependency=afterok:{ref_job}", f"--output={root}/convert.out", "--cpus-per-task=1",
-            "slurm/convert.sbatch", str(submitted["reference"][1]), str(hf),
-        ),
-        hf,
-    )  # fmt: skip
+    if wanted("convert"):
+        submitted["convert"] = (
+            slurm_cluster.sbatch(
+                f"--dependency=afterok:{submitted['reference'][0]}", f"--output={root}/convert.out",
+                "--cpus-per-task=1", "--mem=2G",  # the script asks for 64G, more than a node here has
+                "slurm/convert.sbatch", str(submitted["reference"][1]), str(hf),
+            ),
+            hf,
+        )  # fmt: skip
     mpiexec = Path(sys.executable).parent / "mpiexec"
     command = f"{mpiexec} -n 2 {sys.executable} -u pretrain/main.py --config {' '.join(TRAIN)} run.dir={root / 'mpi'}"
-    submitted["mpi"] = (
-        slurm_cluster.sbatch(
-            "--nodes=2", "--ntasks-per-node=1", f"--output={root}/mpi.out", f"--wrap={command}"
-        ),
-        root / "mpi",
-    )  # fmt: skip
+    if wanted("mpi"):
+        submitted["mpi"] = (
+            slurm_cluster.sbatch(
+                "--nodes=2", "--ntasks-per-node=1", f"--output={root}/mpi.out", f"--wrap={command}"
+            ),
+            root / "mpi",
+        )  # fmt: skip
     # A DeepSpeed hostfile written from the allocation, used by the deepspeed launcher's slurm mode
     # (which runs srun and sets no RANK or MASTER_ADDR); the tasks print what launch/ resolves.
     hosts, bin_dir = root / "hosts", Path(sys.executable).parent
@@ -125,14 +171,16 @@ def jobs(slurm_cluster: Cluster, tmp_path_factory) -> Iterator[dict[str, Any]]:
         f"PATH={bin_dir}:$PATH; python -m launch hostfile --output {hosts} && deepspeed --hostfile {hosts} "
         f"--launcher slurm --no_ssh_check --master_addr n1 launch/__main__.py env --json"
     )
-    submitted["deepspeed"] = slurm_cluster.sbatch(
-        "--nodes=2", "--ntasks-per-node=1", f"--output={root}/deepspeed.out", f"--wrap={command}"
-    )
+    if wanted("deepspeed"):
+        submitted["deepspeed"] = slurm_cluster.sbatch(
+            "--nodes=2", "--ntasks-per-node=1", f"--output={root}/deepspeed.out", f"--wrap={command}"
+        )
     # srun --mpi=pmi2 (no MPI launcher): PMI variables from SLURM's plugin.
-    submitted["pmi2"] = slurm_cluster.sbatch(
-        "--nodes=2", "--ntasks-per-node=1", f"--output={root}/pmi2.out",
-        f"--wrap=srun --mpi=pmi2 {sys.executable} -m launch env --json",
-    )  # fmt: skip
+    if wanted("pmi2"):
+        submitted["pmi2"] = slurm_cluster.sbatch(
+            "--nodes=2", "--ntasks-per-node=1", f"--output={root}/pmi2.out",
+            f"--wrap=srun --mpi=pmi2 {sys.executable} -m launch env --json",
+        )  # fmt: skip
 
     # The requeue policy with a stand-in trainer (instant): 75 is requeued up to the cap, 4 never.
     stub = root / "stub-python"
@@ -144,6 +192,26 @@ def jobs(slurm_cluster: Cluster, tmp_path_factory) -> Iterator[dict[str, Any]]:
             "--ntasks-per-node=1",
             env={"PRETRAIN_PYTHON": str(stub), "STUB_EXIT": code, "PRETRAIN_MAX_RESTARTS": cap},
         )
+    # Signals: a kill -9 on a one-node job (requeued, that node excluded, up to the cap); an abort
+    # (an NCCL abort's SIGABRT) on one task of a two-node job (requeued, nothing excluded: the
+    # cluster has no third node); a task that exits 4 before another is killed (final: the first
+    # failure decides).
+    stub_env = {"PRETRAIN_PYTHON": str(stub), "PRETRAIN_MAX_RESTARTS": "1"}
+    train(
+        "stub_kill",
+        "--ntasks-per-node=1",
+        env={**stub_env, "STUB_EXIT": "SIGKILL", "PRETRAIN_SOCKET_IFNAME": "lo"},
+    )
+    train(
+        "stub_abort",
+        "--nodes=2",
+        "--ntasks-per-node=1",
+        env={**stub_env, "STUB_EXIT": "SIGABRT", "STUB_TASK": "1"},
+    )
+    train("stub_first4", "--ntasks-per-node=2", env={
+        **stub_env, "PRETRAIN_MAX_RESTARTS": "5", "STUB_EXIT": "SIGKILL", "STUB_TASK": "1", "STUB_DELAY": "3",
+        "STUB_WAIT": "0", "STUB_OTHERS": "4",
+    })  # fmt: skip
 
     # An array job over four input files, two tasks.
     texts = [f"def function_{i}(x):\n    return x * {i}  # doc {i}\n" * (1 + i % 5) for i in range(200)]
@@ -157,13 +225,14 @@ def jobs(slurm_cluster: Cluster, tmp_path_factory) -> Iterator[dict[str, Any]]:
         "--input", f"{corpus}/*.jsonl", "--tokenizer", str(root / "tok"), "--output", str(root / "shards"),
     )  # fmt: skip
     submitted["prepare_args"] = prepare_args
-    submitted["prepare"] = slurm_cluster.sbatch(
-        "--array=0-1",
-        "--cpus-per-task=1",
-        f"--output={root}/prepare-%a.out",
-        "slurm/prepare.sbatch",
-        *prepare_args,
-    )
+    if wanted("prepare"):
+        submitted["prepare"] = slurm_cluster.sbatch(
+            "--array=0-1",
+            "--cpus-per-task=1",
+            f"--output={root}/prepare-%a.out",
+            "slurm/prepare.sbatch",
+            *prepare_args,
+        )
     yield submitted
     for value in submitted.values():
         job = value[0] if isinstance(value, tuple) else value
@@ -193,6 +262,47 @@ def test_preemption_saves_requeues_resumes_and_ends_with_the_uninterrupted_loss(
     saved = sorted(int(p.name[4:]) for p in (run_dir / "checkpoints").glob("step*") if p.is_dir())
     interrupted = [s for s in saved if s not in (30, STEPS)]
     assert interrupted and 3 <= interrupted[0] < STEPS, saved  # the checkpoint written on the signal
+    (_, reference_dir) = jobs["reference"]
+    slurm_cluster.wait(jobs["reference"][0], log=reference_dir / "logs" / f"slurm-{jobs['reference'][0]}.log")
+    assert losses(run_dir)[STEPS] == losses(reference_dir)[STEPS]
+
+
+def test_a_task_killed_mid_run_requeues_without_its_node_and_ends_with_the_uninterrupted_loss(
+    slurm_cluster, jobs
+):
+    """kill -9 of rank 1 (a node failure's stand-in) once a checkpoint is complete: srun reports
+    `n1: task 1: Killed` and 137, train.sbatch requeues the job without that node (the other one can
+    run it), the restart resumes from the newest complete checkpoint and ends with the same final
+    loss as the run nobody interrupted."""
+    job, run_dir = jobs["killed"]
+    latest = run_dir / "checkpoints" / "latest"
+    deadline = time.monotonic() + 480
+    while not (latest.exists() and max(losses(run_dir), default=0) >= int(latest.read_text()[4:]) + 2):
+        assert time.monotonic() < deadline, job_log(run_dir, job)[-3000:]
+        state = slurm_cluster.jobs(job)[0]["JobState"]
+        assert state in ("PENDING", "RUNNING"), (state, job_log(run_dir, job)[-3000:])
+        time.sleep(0.2)
+    (victim,) = [r for r in json.loads((run_dir / "launch.json").read_text())["ranks"] if r["rank"] == 1]
+    assert str(run_dir) in Path(f"/proc/{victim['pid']}/cmdline").read_text()  # that run's rank 1
+    os.kill(victim["pid"], signal.SIGKILL)
+    node, other = victim["node"], {"n1": "n2", "n2": "n1"}[victim["node"]]
+    while "requeueing: restart 1" not in job_log(run_dir, job):  # the first run is over
+        assert time.monotonic() < deadline, job_log(run_dir, job)[-3000:]
+        time.sleep(0.2)
+    newest = latest.read_text()  # the newest complete checkpoint when the first run ended
+    (info,) = slurm_cluster.wait(job, timeout=900, log=run_dir / "logs" / f"slurm-{job}.log")
+    log = job_log(run_dir, job)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, log[-4000:])
+    assert f"srun: error: {node}: task 1: Killed" in log
+    assert (
+        f"a training task was killed by a signal on {node} (Killed, exit 137); requeueing: restart 1" in log
+    )
+    assert f"excluding {node} from the restart (ExcNodeList={node}): 1 other usable node(s)" in log
+    assert info["ExcNodeList"] == node and info["NodeList"] == other
+    assert re.search(rf"job {job} restart 1 at [^\n]*: 1 node\(s\) {other},", log), log[-4000:]
+    resumed = re.findall(r"resumed from \S+ \(step (\d+),", log)
+    assert resumed == [str(int(newest[4:]))], (resumed, newest)
+    assert log.rstrip().endswith("training finished (exit 0)")
     (_, reference_dir) = jobs["reference"]
     slurm_cluster.wait(jobs["reference"][0], log=reference_dir / "logs" / f"slurm-{jobs['reference'][0]}.log")
     assert losses(run_dir)[STEPS] == losses(reference_dir)[STEPS]
@@ -332,3 +442,58 @@ def test_convert_sbatch_exports_the_run_and_verifies_it(slurm_cluster, jobs):
     assert info["JobState"] == "COMPLETED", (info, out[-3000:])
     assert "verification passed" in out
     assert (hf / "config.json").exists() and any(hf.glob("*.safetensors"))
+
+
+def first_node(log: str, job: str, restart: int) -> str:
+    """The node list of a (re)start, from train.sbatch's header line."""
+    match = re.search(rf"job {job} restart {restart} at [^\n]*?: \d+ node\(s\) (\S+),", log)
+    assert match, log
+    return match.group(1)
+
+
+def test_a_signal_requeues_without_the_node_where_the_partition_can_spare_it_at_most_max_restarts(
+    slurm_cluster, jobs
+):
+    job, run_dir = jobs["stub_kill"]  # one node, kill -9, PRETRAIN_MAX_RESTARTS=1
+    (info,) = slurm_cluster.wait(job, timeout=300)
+    log = job_log(run_dir, job)
+    assert (info["JobState"], info["Restarts"], info["ExitCode"]) == ("FAILED", "1", "137:0"), (info, log)
+    node = first_node(log, job, 0)
+    other = {"n1": "n2", "n2": "n1"}[node]
+    assert (
+        f"a training task was killed by a signal on {node} (Killed, exit 137); requeueing: restart 1 of at most 1"
+        in log
+    )
+    assert f"excluding {node} from the restart (ExcNodeList={node})" in log
+    assert first_node(log, job, 1) == other and info["ExcNodeList"] == node
+    assert (
+        f"a training task was killed by a signal on {other} (Killed, exit 137), not requeued: "
+        "PRETRAIN_MAX_RESTARTS=1 reached" in log
+    )
+    assert "stub trainer: interfaces nccl=lo gloo=lo" in log  # PRETRAIN_SOCKET_IFNAME=lo set both
+    job, run_dir = jobs["stub_abort"]  # two nodes, task 1 (on n2) aborts (SIGABRT, as NCCL does)
+    (info,) = slurm_cluster.wait(job, timeout=300)
+    log = job_log(run_dir, job)
+    assert (info["JobState"], info["Restarts"], info["ExitCode"]) == ("FAILED", "1", "134:0"), (info, log)
+    assert "a training task was killed by a signal on n2 (Aborted" in log and "requeueing: restart 1" in log
+    assert (
+        "n2 not excluded: the job needs 2 node(s) and partition debug has only 1 other usable one(s);"
+        " excluding it would leave the job unschedulable" in log
+    )
+    assert info["ExcNodeList"] == "(null)" and first_node(log, job, 1) == "n[1-2]"
+    assert "not requeued: PRETRAIN_MAX_RESTARTS=1 reached" in log
+
+
+def test_a_final_exit_is_not_requeued_when_srun_reports_a_signal_after_it(slurm_cluster, jobs):
+    """Task 0 exits 4 (data), then task 1 is killed: srun exits 137, the first failure decides."""
+    job, run_dir = jobs["stub_first4"]
+    (info,) = slurm_cluster.wait(job, timeout=300)
+    log = job_log(run_dir, job)
+    assert (info["JobState"], info["Restarts"], info["ExitCode"]) == ("FAILED", "0", "4:0"), (info, log)
+    node = first_node(log, job, 0)
+    assert (
+        f"training exited with 4 (unusable data); not requeued (first failure: {node} task 0: Exited with exit code 4)"
+        in log
+    )
+    messages = (run_dir / "logs" / f"srun-{job}.0.txt").read_text()
+    assert f"srun: error: {node}: task 1: Killed" in messages and "stub trainer" not in messages

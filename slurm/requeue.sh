@@ -1,0 +1,104 @@
+# Sourced by train.sbatch: what an ended training step means (requeue or stop), and which node to
+# leave out of the restart. Needs only bash, grep, sed and, for exclude_decision, SLURM's commands.
+#
+# srun prints one line per node and outcome of the step's tasks, in the order they ended, e.g.
+#   srun: error: n2: task 1: Killed
+#   srun: error: n1: tasks 0-3: Exited with exit code 4
+#   srun: error: n3: task 9: Aborted (core dumped)
+#   srun: error: Node failure on n4
+# and exits with the highest exit code of the tasks, or 128+n if a task was killed by signal n. The
+# first failure is the cause; what follows is usually its consequence (the other ranks lose their
+# peer and exit 1, or srun ends them after --wait), so the first line decides.
+
+# The lines of srun's (and slurmstepd's) own messages among a step's stderr.
+SRUN_MESSAGE='^(srun|slurmstepd[^:]*): '
+
+final_reason() {  # the meaning of a final exit code
+    case $1 in
+        1) echo "an unexpected error: a bug, or the environment failing in a way nobody checked for; the traceback is above" ;;
+        2) echo "invalid configuration" ;;
+        3) echo "the loss became non-finite" ;;
+        4) echo "unusable data" ;;
+        5) echo "a checkpoint could not be written" ;;
+        6) echo "hang: stacks and report in ${RUN_DIR:-run.dir}/hang/" ;;
+        7) echo "the launch failed (see the first error above)" ;;
+        *) echo "see the errors above" ;;
+    esac
+}
+
+# classify_exit RC MESSAGES [SIGNALLED]
+#   RC: srun's exit code; MESSAGES: a file with srun's messages of the step; SIGNALLED: the signal
+#   this script passed on to the tasks, if any.
+# Sets VERDICT (finished, requeue or final), CODE (the exit code the job ends with when it is not
+# requeued), WHY (what happened, for the log), WHERE (srun's first failure line, shortened, or
+# empty) and FAILED_NODE (the node to leave out of a restart, or empty).
+classify_exit() {
+    local rc=$1 messages=$2 signalled=${3:-} first="" node="" what=""
+    VERDICT=final CODE=$rc WHY="" WHERE="" FAILED_NODE=""
+    if [[ -r $messages ]]; then
+        first=$(grep -m1 -E '^srun: error: ([^ :]+: tasks? [0-9,-]+: .+|Node failure on [^ ]+.*|Task launch for .* failed on node [^ :]+.*)$' "$messages")
+    fi
+    if [[ $first =~ ^srun:\ error:\ ([^ :]+):\ (tasks?\ [0-9,-]+):\ (.+)$ ]]; then
+        node=${BASH_REMATCH[1]} what=${BASH_REMATCH[3]} WHERE="$node ${BASH_REMATCH[2]}: ${BASH_REMATCH[3]}"
+    elif [[ $first =~ Node\ failure\ on\ ([^ ,]+) || $first =~ failed\ on\ node\ ([^ :]+) ]]; then
+        node=${BASH_REMATCH[1]} what="node failure" WHERE=${first#srun: error: }
+    fi
+
+    if ((rc == 0)); then
+        VERDICT=finished WHY="training finished (exit 0)"
+    elif ((rc == 75)) || [[ $what == "Exited with exit code 75" ]]; then
+        VERDICT=requeue CODE=75 WHY="checkpoint saved after ${signalled:+SIG$signalled}${signalled:-a signal to the tasks} (exit 75)"
+    elif [[ $what == "node failure" ]]; then
+        VERDICT=requeue FAILED_NODE=$node WHY="srun reported a node failure on $node (exit $rc)"
+    elif [[ $what =~ ^Exited\ with\ exit\ code\ ([0-9]+)$ ]]; then
+        # The first task to fail exited with a code of its own: that code is the job's, whatever
+        # srun reports for the tasks that failed after it (or that it ended after --wait).
+        CODE=${BASH_REMATCH[1]}
+        WHY=$(final_reason "$CODE")
+    elif [[ $what == "Out Of Memory"* ]] || { [[ -r $messages ]] && grep -qE 'oom-kill|OUT_OF_MEMORY' "$messages"; }; then
+        # The kernel's out-of-memory killer (through SLURM's cgroup): the same settings would run out again.
+        WHY="a task ran out of host memory: ask for more (sbatch --mem=...) or use less (data workers, offload)"
+    elif [[ -n $what ]] || ((rc > 128 && rc <= 128 + 64)); then
+        # Killed by a signal from outside the run: a kill -9 (137), the node going away, an NCCL abort (134).
+        VERDICT=requeue FAILED_NODE=$node
+        if [[ -n $what ]]; then
+            WHY="a training task was killed by a signal on $node ($what, exit $rc)"
+        else
+            WHY="a training task was killed by signal $((rc - 128)) (exit $rc)"
+        fi
+        if [[ -n $signalled ]]; then  # ours, passed on before the trainer handled it: no node to blame
+            WHY="$WHY after SIG$signalled was passed on to the tasks"
+            FAILED_NODE=""
+        fi
+    else
+        WHY=$(final_reason "$rc")
+    fi
+}
+
+# exclude_decision NODE NEEDED
+#   Whether the restart can leave NODE out and still be scheduled with NEEDED nodes. Sets EXCLUDE
+#   (the new ExcNodeList, or empty for no exclusion) and EXCLUDE_WHY (one line for the log).
+exclude_decision() {
+    local node=$1 needed=$2 job requested excluded partitions usable
+    EXCLUDE="" EXCLUDE_WHY=""
+    job=$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null)
+    requested=$(sed -n 's/.* ReqNodeList=\([^ ]*\).*/\1/p' <<<"$job")
+    excluded=$(sed -n 's/.* ExcNodeList=\([^ ]*\).*/\1/p' <<<"$job")
+    partitions=$(sed -n 's/.* Partition=\([^ ]*\).*/\1/p' <<<"$job")
+    [[ $requested == "(null)" ]] && requested=""
+    [[ $excluded == "(null)" ]] && excluded=""
+    if [[ -n $requested ]] && scontrol show hostnames "$requested" | grep -qxF "$node"; then
+        EXCLUDE_WHY="$node not excluded: the job asked for it by name (--nodelist=$requested)"
+        return
+    fi
+    # Nodes of the job's partitions that can run jobs, less those excluded already and this one.
+    usable=$(sinfo -h -N ${partitions:+-p "$partitions"} -o '%N %t' 2>/dev/null \
+        | grep -E ' (idle|mix|alloc|comp|plnd)$' | cut -d' ' -f1 | sort -u \
+        | grep -vxF -f <( (echo "$node"; [[ -n $excluded ]] && scontrol show hostnames "$excluded") ) | wc -l)
+    if ((usable >= needed)); then
+        EXCLUDE=${excluded:+$excluded,}$node
+        EXCLUDE_WHY="excluding $node from the restart (ExcNodeList=$EXCLUDE): $usable other usable node(s) in partition ${partitions:-?} for the $needed the job needs"
+    else
+        EXCLUDE_WHY="$node not excluded: the job needs $needed node(s) and partition ${partitions:-?} has only $usable other usable one(s)${excluded:+ besides the excluded $excluded}; excluding it would leave the job unschedulable"
+    fi
+}
