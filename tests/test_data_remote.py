@@ -256,3 +256,23 @@ def test_a_missing_backend_is_a_data_error_naming_the_extra(tmp_path):
     assert "reading http:// needs aiohttp" in result.stderr and "pip install -e '.[remote]'" in result.stderr
     assert "Traceback" not in result.stderr
     assert issubclass(RemoteBackendMissing, RemoteDataError)
+
+
+def test_the_manifest_is_fetched_again_by_each_new_launch_only(dataset, tmp_path, monkeypatch):
+    with RangeServer(dataset.parent) as server:
+        url = f"{server.url}/d"
+        size = (dataset / "manifest.json").stat().st_size
+        for launch, fetched in (("a", 1), ("a", 1), ("b", 2)):
+            monkeypatch.setenv("PRETRAIN_LAUNCH_ID", launch)
+            open_dataset(url, config(url, tmp_path / "cache"), SEQ)
+            assert server.bytes_served("manifest.json") == fetched * size
+        assert server.bytes_served(".idx") == sum(p.stat().st_size for p in dataset.rglob("*.idx"))
+
+
+def test_cache_sizes_are_checked_with_the_fix():
+    assert DataConfig(cache_limit="200GB", cache_chunk="64MiB").problems() == []
+    (problem,) = DataConfig(cache_limit="lots").problems()
+    assert problem.startswith("data.cache_limit: 'lots' is not a size") and "e.g. 200GB or 64MiB" in problem
+    (problem,) = DataConfig(cache_limit="1MB", cache_chunk="16MiB").problems()
+    assert "data.cache_chunk (16MiB) must be at least 1KiB and at most data.cache_limit (1MB)" in problem
+    assert len(DataConfig(remote_attempts=0, remote_timeout_s=0).problems()) == 2
