@@ -103,7 +103,7 @@ def local_facts(info: LaunchInfo, config_text: str) -> dict[str, Any]:
         "cuda": torch.version.cuda if cuda else None,
         "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
         "device": "cuda" if cuda else "cpu",
-        "device_name": torch.cuda.get_device_name(info.local_rank) if cuda else "cpu",
+        "device_name": torch.cuda.get_device_name(torch.cuda.current_device()) if cuda else "cpu",
         "device_count": torch.cuda.device_count() if cuda else None,
         "route": _route_address(info),
         "socket_ifname": os.environ.get("NCCL_SOCKET_IFNAME") or os.environ.get("GLOO_SOCKET_IFNAME"),

@@ -168,7 +168,7 @@ def start(cfg: Config, cleanup: ExitStack) -> Trainer:
     from pretrain.train.run_lock import run_dir_lock
 
     quiet_libraries()
-    dist = init_distributed(join_timeout=cfg.watchdog.join_timeout)
+    dist = init_distributed(cfg.watchdog.join_timeout, cfg.watchdog.resolved_collective_timeout())
     setup_logging(dist.rank)  # the rank a launcher like srun gives only now
     cleanup.enter_context(run_dir_lock(Path(cfg.run.dir), cfg.run.lock_stale_after, dist.rank))
     warn_about(cfg)

@@ -5,8 +5,8 @@ on data-parallel rank 0, pipeline layer files) and hands every file to a checkpo
 `SnapshotEngine`, copies the state off the device (the only part training waits for) and queues
 it for `BackgroundWriter`, which `torch.save`s it through a hashing, fsync-ing file. When a rank
 has written everything it fsyncs the folder; then the writer threads of all ranks gather their
-file lists on a gloo group of their own (never the training thread's groups, so the two cannot
-interleave), rank 0 commits (manifest, rename, `latest`, retention) and broadcasts the outcome.
+file lists on a side channel of their own (`pretrain.parallel.host_group`; never the training
+thread's groups, so the two cannot interleave), rank 0 commits (manifest, rename, `latest`, retention) and broadcasts the outcome.
 
 One save is in flight at a time: the next one waits for it, so host memory holds at most one
 copy of this rank's share of the state. Synchronous saving is the same path, waited on at once.
@@ -26,15 +26,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from pretrain.checkpoint.files import HashingWriter, fsync_dir
 from pretrain.checkpoint.manifest import FileEntry, Manifest, apply_retention, commit, tag_for
+from pretrain.checkpoint.save_clock import SaveClock
 from pretrain.deepspeed_compat import CheckpointEngine
+from pretrain.parallel.host_group import HostGroup
 
 # A slow filesystem must not turn into a collective timeout: the writer threads wait for each other
-# this long (the training thread's groups are never involved).
+# this long (the training thread's groups are never involved) when saves have no deadline, and past
+# the deadline by this much otherwise, so the watchdog reports an overdue save first.
 WRITER_TIMEOUT = timedelta(hours=2)
+_PAST_SAVE_DEADLINE = timedelta(minutes=10)
+
+
+def writer_timeout(save_timeout: float) -> timedelta:
+    return timedelta(seconds=save_timeout) + _PAST_SAVE_DEADLINE if save_timeout > 0 else WRITER_TIMEOUT
 
 
 class HostBuffers:
@@ -154,10 +161,19 @@ class _Job:
 class BackgroundWriter:
     """This rank's checkpoint writer thread; `submit_*` queue files of the save begun last."""
 
-    def __init__(self, rank: int, world_size: int, keep_last: int, keep_every: int):
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        keep_last: int,
+        keep_every: int,
+        timeout: timedelta = WRITER_TIMEOUT,
+        clock: SaveClock | None = None,
+    ):
         self.rank, self.world_size = rank, world_size
+        self.clock = clock or SaveClock()
         self.keep_last, self.keep_every = keep_last, keep_every
-        self.group = dist.new_group(backend="gloo", timeout=WRITER_TIMEOUT) if world_size > 1 else None
+        self.group = HostGroup(timeout) if world_size > 1 else None
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self.buffers = HostBuffers()
         self._current: _Save | None = None
@@ -171,6 +187,7 @@ class BackgroundWriter:
         is only right when the caller waits for the commit before training goes on (a synchronous save)."""
         assert self._current is None or self._current.done.is_set(), "one save in flight at a time"
         self._current = _Save(step, folder, time.perf_counter(), copied=copy_states)
+        self.clock.started(step)
 
     def submit_state(self, path: Path, state: Any) -> None:
         assert self._current is not None, "begin() a save first"
@@ -257,6 +274,7 @@ class BackgroundWriter:
             save.outcome = SaveOutcome(save.step, False, f"the commit failed on rank {self.rank}: {e!r}")
             traceback.print_exc()
         finally:
+            self.clock.finished()
             save.done.set()
 
     def _decide(self, save: _Save, reports: list[tuple[dict[str, FileEntry], list[str]]]) -> SaveOutcome:
@@ -280,18 +298,15 @@ class BackgroundWriter:
     def _gather(self, report: Any) -> list[Any]:
         if self.group is None:
             return [report]
-        reports: list[Any] = [None] * self.world_size if self.rank == 0 else []
-        dist.gather_object(report, reports if self.rank == 0 else None, dst=0, group=self.group)
-        return reports
+        return self.group.gather_to_root(report) or []
 
     def _broadcast(self, outcome: SaveOutcome | None) -> SaveOutcome:
         if self.group is None:
             assert outcome is not None
             return outcome
-        box = [outcome]
-        dist.broadcast_object_list(box, src=0, group=self.group)
-        assert box[0] is not None
-        return box[0]
+        decided = self.group.broadcast(outcome)
+        assert decided is not None
+        return decided
 
 
 def _write(path: Path, kind: str, payload: Any) -> FileEntry:

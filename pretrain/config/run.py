@@ -60,6 +60,12 @@ class RunConfig:
         return p
 
 
+# The watchdog polls, dumps its stacks and waits for every rank's report (pretrain.train.watchdog):
+# a collective must not be aborted under it meanwhile.
+COLLECTIVE_MARGIN_S = 60.0
+DERIVED_MARGIN_S = 300.0
+
+
 @dataclass
 class WatchdogConfig:
     """Deadlines for joining, the first step and every later step; what happens past them."""
@@ -81,9 +87,39 @@ class WatchdogConfig:
         600.0,
     )
 
+    collective_timeout: float | None = documented(
+        "Seconds after which torch.distributed gives up on a collective (every group, DeepSpeed's too; "
+        "NCCL aborts the job). It must outlast step_timeout and first_step_timeout by "
+        f"{COLLECTIVE_MARGIN_S:g} s, so the watchdog, not NCCL, reports a hang with every rank's stacks. "
+        f"null: {DERIVED_MARGIN_S:g} s more than the longer of the two (or torch's default when both are 0).",
+        None,
+    )
+
+    @property
+    def watched(self) -> float:
+        """The longest time the watchdog lets a step run (0: it watches nothing)."""
+        return max(self.step_timeout, self.first_step_timeout)
+
+    def resolved_collective_timeout(self) -> float | None:
+        """Seconds for init_process_group and every later group; None leaves torch's default."""
+        if self.collective_timeout is not None:
+            return self.collective_timeout
+        return self.watched + DERIVED_MARGIN_S if self.watched > 0 else None
+
     def problems(self) -> list[str]:
         p = positive("watchdog.join_timeout", self.join_timeout)
         for name in ("first_step_timeout", "step_timeout"):
             if getattr(self, name) < 0:
                 p.append(f"watchdog.{name} must be >= 0 seconds (0 disables it), got {getattr(self, name)}")
+        timeout = self.collective_timeout
+        if timeout is not None and timeout <= 0:
+            p.append(f"watchdog.collective_timeout must be > 0 seconds (or null), got {timeout}")
+        elif timeout is not None and self.watched > 0 and timeout < self.watched + COLLECTIVE_MARGIN_S:
+            longer = "step_timeout" if self.step_timeout >= self.first_step_timeout else "first_step_timeout"
+            p.append(
+                f"watchdog.collective_timeout={timeout:g} does not outlast watchdog.{longer}={self.watched:g} "
+                f"by {COLLECTIVE_MARGIN_S:g} s: a stuck collective would be aborted by NCCL before the "
+                f"watchdog dumps the stacks that say which rank is behind. Use watchdog.collective_timeout="
+                f"{self.watched + DERIVED_MARGIN_S:g} (or null), or lower watchdog.{longer}"
+            )
         return p

@@ -35,6 +35,7 @@ def _worker(
     fn: Callable[..., Any],
     args: tuple,
     results: Any,
+    collective_timeout: float | None = None,
 ) -> None:
     os.environ.clear()  # the fork server's environment is that of its start, not the test's now
     os.environ.update(env)
@@ -52,7 +53,7 @@ def _worker(
 
         from pretrain.parallel.distributed import init_distributed
 
-        init_distributed()
+        init_distributed(collective_timeout=collective_timeout)
         value = fn(*args)
         dist.barrier()
         dist.destroy_process_group()
@@ -61,16 +62,25 @@ def _worker(
         results.put((rank, False, traceback.format_exc()))
 
 
-def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 300.0) -> list[Any]:
+def run_distributed(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout: float = 300.0,
+    collective_timeout: float | None = None,
+) -> list[Any]:
     """`fn(*args)` on ranks 0..world_size-1; returns the values in rank order. `fn` must be importable
-    by name (a module-level function): it is sent to the ranks by reference."""
+    by name (a module-level function): it is sent to the ranks by reference. `collective_timeout`:
+    as watchdog.collective_timeout gives it to `init_distributed`."""
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(_PRELOAD)  # no effect once the server runs
     results = ctx.Queue()
     port = free_port()
     procs = [
         ctx.Process(
-            target=_worker, args=(rank, world_size, port, dict(os.environ), fn, args, results), daemon=True
+            target=_worker,
+            args=(rank, world_size, port, dict(os.environ), fn, args, results, collective_timeout),
+            daemon=True,
         )
         for rank in range(world_size)
     ]

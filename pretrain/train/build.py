@@ -27,7 +27,7 @@ from pretrain.parallel import (
     parallelize_model,
     resolve_precision,
 )
-from pretrain.parallel.distributed import all_ranks_succeed
+from pretrain.parallel.distributed import all_ranks_succeed, side_channel_barrier
 from pretrain.parallel.topology import describe_layout
 from pretrain.provenance import versions
 from pretrain.train.callbacks import (
@@ -120,7 +120,7 @@ def build_trainer(cfg: Config, dist: DistInfo, signals: StopSignals | None = Non
     run_dir = Path(cfg.run.dir)
     if dist.is_main and cfg.run.overwrite:
         clear_run_outputs(run_dir)
-    torch.distributed.barrier()
+    side_channel_barrier()
     store = CheckpointStore(
         cfg,
         engine,
@@ -146,7 +146,7 @@ def build_trainer(cfg: Config, dist: DistInfo, signals: StopSignals | None = Non
             truncate_metrics(run_dir / "metrics.jsonl", trainer.state.step)
         except OSError as e:
             raise OutputError(f"the run's files in {run_dir}", e) from e
-    torch.distributed.barrier()
+    side_channel_barrier()
     return trainer
 
 
@@ -254,7 +254,9 @@ def _callbacks(
         ),
         Evaluator(cfg.train.eval_interval),
         SavePolicy(store, cfg.checkpoint.interval, cfg.checkpoint.save_final),
-        Watchdog.for_run(cfg.watchdog, run_dir, dist.rank, dist.world_size),
+        Watchdog.for_run(
+            cfg.watchdog, run_dir, dist.rank, dist.world_size, store.save_clock, cfg.checkpoint.save_timeout
+        ),
     ]
     if cfg.model.moe.enabled:  # a collective: on every rank
         moe = cfg.model.moe
