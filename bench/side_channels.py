@@ -73,9 +73,7 @@ def main() -> None:
                 "rule": sockets_per_rank(world, per_node),
             }
         )
-    at_scale = [
-        {"world_size": w, "ranks_per_node": 8, **sockets_per_rank(w, 8)} for w in (512, 4096, 16384)
-    ]
+    at_scale = [{"world_size": w, "ranks_per_node": 8, **sockets_per_rank(w, 8)} for w in (512, 4096, 16384)]
     result = {"bench": "side_channels", "measured": measured, "by_the_rule": at_scale}
     text = json.dumps(result, indent=2)
     print(text)

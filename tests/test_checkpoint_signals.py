@@ -16,7 +16,7 @@ from conftest import REPO
 from pretrain.checkpoint.manifest import check_checksums, check_sizes, read_manifest
 from pretrain.checkpoint.signals import EXIT_REQUEUE
 from pretrain.parallel.distributed import free_port
-from training_runs import SMALL
+from training_runs import SMALL, tensorboard_steps
 
 pytestmark = pytest.mark.slow
 
@@ -30,18 +30,18 @@ OVERRIDES = [
 ]
 
 
-def command(run_dir, launcher):
-    main = ["pretrain/main.py", "--config", "configs/tiny.yaml", *OVERRIDES, f"run.dir={run_dir}"]
+def command(run_dir, launcher, *extra):
+    main = ["pretrain/main.py", "--config", "configs/tiny.yaml", *OVERRIDES, f"run.dir={run_dir}", *extra]
     if launcher == "python":
         return [sys.executable, *main]
     deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     return [deepspeed, "--num_gpus", "2", "--master_port", str(free_port()), *main]
 
 
-def start(run_dir, launcher="deepspeed"):
+def start(run_dir, launcher="deepspeed", *extra):
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     return subprocess.Popen(
-        command(run_dir, launcher),
+        command(run_dir, launcher, *extra),
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
@@ -154,13 +154,17 @@ def test_more_signals_during_the_save_do_not_cut_it_short(tmp_path):
 
 def test_a_signal_during_start_up_also_ends_in_75_with_the_checkpoint_intact(tmp_path):
     """The handlers are installed as soon as the config is read: a signal while the run resumes
-    (before its first step) ends in the requeue code too, not in a kill."""
+    (before its first step) ends in the requeue code too, not in a kill. The first run logs every 4
+    steps: the steps since its last record are logged on the way out, and TensorBoard has them too."""
     run_dir = tmp_path / "run"
-    first = start(run_dir, launcher="python")
+    first = start(run_dir, "python", "logging.interval=4", "logging.tensorboard=true")
     wait_for_step(run_dir, 3, first)
     first.send_signal(signal.SIGTERM)
     first.communicate(timeout=300)
     saved = newest_complete(run_dir)
+    logged = [r["step"] for r in records(run_dir) if "loss" in r]
+    assert logged[-1] == saved and saved % 4, (logged, saved)  # not a scheduled record
+    assert tensorboard_steps(run_dir, "loss") == logged
 
     again = start(run_dir, launcher="python")
     out = ""

@@ -18,7 +18,7 @@ from launch.hostfile import hostfile_lines
 from launch.rendezvous import check_address, ranges
 from pretrain.testing import run_distributed
 from slurm.cluster import json_objects
-from training_runs import SMALL
+from training_runs import SMALL, tensorboard_steps
 
 # What srun gives task 3 of `srun --nodes=2 --ntasks-per-node=2` in job 4242 (values seen on our cluster).
 SRUN_TASK3 = {
@@ -322,7 +322,7 @@ def test_watchdog_dumps_every_rank_and_names_the_rank_that_sleeps(tmp_path):
     common = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "DS_ACCELERATOR": "cpu"}
     command = [
         sys.executable, "tests/slurm/hang_train.py", "--sleep-rank", "1", "--sleep-after-step", "2",
-        "--config", str(TINY), *SMALL, "train.steps=20", "watchdog.step_timeout=8", f"run.dir={tmp_path}",
+        "--config", str(TINY), *SMALL, "train.steps=20", "watchdog.step_timeout=8", f"run.dir={tmp_path}", "logging.tensorboard=true",
     ]  # fmt: skip
     procs = [
         subprocess.Popen(
@@ -351,6 +351,7 @@ def test_watchdog_dumps_every_rank_and_names_the_rank_that_sleeps(tmp_path):
     stderr = outs[0][1] + outs[1][1]
     assert "error: hang: no training step completed" in stderr
     assert not (tmp_path / "run.lock").exists()  # released although the watchdog leaves by os._exit
+    assert tensorboard_steps(tmp_path, "loss") == [1]  # on disk, although os._exit skips every handler
 
 
 def test_behind_ranks_from_reports():

@@ -366,3 +366,12 @@ def resume_expecting_error(overrides: list[str], run_dir: str) -> str:
     except PretrainError as e:
         return str(e)
     raise AssertionError("the resume did not fail")
+
+
+def tensorboard_steps(run_dir, tag):
+    """The steps of TensorBoard scalar `tag` that are on disk in run_dir/tensorboard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(Path(run_dir) / "tensorboard"))
+    events.Reload()
+    return [e.step for e in events.Scalars(tag)] if tag in events.Tags()["scalars"] else []

@@ -27,6 +27,7 @@ from pretrain.checkpoint.manifest import (
     read_manifest,
 )
 from pretrain.checkpoint.resume import CONFIG_FILE, ResumePoint, resume_changes, select_resume_point
+from pretrain.checkpoint.save_clock import SaveClock
 from pretrain.checkpoint.signals import StopSignals
 from pretrain.checkpoint.state import (
     STATE_FILE,
@@ -37,7 +38,7 @@ from pretrain.checkpoint.state import (
     state_document,
 )
 from pretrain.checkpoint.universal_info import universal_checkpoint_info
-from pretrain.checkpoint.writer import BackgroundWriter, SaveOutcome, SnapshotEngine
+from pretrain.checkpoint.writer import BackgroundWriter, SaveOutcome, SnapshotEngine, writer_timeout
 from pretrain.config import Config
 from pretrain.deepspeed_compat import install_checkpoint_engine
 from pretrain.errors import CheckpointError, ConfigError
@@ -77,7 +78,10 @@ class CheckpointStore:
         self.signals = signals or StopSignals(rank)
         self.signals.rank = rank
         c = cfg.checkpoint
-        self.writer = BackgroundWriter(rank, world_size, c.keep_last, c.keep_every)
+        self.save_clock = SaveClock()
+        self.writer = BackgroundWriter(
+            rank, world_size, c.keep_last, c.keep_every, writer_timeout(c.save_timeout), self.save_clock
+        )
         install_checkpoint_engine(engine.ds, SnapshotEngine(self.writer))
         self._estimate = parameters * _BYTES_PER_PARAMETER
         self.last_stall_seconds = 0.0
@@ -132,7 +136,12 @@ class CheckpointStore:
 
     def save(self, state: RunState, step: int) -> None:
         """Start saving the run's state at `step` (returns once it is copied to host memory unless
-        checkpoint.async_save=false). Raises CheckpointError, on every rank, if it cannot start."""
+        checkpoint.async_save=false). Raises CheckpointError, on every rank, if it cannot start. Its
+        time is the save's, not the step's (`SaveClock`)."""
+        with self.save_clock.training_thread():
+            self._save(state, step)
+
+    def _save(self, state: RunState, step: int) -> None:
         self.raise_if_failed(self.writer.wait())  # one save in flight: bounded host memory
         started = time.perf_counter()
         partial = self._prepare_folder(step)
@@ -205,7 +214,8 @@ class CheckpointStore:
             self._estimate = max(outcome.total_bytes, 1)
 
     def wait(self, timeout: float | None = None) -> SaveOutcome | None:
-        return self.writer.wait(timeout)
+        with self.save_clock.training_thread():
+            return self.writer.wait(timeout)
 
     def close(self) -> None:
         self.writer.close()

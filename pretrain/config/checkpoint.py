@@ -66,6 +66,13 @@ class CheckpointConfig:
         "data start fresh. Any layout; model.* must describe the same architecture (checked, with the fix).",
         None,
     )
+    save_timeout: float = documented(
+        "Seconds a checkpoint save may take, from its start to its commit on every rank (a preemption save of "
+        "a large model on a slow filesystem included); the time training waits for a save does not count "
+        "against watchdog.step_timeout. Past it every rank writes its stacks to run.dir/hang/<time>/ and the "
+        "job exits with code 5, naming the save. 0 disables.",
+        3600.0,
+    )
 
     # The checks come in two parts only to keep the order users have always seen them in: the
     # non-finite policy's checks (`TrainConfig.nonfinite_problems`) are reported between the two.
@@ -99,4 +106,6 @@ class CheckpointConfig:
             )
         if self.interval < 0:
             p.append(f"checkpoint.interval must be >= 0 (0 saves only at the end), got {self.interval}")
+        if self.save_timeout < 0:
+            p.append(f"checkpoint.save_timeout must be >= 0 seconds (0 disables it), got {self.save_timeout}")
         return p

@@ -135,6 +135,11 @@ class Trainer:
         losses, self._reduced = self._reduced, []
         return losses
 
+    def take_reduced_losses(self) -> list[tuple[int, float]]:
+        """What `take_losses` returns, less the steps not yet reduced: no collective."""
+        losses, self._reduced = self._reduced, []
+        return losses
+
     def grad_norm(self) -> float | None:
         return self.engine.grad_norm()
 

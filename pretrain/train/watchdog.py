@@ -33,6 +33,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from pretrain.checkpoint.save_clock import SaveClock
 from pretrain.errors import ExitCode
 from pretrain.logs import EVERY_RANK, get_logger
 from pretrain.train.callbacks.base import WATCH, Callback, TrainerView
@@ -137,9 +138,14 @@ class Watchdog(Callback):
         first_step_timeout: float,
         store: Any = None,
         exit: Any = os._exit,
+        saves: SaveClock | None = None,
+        save_timeout: float = 0.0,
     ):
         self.run_dir, self.rank, self.world_size, self.node = Path(run_dir), rank, world_size, node
         self.step_timeout, self.first_step_timeout = step_timeout, first_step_timeout
+        # The training thread's time in checkpoint saves is the saves' (save_timeout), not the step's.
+        self.saves, self.save_timeout = saves, save_timeout if saves is not None else 0.0
+        self._saving_at_last = 0.0
         self.store = store  # a TCPStore client of our own (clone of the rendezvous store), or None
         self._exit = exit
         self._step = 0
@@ -148,16 +154,25 @@ class Watchdog(Callback):
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._fit_code: Any = None
-        shortest = min(t for t in (step_timeout, first_step_timeout) if t > 0) if self.enabled else 1.0
-        self.poll = min(5.0, max(0.05, shortest / 20))
+        deadlines = [t for t in (step_timeout, first_step_timeout, self.save_timeout) if t > 0]
+        self.poll = min(5.0, max(0.05, min(deadlines) / 20)) if deadlines else 1.0
 
     @property
     def enabled(self) -> bool:
-        return self.step_timeout > 0 or self.first_step_timeout > 0
+        return self.step_timeout > 0 or self.first_step_timeout > 0 or self.save_timeout > 0
 
     @classmethod
-    def for_run(cls, cfg: Any, run_dir: Path, rank: int, world_size: int) -> Watchdog:
-        """From config section `watchdog`, on the rendezvous store joined at launch (if any)."""
+    def for_run(
+        cls,
+        cfg: Any,
+        run_dir: Path,
+        rank: int,
+        world_size: int,
+        saves: SaveClock | None = None,
+        save_timeout: float = 0.0,
+    ) -> Watchdog:
+        """From config section `watchdog`, on the rendezvous store joined at launch (if any); the
+        checkpoint saves' clock and deadline (checkpoint.save_timeout) if given."""
         from launch.rendezvous import current
 
         joined = current()
@@ -169,7 +184,10 @@ class Watchdog(Callback):
                 store = rendezvous.clone()
             except Exception:
                 store = None
-        return cls(run_dir, rank, world_size, node, cfg.step_timeout, cfg.first_step_timeout, store)
+        return cls(
+            run_dir, rank, world_size, node, cfg.step_timeout, cfg.first_step_timeout, store,
+            saves=saves, save_timeout=save_timeout,
+        )  # fmt: skip
 
     # ----- callback hooks (training thread) -----
 
@@ -179,12 +197,18 @@ class Watchdog(Callback):
         from pretrain.train.trainer import Trainer as TrainerClass
 
         self._fit_code = TrainerClass.fit.__code__
-        self._step, self._last = trainer.state.step, time.monotonic()
+        self._mark(trainer.state.step)
         self._thread = threading.Thread(target=self._run, name="pretrain-watchdog", daemon=True)
         self._thread.start()
 
     def on_step_end(self, trainer: TrainerView) -> None:
-        self._step, self._last, self._first_done = trainer.state.step, time.monotonic(), True
+        self._mark(trainer.state.step)
+        self._first_done = True
+
+    def _mark(self, step: int) -> None:
+        now = time.monotonic()
+        self._saving_at_last = self.saves.training_thread_seconds(now) if self.saves else 0.0
+        self._step, self._last = step, now
 
     def on_train_end(self, trainer: TrainerView) -> None:
         self.stop()
@@ -193,7 +217,7 @@ class Watchdog(Callback):
         self.stop()
 
     def on_restore(self, trainer: TrainerView) -> None:  # a rollback: the loop goes on from an older step
-        self._step, self._last = trainer.state.step, time.monotonic()
+        self._mark(trainer.state.step)
 
     def stop(self) -> None:
         self._stop.set()
@@ -232,21 +256,40 @@ class Watchdog(Callback):
             if alarm:
                 self._on_alarm(json.loads(self._store_call("get", "watchdog/alarm") or b"{}"), reporter=False)
                 return
-            stalled = now - self._last
+            if (overdue := self.saves.overdue(self.save_timeout, now) if self.saves else None) is not None:
+                self._raise_alarm(overdue[1], save_step=overdue[0])
+                return
+            stalled = self.stalled(now)
             if self.timeout > 0 and stalled > self.timeout:
                 self._raise_alarm(stalled)
                 return
 
-    def _raise_alarm(self, stalled: float) -> None:
+    def stalled(self, now: float) -> float:
+        """Seconds since the last completed step, less the training thread's time in saves since."""
+        saving = self.saves.training_thread_seconds(now) - self._saving_at_last if self.saves else 0.0
+        return now - self._last - saving
+
+    def _raise_alarm(self, stalled: float, save_step: int | None = None) -> None:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        directory = self.run_dir / "hang" / stamp
+        key = "step_timeout" if self._first_done else "first_step_timeout"
         alarm = {
-            "dir": str(self.run_dir / "hang" / stamp),
+            "dir": str(directory),
             "by": self.rank,
             "step": self._step,
-            "stalled_s": round(stalled, 1),
-            "timeout_key": "step_timeout" if self._first_done else "first_step_timeout",
-            "timeout": self.timeout,
+            "exit": int(EXIT_HANG),
+            "headline": f"hang: no training step completed for {stalled:.1f} s on rank {self.rank} "
+            f"(watchdog.{key}={self.timeout:g}; time in checkpoint saves not counted); stacks of every "
+            f"rank in {directory}",
         }
+        if save_step is not None:
+            alarm["exit"] = int(ExitCode.CHECKPOINT)
+            alarm["headline"] = (
+                f"checkpoint save timeout: the save of step {save_step} has taken {stalled:.1f} s on rank "
+                f"{self.rank}, more than checkpoint.save_timeout={self.save_timeout:g} (a slow or hung "
+                f"filesystem?); its checkpoint is not complete and earlier ones are untouched. Stacks of "
+                f"every rank (the checkpoint-writer thread's show where it waits) in {directory}"
+            )
         first = self._store_call("add", "watchdog/alarms", 1)
         if first is not None and first > 1:  # another rank raised it first; follow its alarm
             for _ in range(100):
@@ -301,7 +344,7 @@ class Watchdog(Callback):
         sys.stdout.flush()
         sys.stderr.flush()
         release_held_locks()  # os._exit skips every finally: the rerun must not find run.dir locked
-        self._exit(EXIT_HANG)
+        self._exit(int(alarm.get("exit", EXIT_HANG)))
 
     def _finish_alarm(self) -> None:
         """At interpreter exit: let this thread finish the dump and exit with EXIT_HANG itself."""
@@ -335,10 +378,7 @@ class Watchdog(Callback):
         behind, reason = behind_ranks(reports)
         from launch.rendezvous import ranges
 
-        lines = [
-            f"hang: no training step completed for {alarm['stalled_s']} s on rank {alarm['by']} "
-            f"(watchdog.{alarm['timeout_key']}={alarm['timeout']:g}); stacks of every rank in {directory}"
-        ]
+        lines = [str(alarm["headline"])]
         if behind:
             lines.append(f"behind: rank{'s' * (len(behind) > 1)} {ranges(behind)} ({reason})")
         elif not silent:

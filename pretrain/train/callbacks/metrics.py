@@ -42,15 +42,29 @@ class ThroughputMonitor(Callback):
         if not (step == 1 or due(step, self.interval, last)):
             return
         losses = trainer.take_losses()  # synchronises the device, so the clock below is honest
+        trainer.log(self._record(trainer, losses, trainer.grad_norm()))
+
+    def on_abort(self, trainer: TrainerView) -> None:
+        """The steps since the last record whose losses the ranks have already agreed on (a stop
+        signal's save checks them): logged now, or never (the resumed run starts after them). No
+        collective: a failing rank may be why the loop ends."""
+        losses = trainer.take_reduced_losses()
+        if losses and losses[-1][0] > self._since_step:
+            trainer.log(self._record(trainer, losses, None))
+
+    def _record(
+        self, trainer: TrainerView, losses: list[tuple[int, float]], grad_norm: float | None
+    ) -> dict[str, Any]:
+        step, last = losses[-1][0], trainer.cfg.train.steps
         now = time.perf_counter()
-        steps = step - self._since_step
+        steps = max(1, step - self._since_step)
         step_time = (now - self._since) / steps
         tokens_per_sec = trainer.cfg.tokens_per_step / step_time
         record: dict[str, Any] = {
             "step": step,
             "loss": sum(v for _, v in losses) / len(losses),
             "lr": trainer.last_lr,
-            "grad_norm": trainer.grad_norm(),
+            "grad_norm": grad_norm,
             "tokens_per_sec": tokens_per_sec,
             "mfu": None
             if self.peak_flops is None
@@ -66,7 +80,7 @@ class ThroughputMonitor(Callback):
                 n: c / sum(consumed) for n, c in zip(self.datasets, consumed, strict=True)
             }
         self._since, self._since_step = now, step
-        trainer.log(record)
+        return record
 
 
 class Evaluator(Callback):

@@ -44,6 +44,9 @@ class JsonlWriter(Callback):
     def on_train_end(self, trainer: TrainerView) -> None:
         self._close()
 
+    def on_close(self, trainer: TrainerView) -> None:  # however the run ends (a stop signal, an error)
+        self._close()
+
     def _open(self) -> None:
         try:
             self._file = self.path.open("a", buffering=1)
@@ -75,10 +78,21 @@ class TensorBoardWriter(Callback):
             self.on_train_start(trainer)
         for key, value in _scalars(record):
             self.writer.add_scalar(key, value, record["step"])
+        # Through TensorBoard's writer thread to the file before the next step (records come every
+        # logging.interval steps): the watchdog's os._exit and a kill skip every handler, and on a
+        # filesystem without append (object stores) the events would wait for a flush up to 2 minutes.
+        self.writer.flush()
 
     def on_train_end(self, trainer: TrainerView) -> None:
+        self._close()
+
+    def on_close(self, trainer: TrainerView) -> None:  # however the run ends (a stop signal, an error)
+        self._close()
+
+    def _close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+            self.writer = None
 
 
 def _scalars(record: dict[str, Any], prefix: str = "") -> list[tuple[str, float]]:
