@@ -82,3 +82,17 @@ def test_a_group_on_nccl_sends_from_the_current_cuda_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
     assert collective_device("nccl-group") == torch.device("cuda", 3)
     assert collective_device("gloo-group") == torch.device("cpu")
+
+
+def test_gpus_bound_per_task_are_device_0_and_too_few_gpus_are_refused(monkeypatch):
+    """One task per GPU with the node's GPUs visible: local rank r is GPU r. `srun --gpus-per-task=1`
+    (or cgroups) shows each task only its own: GPU 0 whatever the local rank, where DeepSpeed's
+    LOCAL_RANK-as-device-index would fail. Fewer GPUs than ranks to share them: no device (an error)."""
+    from pretrain.parallel.distributed import device_index
+
+    monkeypatch.delenv("SLURM_GPUS_PER_TASK", raising=False)
+    assert [device_index(r, 8, visible=8) for r in range(8)] == list(range(8))
+    assert [device_index(r, 8, visible=1) for r in range(8)] == [0] * 8
+    assert device_index(5, 8, visible=4) is None
+    monkeypatch.setenv("SLURM_GPUS_PER_TASK", "2")  # two GPUs per task: the first is this rank's
+    assert device_index(5, 8, visible=2) == 0
