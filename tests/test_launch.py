@@ -18,7 +18,7 @@ from launch.hostfile import hostfile_lines
 from launch.rendezvous import check_address, ranges
 from pretrain.testing import run_distributed
 from slurm.cluster import json_objects
-from training_runs import SMALL, tensorboard_steps
+from training_runs import SMALL, start_ranks, tensorboard_steps
 
 # What srun gives task 3 of `srun --nodes=2 --ntasks-per-node=2` in job 4242 (values seen on our cluster).
 SRUN_TASK3 = {
@@ -316,25 +316,11 @@ def test_watchdog_dumps_every_rank_and_names_the_rank_that_sleeps(tmp_path):
     """Rank 1 sleeps at the end of step 2 (in a callback before the metrics); rank 0 goes on into
     the metrics' loss all-reduce of step 2 and waits there. After watchdog.step_timeout both exit
     with code 6, every rank's stack is in run.dir/hang/<time>/, and report.txt names rank 1."""
-    from pretrain.parallel.distributed import free_port
-
-    port = str(free_port())
-    common = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "DS_ACCELERATOR": "cpu"}
-    command = [
+    procs = start_ranks([
         sys.executable, "tests/slurm/hang_train.py", "--sleep-rank", "1", "--sleep-after-step", "2",
-        "--config", str(TINY), *SMALL, "train.steps=20", "watchdog.step_timeout=8", f"run.dir={tmp_path}", "logging.tensorboard=true",
-    ]  # fmt: skip
-    procs = [
-        subprocess.Popen(
-            command,
-            cwd=REPO,
-            env={**os.environ, **common, "RANK": str(r), "LOCAL_RANK": str(r)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r in (0, 1)
-    ]
+        "--config", str(TINY), *SMALL, "train.steps=20", "watchdog.step_timeout=8", f"run.dir={tmp_path}",
+        "logging.tensorboard=true",
+    ])  # fmt: skip
     outs = [p.communicate(timeout=240) for p in procs]
     assert [p.returncode for p in procs] == [6, 6], outs
     (incident,) = (tmp_path / "hang").iterdir()

@@ -2,8 +2,6 @@
 watchdog.step_timeout, and saves have their own deadline (checkpoint.save_timeout, exit 5)."""
 
 import json
-import os
-import subprocess
 import sys
 import threading
 import time
@@ -14,8 +12,7 @@ import pytest
 from conftest import REPO
 from pretrain.checkpoint.save_clock import SaveClock
 from pretrain.errors import ExitCode
-from pretrain.parallel.distributed import free_port
-from training_runs import SMALL, tensorboard_steps
+from training_runs import SMALL, start_ranks, tensorboard_steps
 
 TINY = REPO / "configs" / "tiny.yaml"
 
@@ -87,23 +84,10 @@ def test_nested_waits_count_once():
 def start_slow_saver(run_dir, extra, slow_write_s):
     """Two ranks of the tiny model whose rank 1 writes each checkpoint file `slow_write_s` late."""
     run_dir.mkdir(parents=True)
-    port = str(free_port())
-    common = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "DS_ACCELERATOR": "cpu"}
-    command = [
+    return start_ranks([
         sys.executable, "tests/slurm/hang_train.py", "--sleep-rank", "1", "--sleep-after-step", "-1",
         "--slow-write-s", str(slow_write_s), "--config", str(TINY), *SMALL, f"run.dir={run_dir}", *extra,
-    ]  # fmt: skip
-    return [
-        subprocess.Popen(
-            command,
-            cwd=REPO,
-            env={**os.environ, **common, "RANK": str(r), "LOCAL_RANK": str(r)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r in (0, 1)
-    ]
+    ])  # fmt: skip
 
 
 @pytest.mark.slow

@@ -375,3 +375,25 @@ def tensorboard_steps(run_dir, tag):
     events = EventAccumulator(str(Path(run_dir) / "tensorboard"))
     events.Reload()
     return [e.step for e in events.Scalars(tag)] if tag in events.Tags()["scalars"] else []
+
+
+def start_ranks(command, world_size=2):
+    """`command` as ranks 0..world_size-1 of one world on loopback (the variables a launcher sets)."""
+    import os
+    import subprocess
+
+    from conftest import REPO
+    from pretrain.parallel.distributed import free_port
+
+    world = {"WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    return [
+        subprocess.Popen(
+            command,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **world, "DS_ACCELERATOR": "cpu", "RANK": str(r), "LOCAL_RANK": str(r)},
+        )
+        for r in range(world_size)
+    ]
