@@ -188,8 +188,8 @@ def test_new_runs_use_and_record_the_bounded_order():
 
 
 def test_an_unknown_order_version_is_refused_naming_it():
-    with pytest.raises(DataError, match=r"sample order version 3 .* newer version"):
-        loaders(1, {"consumed_samples": 12, "order_version": 3})
+    with pytest.raises(DataError, match=r"sample order version 4 .* newer version"):
+        loaders(1, {"consumed_samples": 12, "order_version": 4})
 
 
 def test_an_unshuffled_loader_has_one_order_whatever_the_version(caplog):

@@ -10,6 +10,8 @@ from pretrain.config.fields import documented
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 _UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*")
+# data.shuffle_block=null on remote data: blocks of this many cache chunks (docs/DATA.md, measured).
+AUTO_BLOCK_CHUNKS = 4
 
 
 def parse_size(text: str | int) -> int:
@@ -50,6 +52,19 @@ class DataConfig:
     cache_chunk: str = documented(
         "Size of the aligned byte ranges of a remote .bin fetched and cached at once, e.g. 16MiB.", "16MiB"
     )
+    shuffle_block: int | None = documented(
+        "Samples per block of the sample order with locality (order version 3): blocks of consecutive samples "
+        "are shuffled, then the samples within windows of data.shuffle_window blocks, so a partial pass reads "
+        "about its share of a dataset. 0: a global shuffle (every draw from anywhere). null: 0 for local "
+        f"datasets, for remote ones the samples in {AUTO_BLOCK_CHUNKS} x data.cache_chunk bytes. A run keeps "
+        "the order it started with.",
+        None,
+    )
+    shuffle_window: int = documented(
+        "Blocks per window of that order: any data.shuffle_block x shuffle_window consecutive draws are "
+        "shuffled together (more mixes better; each window's blocks are read at once).",
+        64,
+    )
     remote_attempts: int = documented(
         "Tries of each read from a remote dataset before it is a data error (exponential backoff between).",
         4,
@@ -76,7 +91,21 @@ class DataConfig:
             )
         if not 0.0 <= self.validation_fraction < 1.0:
             p.append(f"data.validation_fraction must be in [0, 1), got {self.validation_fraction}")
-        return p + self._cache_problems()
+        return p + self._order_problems() + self._cache_problems()
+
+    def _order_problems(self) -> list[str]:
+        p: list[str] = []
+        if self.shuffle_block is not None and self.shuffle_block < 0:
+            p.append(
+                f"data.shuffle_block must be >= 0 samples (0: a global shuffle) or null (chosen per dataset), "
+                f"got {self.shuffle_block}"
+            )
+        if self.shuffle_window < 1:
+            p.append(
+                f"data.shuffle_window must be at least 1 block, got {self.shuffle_window}; 64 mixes each "
+                f"window's samples over 64 places in the data"
+            )
+        return p
 
     def _cache_problems(self) -> list[str]:
         p: list[str] = []

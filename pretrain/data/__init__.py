@@ -47,6 +47,8 @@ class TrainingData:
 
 def load_training_data(cfg: DataConfig, seq_len: int) -> TrainingData:
     """Open every configured dataset (or the built-in corpus) and split off its validation tail."""
+    from pretrain.data.block_order import shuffle_blocks
+
     if not cfg.paths:
         train, val = stdlib_tokens(cfg.validation_fraction)
         check_training_samples(
@@ -54,7 +56,11 @@ def load_training_data(cfg: DataConfig, seq_len: int) -> TrainingData:
         )
         return TrainingData(
             [BUILTIN_NAME],
-            [PackedSamples(train, seq_len)],
+            [
+                PackedSamples(
+                    train, seq_len, shuffle_blocks=shuffle_blocks(cfg, False, seq_len, train.itemsize)
+                )
+            ],
             [PackedSamples(val, seq_len)],
             None,
             ByteTokenizer.vocab_size,

@@ -8,11 +8,13 @@ Global sample g of the run comes from dataset d(g) of the blend (a low-discrepan
 normalised weights, so every dataset's share of any window of a few hundred samples is within about
 1% of its weight), and is that dataset's k-th sample, k = how many earlier samples came from d. The
 k-th sample of a dataset with N samples is perm_e[k mod N] of epoch e = k div N, a permutation seeded
-by (seed, d, e): every epoch reshuffles. The permutation is evaluated per draw (pretrain/data/order.py),
+by (seed, d, e): every epoch reshuffles. It is a global shuffle, or (order version 3, for datasets
+with data.shuffle_block > 0, the default for remote ones) a shuffle of blocks of consecutive samples
+and of the samples within windows of blocks, which reads a dataset's bytes in about the order drawn. The permutation is evaluated per draw (pretrain/data/order.py),
 so a rank holds no table of samples and looks up only its own. A step consumes the next
 global_batch_size global samples; data-parallel rank r takes the r-th slice of each micro-batch round.
 So what a step trains on never depends on the number of ranks, and the loader's whole state is the
-count of consumed samples (and which version of the order the run uses).
+count of consumed samples (and which version of the order the run uses, with its block sizes).
 """
 
 from __future__ import annotations
@@ -27,7 +29,14 @@ import torch
 
 from pretrain.data.indexed import TokenSource
 from pretrain.data.manifest import REWRITE_SHARD
-from pretrain.data.order import FEISTEL_ORDER, LEGACY_ORDER, GlobalOrder, SampleOrder, sample_order
+from pretrain.data.order import (
+    BLOCK_ORDER,
+    FEISTEL_ORDER,
+    LEGACY_ORDER,
+    GlobalOrder,
+    SampleOrder,
+    sample_order,
+)
 from pretrain.errors import DataError
 from pretrain.logs import get_logger
 
@@ -86,13 +95,19 @@ class TokenStream:
 
 
 class PackedSamples:
-    """Samples of seq_len + 1 tokens from the window [start, stop) of a stream."""
+    """Samples of seq_len + 1 tokens from the window [start, stop) of a stream. `shuffle_blocks`:
+    (block, window) of the order a new run draws them in; (0, 0) is a global shuffle."""
 
     def __init__(
-        self, stream: TokenStream | np.ndarray, seq_len: int, start: int = 0, stop: int | None = None
+        self,
+        stream: TokenStream | np.ndarray,
+        seq_len: int,
+        start: int = 0,
+        stop: int | None = None,
+        shuffle_blocks: tuple[int, int] = (0, 0),
     ):
         self.stream = stream if isinstance(stream, TokenStream) else TokenStream([stream])
-        self.seq_len, self.start = seq_len, start
+        self.seq_len, self.start, self.shuffle_blocks = seq_len, start, shuffle_blocks
         stop = len(self.stream) if stop is None else stop
         self.num_samples = max(0, (stop - start - 1) // seq_len)
 
@@ -198,8 +213,14 @@ class DistributedBatches:
             weights = [float(len(s)) for s in self.datasets]
         self.schedule = BlendSchedule(weights, seed)
         self.seed, self.shuffle = seed, shuffle
-        self.order_version = FEISTEL_ORDER  # a new run's; load_state_dict takes the checkpoint's
-        self.orders = self._orders(self.order_version)
+        # A new run's order; load_state_dict takes the checkpoint's. Without blocks it is version 2,
+        # so such runs record (and train on) exactly what they did before version 3 existed.
+        self.configured_blocks = [
+            (s.shuffle_blocks if s.shuffle_blocks[0] > 0 else (0, 0)) for s in self.datasets
+        ]
+        self.blocks = list(self.configured_blocks)
+        self.order_version = BLOCK_ORDER if any(b for b, _ in self.blocks) else FEISTEL_ORDER
+        self.orders = self._orders(self.order_version, self.blocks)
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.consumed_samples = 0
@@ -238,9 +259,10 @@ class DistributedBatches:
             out[mask] = self.orders[d].lookup(counters[mask])
         return out
 
-    def _orders(self, version: int) -> list[SampleOrder]:
+    def _orders(self, version: int, blocks: list[tuple[int, int]]) -> list[SampleOrder]:
         return [
-            sample_order(version, len(s), [self.seed, d], self.shuffle) for d, s in enumerate(self.datasets)
+            sample_order(version, len(s), [self.seed, d], self.shuffle, blocks[d])
+            for d, s in enumerate(self.datasets)
         ]
 
     def skip_batch(self, step_start: int) -> None:
@@ -311,25 +333,60 @@ class DistributedBatches:
     def state_dict(self) -> dict[str, Any]:
         """The position only: the skipped batches are the run's history, saved as a part of their
         own (`SkippedBatches`) so that a rollback to an older position keeps them. And the version
-        of the sample order, which a run keeps for its whole life (see pretrain/data/order.py)."""
-        return {"consumed_samples": self.consumed_samples, "order_version": self.order_version}
+        of the sample order, which a run keeps for its whole life (see pretrain/data/order.py), with
+        each dataset's [block, window] in version 3."""
+        state: dict[str, Any] = {
+            "consumed_samples": self.consumed_samples,
+            "order_version": self.order_version,
+        }
+        if self.order_version == BLOCK_ORDER:
+            state["shuffle_blocks"] = [list(b) for b in self.blocks]
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # States written before the field existed are positions in the version 1 order.
         version = int(state.get("order_version", LEGACY_ORDER))
-        if version != self.order_version:
-            self.orders, self.order_version = self._orders(version), version
+        blocks = self._recorded_blocks(state, version)
+        if (version, blocks) != (self.order_version, self.blocks):
+            self.orders, self.order_version, self.blocks = self._orders(version, blocks), version, blocks
             self._prefetched = None  # read ahead in the other order
-            if self.shuffle and version == LEGACY_ORDER:
-                log.info(
-                    "data: the checkpoint's samples are in the version 1 order (a permutation table of "
-                    "every dataset per epoch on every rank, 4 bytes per sample); this run keeps it so "
-                    "that it resumes on exactly the next samples"
-                )
+            if self.shuffle:
+                self._log_kept_order(version)
         self.consumed_samples = int(state["consumed_samples"])
         # Checkpoints written before SkippedBatches existed hold them here; skips only ever grow.
         for position in state.get("skipped_batches", []):
             self.skip_batch(int(position))
+
+    def _recorded_blocks(self, state: dict[str, Any], version: int) -> list[tuple[int, int]]:
+        """Each dataset's (block, window) in the checkpoint's order: recorded in version 3 (a dataset
+        the checkpoint did not have, after an allowed change of data.paths, takes the configured one)."""
+        if version != BLOCK_ORDER:
+            return [(0, 0)] * len(self.datasets)
+        if "shuffle_blocks" not in state:
+            raise DataError(
+                "the data loader's state says sample order version 3 but records no shuffle_blocks: it was "
+                "not written by this framework; resume from another checkpoint"
+            )
+        recorded = [(int(b), int(w)) for b, w in state["shuffle_blocks"]]
+        return (recorded + self.configured_blocks[len(recorded) :])[: len(self.datasets)]
+
+    def _log_kept_order(self, version: int) -> None:
+        if version == LEGACY_ORDER:
+            log.info(
+                "data: the checkpoint's samples are in the version 1 order (a permutation table of "
+                "every dataset per epoch on every rank, 4 bytes per sample); this run keeps it so "
+                "that it resumes on exactly the next samples"
+            )
+        asked = self.configured_blocks if any(b for b, _ in self.configured_blocks) else None
+        kept = self.blocks if version == BLOCK_ORDER else None
+        if asked != kept:
+            log.warning(
+                f"data: the checkpoint's sample order is version {version} with [block, window] per dataset "
+                f"{kept or 'none (a global shuffle)'}; the configuration asks for {asked or 'a global shuffle'} "
+                f"(data.shuffle_block, data.shuffle_window, and for remote data data.cache_chunk). The run "
+                f"keeps the checkpoint's order, so that it resumes on exactly the next samples; a new run "
+                f"(checkpoint.resume=none in a new run.dir) uses the configured one"
+            )
 
 
 class SkippedBatches:

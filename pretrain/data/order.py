@@ -1,6 +1,6 @@
 """Which sample of a dataset its k-th draw is: position k mod N of a seeded permutation of epoch k div N.
 
-Two orders exist, named by the version the loader's state records:
+Three orders exist, named by the version the loader's state records:
 
 1 `GlobalOrder`: numpy's `Generator.permutation` of the whole dataset, built per epoch on every rank.
   4 bytes per sample per rank (8 while it is built): 40 GB per rank for 1e10 samples. Kept so that
@@ -12,7 +12,11 @@ Two orders exist, named by the version the loader's state records:
   Everything is fixed-width integer arithmetic (uint64, wrapping) written out here, so the order is
   the same on every machine and numpy version; no numpy random generator is involved.
 
-With shuffle off both are the identity, so an unshuffled loader has one order whatever the version.
+3 per dataset either version 2's order (data.shuffle_block = 0) or `BlockOrder`
+  (pretrain/data/block_order.py): blocks of consecutive samples shuffled, then samples shuffled within
+  windows of blocks, so that a partial pass reads about its share of a remote dataset's bytes.
+
+With shuffle off all are the identity, so an unshuffled loader has one order whatever the version.
 """
 
 from __future__ import annotations
@@ -21,14 +25,14 @@ import math
 import time
 import tracemalloc
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 
 from pretrain.errors import DataError
 
-LEGACY_ORDER, FEISTEL_ORDER = 1, 2
-ORDER_VERSIONS = (LEGACY_ORDER, FEISTEL_ORDER)
+LEGACY_ORDER, FEISTEL_ORDER, BLOCK_ORDER = 1, 2, 3
+ORDER_VERSIONS = (LEGACY_ORDER, FEISTEL_ORDER, BLOCK_ORDER)
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN64 = 0x9E3779B97F4A7C15  # 2^64 / phi: the splitmix64 increment
@@ -37,6 +41,7 @@ _S27, _S30, _S31, _S32 = np.uint64(27), np.uint64(30), np.uint64(31), np.uint64(
 # 4 rounds already make a Feistel network a strong pseudo-random permutation given a random round
 # function (Luby-Rackoff); 8 leave margin for unequal halves (a != b), small N and a cheap hash.
 ROUNDS = 8
+HalfSize = np.ndarray | np.uint64  # a Feistel half's size: one for all values, or one per value
 
 
 def _mix(z: np.ndarray) -> np.ndarray:
@@ -110,30 +115,64 @@ class FeistelOrder:
         return self._cached_keys
 
     def _round_keys(self, epochs: np.ndarray) -> np.ndarray:
-        """(2, ROUNDS, len(epochs)) uint64: per round an xor key and an odd multiplier for each epoch,
-        from (seed, epoch) alone."""
-        epoch_keys = _mix(_mix(epochs + np.uint64(_GOLDEN64)) ^ self._key)
-        rounds = np.arange(1, 2 * ROUNDS + 1, dtype=np.uint64)[:, None] * np.uint64(_GOLDEN64)
-        keys = _mix(epoch_keys[None, :] + rounds).reshape(2, ROUNDS, len(epochs))
-        keys[1] |= np.uint64(1)  # multiply-shift wants odd multipliers (an even one drops a bit)
-        return keys
+        return round_keys(self._key, epochs)
+
+    def position_of(self, epoch: int, sample: int) -> int:
+        """The inverse: the position in epoch `epoch` at which `sample` is drawn."""
+        if not self.shuffle or self.num_samples == 1:
+            return sample
+        keys, value = self._epoch_keys(epoch), np.array([sample], dtype=np.uint64)
+        a, b = np.uint64(self._high), np.uint64(self._low)
+        value = feistel_unpass(value, keys, a, b)
+        while value[0] >= np.uint64(self.num_samples):  # undo the cycle walk: every step before was >= N
+            value = feistel_unpass(value, keys, a, b)
+        return int(value[0])
 
     def _feistel(self, values: np.ndarray, keys: np.ndarray) -> np.ndarray:
-        """One pass of the network over [0, a b): x = high b + low, and each round adds to one half,
-        modulo its size, a keyed hash of the other half. A round is undone by subtracting the same
-        hash, whatever the hash, so the pass is a bijection. The hash is multiply-shift: bits 32-63 of
-        (half xor key) * odd multiplier mod 2^64, which depend on every bit of a half below 2^32."""
-        xor_keys, multipliers = keys
-        a, b = np.uint64(self._high), np.uint64(self._low)
-        high, low = np.divmod(values, b)
-        for r in range(ROUNDS):
-            if r % 2 == 0:
-                high += _hash(low, xor_keys[r], multipliers[r]) % a
-                high %= a
-            else:
-                low += _hash(high, xor_keys[r], multipliers[r]) % b
-                low %= b
-        return high * b + low
+        return feistel_pass(values, keys, np.uint64(self._high), np.uint64(self._low))
+
+
+def round_keys(key: np.uint64, ids: np.ndarray) -> np.ndarray:
+    """(2, ROUNDS, len(ids)) uint64: per round an xor key and an odd multiplier for each id (an epoch),
+    from (key, id) alone."""
+    epoch_keys = _mix(_mix(ids + np.uint64(_GOLDEN64)) ^ key)
+    rounds = np.arange(1, 2 * ROUNDS + 1, dtype=np.uint64)[:, None] * np.uint64(_GOLDEN64)
+    keys = _mix(epoch_keys[None, :] + rounds).reshape(2, ROUNDS, len(ids))
+    keys[1] |= np.uint64(1)  # multiply-shift wants odd multipliers (an even one drops a bit)
+    return keys
+
+
+def feistel_pass(values: np.ndarray, keys: np.ndarray, a: HalfSize, b: HalfSize) -> np.ndarray:
+    """One pass of the network over [0, a b): x = high b + low, and each round adds to one half,
+    modulo its size, a keyed hash of the other half. A round is undone by subtracting the same
+    hash, whatever the hash, so the pass is a bijection. The hash is multiply-shift: bits 32-63 of
+    (half xor key) * odd multiplier mod 2^64, which depend on every bit of a half below 2^32.
+    `a`, `b` and the keys are scalars or one per value (broadcast)."""
+    xor_keys, multipliers = keys
+    high, low = np.divmod(values, b)
+    for r in range(ROUNDS):
+        if r % 2 == 0:
+            high += _hash(low, xor_keys[r], multipliers[r]) % a
+            high %= a
+        else:
+            low += _hash(high, xor_keys[r], multipliers[r]) % b
+            low %= b
+    return high * b + low
+
+
+def feistel_unpass(values: np.ndarray, keys: np.ndarray, a: HalfSize, b: HalfSize) -> np.ndarray:
+    """The inverse of `feistel_pass`: the rounds in reverse, each subtracting its hash (adding its
+    complement modulo the half's size, to stay in unsigned arithmetic)."""
+    xor_keys, multipliers = keys
+    high, low = np.divmod(values, b)
+    for r in reversed(range(ROUNDS)):
+        if r % 2 == 0:
+            high += a - _hash(low, xor_keys[r], multipliers[r]) % a
+            high %= a
+        else:
+            low += b - _hash(high, xor_keys[r], multipliers[r]) % b
+            low %= b
+    return high * b + low
 
 
 def _hash(half: np.ndarray, key: np.ndarray, multiplier: np.ndarray) -> np.ndarray:
@@ -172,13 +211,26 @@ class GlobalOrder:
         return out
 
 
-SampleOrder = FeistelOrder | GlobalOrder
+if TYPE_CHECKING:
+    from pretrain.data.block_order import BlockOrder
+
+SampleOrder = Union[FeistelOrder, GlobalOrder, "BlockOrder"]
 
 
 def sample_order(
-    version: int, num_samples: int, seed: int | Sequence[int], shuffle: bool = True
+    version: int,
+    num_samples: int,
+    seed: int | Sequence[int],
+    shuffle: bool = True,
+    blocks: tuple[int, int] = (0, 0),
 ) -> SampleOrder:
-    if version == FEISTEL_ORDER:
+    """The order of one dataset; `blocks` = (block, window) counts only in version 3, where (0, 0)
+    is version 2's order of the dataset."""
+    if version == BLOCK_ORDER and blocks[0] > 0:
+        from pretrain.data.block_order import BlockOrder  # it builds on this module
+
+        return BlockOrder(num_samples, seed, blocks[0], blocks[1], shuffle)
+    if version in (FEISTEL_ORDER, BLOCK_ORDER):
         return FeistelOrder(num_samples, seed, shuffle)
     if version == LEGACY_ORDER:
         return GlobalOrder(num_samples, seed, shuffle)

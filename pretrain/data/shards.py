@@ -42,9 +42,13 @@ def open_dataset(path: str, cfg: DataConfig, seq_len: int) -> OpenedDataset:
     total = len(stream)
     cut = training_cut(total, cfg.validation_fraction)
     check_training_samples(path, total, cut, seq_len, cfg.validation_fraction)
+    from pretrain.data.block_order import shuffle_blocks
+    from pretrain.data.remote import is_remote
+
+    blocks = shuffle_blocks(cfg, is_remote(path), seq_len, shards[0].dtype.itemsize)
     return OpenedDataset(
         dataset_name(path),
-        PackedSamples(stream, seq_len, 0, cut),
+        PackedSamples(stream, seq_len, 0, cut, blocks),
         PackedSamples(stream, seq_len, cut, total),
         manifest.vocab_size,
         manifest.eod_id,
