@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from pretrain.config.data import AUTO_BLOCK_CHUNKS, DataConfig, parse_size
 from pretrain.data.order import BLOCK_ORDER, FeistelOrder, _seed_key, feistel_pass, round_keys
 from pretrain.data.order import _mix as mix
+from pretrain.errors import DataError
 
 _GOLDEN64 = np.uint64(0x9E3779B97F4A7C15)
 
@@ -125,3 +127,36 @@ def shuffle_blocks(cfg: DataConfig, remote: bool, seq_len: int, token_bytes: int
         sample_bytes = seq_len * token_bytes
         block = -(-AUTO_BLOCK_CHUNKS * parse_size(cfg.cache_chunk) // sample_bytes) if remote else 0
     return (block, cfg.shuffle_window) if block > 0 else (0, 0)
+
+
+def recorded_blocks(
+    state: dict[str, Any], version: int, configured: list[tuple[int, int]]
+) -> list[tuple[int, int]]:
+    """Each dataset's (block, window) in the order of a loader state: recorded in version 3 (a dataset
+    the checkpoint did not have, after an allowed change of data.paths, takes the configured one)."""
+    if version != BLOCK_ORDER:
+        return [(0, 0)] * len(configured)
+    if "shuffle_blocks" not in state:
+        raise DataError(
+            "the data loader's state says sample order version 3 but records no shuffle_blocks: it was "
+            "not written by this framework; resume from another checkpoint"
+        )
+    recorded = [(int(b), int(w)) for b, w in state["shuffle_blocks"]]
+    return (recorded + configured[len(recorded) :])[: len(configured)]
+
+
+def kept_order_note(
+    version: int, kept: list[tuple[int, int]], configured: list[tuple[int, int]]
+) -> str | None:
+    """What to tell a resumed run whose configuration asks for another order than its checkpoint's."""
+    asked = configured if any(b for b, _ in configured) else None
+    recorded = kept if version == BLOCK_ORDER else None
+    if asked == recorded:
+        return None
+    return (
+        f"data: the checkpoint's sample order is version {version} with [block, window] per dataset "
+        f"{recorded or 'none (a global shuffle)'}; the configuration asks for {asked or 'a global shuffle'} "
+        f"(data.shuffle_block, data.shuffle_window, and for remote data data.cache_chunk). The run keeps "
+        f"the checkpoint's order, so that it resumes on exactly the next samples; a new run "
+        f"(checkpoint.resume=none in a new run.dir) uses the configured one"
+    )

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pretrain.data.block_order import kept_order_note, recorded_blocks
 from pretrain.data.indexed import TokenSource
 from pretrain.data.manifest import REWRITE_SHARD
 from pretrain.data.order import (
@@ -346,47 +347,22 @@ class DistributedBatches:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # States written before the field existed are positions in the version 1 order.
         version = int(state.get("order_version", LEGACY_ORDER))
-        blocks = self._recorded_blocks(state, version)
+        blocks = recorded_blocks(state, version, self.configured_blocks)
         if (version, blocks) != (self.order_version, self.blocks):
             self.orders, self.order_version, self.blocks = self._orders(version, blocks), version, blocks
             self._prefetched = None  # read ahead in the other order
-            if self.shuffle:
-                self._log_kept_order(version)
+            if self.shuffle and version == LEGACY_ORDER:
+                log.info(
+                    "data: the checkpoint's samples are in the version 1 order (a permutation table of "
+                    "every dataset per epoch on every rank, 4 bytes per sample); this run keeps it so "
+                    "that it resumes on exactly the next samples"
+                )
+            if self.shuffle and (note := kept_order_note(version, blocks, self.configured_blocks)):
+                log.warning(note)
         self.consumed_samples = int(state["consumed_samples"])
         # Checkpoints written before SkippedBatches existed hold them here; skips only ever grow.
         for position in state.get("skipped_batches", []):
             self.skip_batch(int(position))
-
-    def _recorded_blocks(self, state: dict[str, Any], version: int) -> list[tuple[int, int]]:
-        """Each dataset's (block, window) in the checkpoint's order: recorded in version 3 (a dataset
-        the checkpoint did not have, after an allowed change of data.paths, takes the configured one)."""
-        if version != BLOCK_ORDER:
-            return [(0, 0)] * len(self.datasets)
-        if "shuffle_blocks" not in state:
-            raise DataError(
-                "the data loader's state says sample order version 3 but records no shuffle_blocks: it was "
-                "not written by this framework; resume from another checkpoint"
-            )
-        recorded = [(int(b), int(w)) for b, w in state["shuffle_blocks"]]
-        return (recorded + self.configured_blocks[len(recorded) :])[: len(self.datasets)]
-
-    def _log_kept_order(self, version: int) -> None:
-        if version == LEGACY_ORDER:
-            log.info(
-                "data: the checkpoint's samples are in the version 1 order (a permutation table of "
-                "every dataset per epoch on every rank, 4 bytes per sample); this run keeps it so "
-                "that it resumes on exactly the next samples"
-            )
-        asked = self.configured_blocks if any(b for b, _ in self.configured_blocks) else None
-        kept = self.blocks if version == BLOCK_ORDER else None
-        if asked != kept:
-            log.warning(
-                f"data: the checkpoint's sample order is version {version} with [block, window] per dataset "
-                f"{kept or 'none (a global shuffle)'}; the configuration asks for {asked or 'a global shuffle'} "
-                f"(data.shuffle_block, data.shuffle_window, and for remote data data.cache_chunk). The run "
-                f"keeps the checkpoint's order, so that it resumes on exactly the next samples; a new run "
-                f"(checkpoint.resume=none in a new run.dir) uses the configured one"
-            )
 
 
 class SkippedBatches:
