@@ -75,7 +75,9 @@ def test_two_ranks_train_over_http_with_the_losses_of_the_local_copy(tmp_path):
     from training_runs import step_records, train_and_read_metrics
 
     write_dataset(tmp_path / "d")
-    common = ["model.vocab_size=300", "train.steps=4"]
+    # The same blocks for both copies: auto (null) gives remote data blocks and local data a global
+    # shuffle; the order depends on the configuration and the data, not on where the data lies.
+    common = ["model.vocab_size=300", "train.steps=4", "data.shuffle_block=32", "data.shuffle_window=4"]
     local, _ = run_distributed(
         train_and_read_metrics, 2, [*common, f"data.paths=[{tmp_path / 'd'}]"], str(tmp_path / "a")
     )
