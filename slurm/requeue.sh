@@ -1,14 +1,20 @@
 # Sourced by train.sbatch: what an ended training step means (requeue or stop), and which node to
 # leave out of the restart. Needs only bash, grep, sed and, for exclude_decision, SLURM's commands.
 #
-# srun prints one line per node and outcome of the step's tasks, in the order they ended, e.g.
+# srun prints one line per node and outcome of the step's tasks, e.g.
 #   srun: error: n2: task 1: Killed
 #   srun: error: n1: tasks 0-3: Exited with exit code 4
 #   srun: error: n3: task 9: Aborted (core dumped)
 #   srun: error: Node failure on n4
 # and exits with the highest exit code of the tasks, or 128+n if a task was killed by signal n. The
-# first failure is the cause; what follows is usually its consequence (the other ranks lose their
-# peer and exit 1, or srun ends them after --wait), so the first line decides.
+# lines are not in the order the tasks ended (of two tasks on one node, the rank that exited 1 on
+# losing its peer was reported before the peer killed with SIGKILL), so no line's position tells
+# the cause; what a line says does:
+#   - a task that exited with a final code (2-7) decides: the job ends with that code, whatever
+#     happened to the others (srun ends them 60 s after the first exit, --wait=60);
+#   - else a node failure or a task killed by a signal requeues (the others' exit 1 is their lost
+#     peer), unless the signal came from the OOM killer (final: the same settings run out again);
+#   - tasks that srun itself ended (its lines after "First task exited 60s ago") say nothing.
 
 # The lines of srun's (and slurmstepd's) own messages among a step's stderr.
 SRUN_MESSAGE='^(srun|slurmstepd[^:]*): '
@@ -33,36 +39,47 @@ final_reason() {  # the meaning of a final exit code
 # requeued), WHY (what happened, for the log), WHERE (srun's first failure line, shortened, or
 # empty) and FAILED_NODE (the node to leave out of a restart, or empty).
 classify_exit() {
-    local rc=$1 messages=$2 signalled=${3:-} first="" node="" what=""
+    local rc=$1 messages=$2 signalled=${3:-} outcomes="" line node="" what="" task code
+    local final="" exited="" signal="" failure=""
     VERDICT=final CODE=$rc WHY="" WHERE="" FAILED_NODE=""
     if [[ -r $messages ]]; then
-        first=$(grep -m1 -E '^srun: error: ([^ :]+: tasks? [0-9,-]+: .+|Node failure on [^ ]+.*|Task launch for .* failed on node [^ :]+.*)$' "$messages")
+        # The outcome lines, up to srun's own ending of the step.
+        outcomes=$(sed '/^srun: First task exited/,$d' "$messages" \
+            | grep -E '^srun: error: ([^ :]+: tasks? [0-9,-]+: .+|Node failure on [^ ]+.*|Task launch for .* failed on node [^ :]+.*)$')
     fi
-    if [[ $first =~ ^srun:\ error:\ ([^ :]+):\ (tasks?\ [0-9,-]+):\ (.+)$ ]]; then
-        node=${BASH_REMATCH[1]} what=${BASH_REMATCH[3]} WHERE="$node ${BASH_REMATCH[2]}: ${BASH_REMATCH[3]}"
-    elif [[ $first =~ Node\ failure\ on\ ([^ ,]+) || $first =~ failed\ on\ node\ ([^ :]+) ]]; then
-        node=${BASH_REMATCH[1]} what="node failure" WHERE=${first#srun: error: }
-    fi
+    while IFS= read -r line; do
+        [[ -n $line ]] || continue
+        if [[ $line =~ ^srun:\ error:\ ([^ :]+):\ (tasks?\ [0-9,-]+):\ Exited\ with\ exit\ code\ ([0-9]+)$ ]]; then
+            task="${BASH_REMATCH[1]} ${BASH_REMATCH[2]}" code=${BASH_REMATCH[3]}
+            [[ -z $exited ]] && exited=$code
+            if [[ -z $final ]] && ((code >= 2 && code <= 7)); then
+                final=$code WHERE="$task: Exited with exit code $code"
+            fi
+        elif [[ $line =~ Node\ failure\ on\ ([^ ,]+) || $line =~ failed\ on\ node\ ([^ :]+) ]]; then
+            [[ -z $failure ]] && failure=${BASH_REMATCH[1]} what=${line#srun: error: }
+        elif [[ $line =~ ^srun:\ error:\ ([^ :]+):\ (tasks?\ [0-9,-]+):\ (.+)$ && -z $signal ]]; then
+            signal=${BASH_REMATCH[3]} node=${BASH_REMATCH[1]} what="${BASH_REMATCH[1]} ${BASH_REMATCH[2]}: ${BASH_REMATCH[3]}"
+        fi
+    done <<<"$outcomes"
 
     if ((rc == 0)); then
         VERDICT=finished WHY="training finished (exit 0)"
-    elif ((rc == 75)) || [[ $what == "Exited with exit code 75" ]]; then
-        VERDICT=requeue CODE=75 WHY="checkpoint saved after ${signalled:+SIG$signalled}${signalled:-a signal to the tasks} (exit 75)"
-    elif [[ $what == "node failure" ]]; then
-        VERDICT=requeue FAILED_NODE=$node WHY="srun reported a node failure on $node (exit $rc)"
-    elif [[ $what =~ ^Exited\ with\ exit\ code\ ([0-9]+)$ ]]; then
-        # The first task to fail exited with a code of its own: that code is the job's, whatever
-        # srun reports for the tasks that failed after it (or that it ended after --wait).
-        CODE=${BASH_REMATCH[1]}
-        WHY=$(final_reason "$CODE")
-    elif [[ $what == "Out Of Memory"* ]] || { [[ -r $messages ]] && grep -qE 'oom-kill|OUT_OF_MEMORY' "$messages"; }; then
+    elif ((rc == 75)); then
+        VERDICT=requeue WHY="checkpoint saved after ${signalled:+SIG$signalled}${signalled:-a signal to the tasks} (exit 75)"
+    elif [[ -n $final ]]; then
+        # A task ended with a code of its own: that code is the job's, whatever srun says of the others.
+        CODE=$final WHY=$(final_reason "$final")
+    elif [[ -n $failure ]]; then
+        VERDICT=requeue FAILED_NODE=$failure WHERE=$what WHY="srun reported a node failure on $failure (exit $rc)"
+    elif [[ $signal == "Out Of Memory"* ]] || { [[ -r $messages ]] && grep -qE 'oom-kill|OUT_OF_MEMORY' "$messages"; }; then
         # The kernel's out-of-memory killer (through SLURM's cgroup): the same settings would run out again.
-        WHY="a task ran out of host memory: ask for more (sbatch --mem=...) or use less (data workers, offload)"
-    elif [[ -n $what ]] || ((rc > 128 && rc <= 128 + 64)); then
+        WHERE=$what WHY="a task ran out of host memory: ask for more (sbatch --mem=...) or use less (data workers, offload)"
+    elif [[ -n $signal ]] || { [[ -z $exited ]] && ((rc > 128 && rc <= 128 + 64)); }; then
+        # (A signal with no line for it but tasks that exited: srun ended them after --wait, below.)
         # Killed by a signal from outside the run: a kill -9 (137), the node going away, an NCCL abort (134).
-        VERDICT=requeue FAILED_NODE=$node
-        if [[ -n $what ]]; then
-            WHY="a training task was killed by a signal on $node ($what, exit $rc)"
+        VERDICT=requeue FAILED_NODE=$node WHERE=$what
+        if [[ -n $signal ]]; then
+            WHY="a training task was killed by a signal on $node ($signal, exit $rc)"
         else
             WHY="a training task was killed by signal $((rc - 128)) (exit $rc)"
         fi
@@ -71,7 +88,8 @@ classify_exit() {
             FAILED_NODE=""
         fi
     else
-        WHY=$(final_reason "$rc")
+        CODE=${exited:-$rc}
+        WHY=$(final_reason "$CODE")
     fi
 }
 

@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +32,32 @@ pytestmark = pytest.mark.slow
 CPU = ["--gpus-per-node=0", "--cpus-per-task=1"]
 STEPS = 60
 TRAIN = ["configs/tiny.yaml", *SMALL, f"train.steps={STEPS}", "checkpoint.interval=30"]
+
+
+def kill_rank_1_once_checkpointed(cluster: Cluster, job: str, run_dir: Path, result: dict[str, Any]) -> None:
+    """SIGKILL rank 1 of a run once it has trained 2 steps past a complete checkpoint (in a thread
+    started with the jobs, so whatever test runs first, the kill comes mid-run); `result` gets the
+    victim (its launch.json entry) and the newest complete checkpoint when the first run ended."""
+    try:
+        latest, deadline = run_dir / "checkpoints" / "latest", time.monotonic() + 600
+        while not (latest.exists() and max(losses(run_dir), default=0) >= int(latest.read_text()[4:]) + 2):
+            state = cluster.jobs(job)[0]["JobState"]
+            if time.monotonic() > deadline or state not in ("PENDING", "RUNNING"):
+                result["error"] = f"no checkpoint to kill after (job {state})"
+                return
+            time.sleep(0.2)
+        (victim,) = [r for r in json.loads((run_dir / "launch.json").read_text())["ranks"] if r["rank"] == 1]
+        assert str(run_dir) in Path(f"/proc/{victim['pid']}/cmdline").read_text()  # that run's rank 1
+        os.kill(victim["pid"], signal.SIGKILL)
+        result["victim"] = victim
+        while "requeueing: restart 1" not in job_log(run_dir, job):  # the first run is over
+            if time.monotonic() > deadline:
+                result["error"] = "not requeued"
+                return
+            time.sleep(0.2)
+        result["newest"] = latest.read_text()
+    except Exception as error:  # reported by the test
+        result["error"] = repr(error)
 
 
 def records(run_dir: Path) -> list[dict[str, Any]]:
@@ -142,7 +169,22 @@ def jobs(slurm_cluster: Cluster, tmp_path_factory, request) -> Iterator[dict[str
     # The preempted run first: its test signals it as soon as it trains.
     train("preempted", "--ntasks-per-node=2")
     # Then the run whose rank 1 is killed once a checkpoint is complete (interval 10, not 30: earlier).
-    train("killed", "--ntasks-per-node=2", overrides=("checkpoint.interval=10",))
+    # gloo and NCCL on the interface PRETRAIN_SOCKET_IFNAME names (lo: all "nodes" are this machine).
+    train(
+        "killed",
+        "--ntasks-per-node=2",
+        overrides=("checkpoint.interval=10",),
+        env={"PRETRAIN_SOCKET_IFNAME": "lo"},
+    )
+    if wanted("killed"):
+        killed: dict[str, Any] = {}
+        killer = threading.Thread(
+            target=kill_rank_1_once_checkpointed,
+            args=(slurm_cluster, *submitted["killed"], killed),
+            daemon=True,
+        )
+        killer.start()
+        submitted["killer"] = (killer, killed)
     train("reference", "--ntasks-per-node=2")
     train("two_nodes", "--nodes=2", "--ntasks-per-node=1")
     hf = root / "hf"
@@ -275,21 +317,11 @@ def test_a_task_killed_mid_run_requeues_without_its_node_and_ends_with_the_unint
     run it), the restart resumes from the newest complete checkpoint and ends with the same final
     loss as the run nobody interrupted."""
     job, run_dir = jobs["killed"]
-    latest = run_dir / "checkpoints" / "latest"
-    deadline = time.monotonic() + 480
-    while not (latest.exists() and max(losses(run_dir), default=0) >= int(latest.read_text()[4:]) + 2):
-        assert time.monotonic() < deadline, job_log(run_dir, job)[-3000:]
-        state = slurm_cluster.jobs(job)[0]["JobState"]
-        assert state in ("PENDING", "RUNNING"), (state, job_log(run_dir, job)[-3000:])
-        time.sleep(0.2)
-    (victim,) = [r for r in json.loads((run_dir / "launch.json").read_text())["ranks"] if r["rank"] == 1]
-    assert str(run_dir) in Path(f"/proc/{victim['pid']}/cmdline").read_text()  # that run's rank 1
-    os.kill(victim["pid"], signal.SIGKILL)
+    killer, killed = jobs["killer"]
+    killer.join(timeout=900)
+    assert "error" not in killed and "newest" in killed, (killed, job_log(run_dir, job)[-3000:])
+    victim, newest = killed["victim"], killed["newest"]
     node, other = victim["node"], {"n1": "n2", "n2": "n1"}[victim["node"]]
-    while "requeueing: restart 1" not in job_log(run_dir, job):  # the first run is over
-        assert time.monotonic() < deadline, job_log(run_dir, job)[-3000:]
-        time.sleep(0.2)
-    newest = latest.read_text()  # the newest complete checkpoint when the first run ended
     (info,) = slurm_cluster.wait(job, timeout=900, log=run_dir / "logs" / f"slurm-{job}.log")
     log = job_log(run_dir, job)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, log[-4000:])
@@ -497,3 +529,49 @@ def test_a_final_exit_is_not_requeued_when_srun_reports_a_signal_after_it(slurm_
     )
     messages = (run_dir / "logs" / f"srun-{job}.0.txt").read_text()
     assert f"srun: error: {node}: task 1: Killed" in messages and "stub trainer" not in messages
+
+
+SRUN_LINES = {  # what srun 22.05 printed on the test cluster (and, for a node failure and the OOM killer, prints)
+    "lost peer first": "srun: error: n1: task 0: Exited with exit code 1\nsrun: error: n1: task 1: Killed\n",
+    "killed on n2": "srun: error: n2: task 1: Killed\nsrun: error: n1: task 0: Exited with exit code 1\n",
+    "data, then killed": "srun: error: n1: task 0: Exited with exit code 4\nsrun: error: n2: task 1: Killed\n",
+    "bug, srun ends the rest": (
+        "srun: error: n1: task 0: Exited with exit code 1\nsrun: First task exited 60s ago\n"
+        "srun: StepId=7.0 task 1: running\nsrun: error: n1: task 1: Killed\n"
+    ),
+    "abort": "srun: error: n3: tasks 0-3: Aborted (core dumped)\n",
+    "node failure": "srun: error: Node failure on n4\nsrun: Job step aborted: Waiting up to 32 seconds\n",
+    "oom": "slurmstepd: error: Detected 1 oom-kill event(s) in StepId=5.0\nsrun: error: n1: task 0: Out Of Memory\n",
+    "saved": "srun: error: n1: tasks 0-1: Exited with exit code 75\n",
+    "none": "",
+}
+
+
+@pytest.mark.parametrize(
+    "rc, lines, signalled, verdict, code, node",
+    [
+        (137, "lost peer first", "", "requeue", 137, "n1"),
+        (137, "killed on n2", "", "requeue", 137, "n2"),
+        (137, "data, then killed", "", "final", 4, ""),
+        (137, "bug, srun ends the rest", "", "final", 1, ""),
+        (134, "abort", "", "requeue", 134, "n3"),
+        (1, "node failure", "", "requeue", 1, "n4"),
+        (137, "oom", "", "final", 137, ""),
+        (75, "saved", "", "requeue", 75, ""),
+        (0, "none", "", "finished", 0, ""),
+        (143, "none", "TERM", "requeue", 143, ""),  # our signal, before the trainer's handler
+        (139, "none", "", "requeue", 139, ""),
+        (3, "none", "", "final", 3, ""),
+        (1, "none", "", "final", 1, ""),
+    ],
+)
+def test_classify_exit_requeues_what_is_not_the_runs_fault(
+    tmp_path, rc, lines, signalled, verdict, code, node
+):
+    """slurm/requeue.sh's classify_exit on srun's messages: signals and node failures requeue (with
+    the node to leave out), a final code on any task decides, the OOM killer is final."""
+    messages = tmp_path / "srun.txt"
+    messages.write_text(SRUN_LINES[lines])
+    script = f'source slurm/requeue.sh; classify_exit {rc} {messages} "{signalled}"; echo "$VERDICT $CODE $FAILED_NODE"'
+    out = subprocess.run(["bash", "-c", script], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert out.split() == [verdict, str(code), *([node] if node else [])], out
