@@ -5,10 +5,13 @@ tests/test_data_remote.py (it counts the bytes it sends), and measures, each wit
   sequential  one process reads the first 10% of the training samples in order;
   node        N processes of one node (one cache folder) each read every sample;
   shuffled    one process reads 10% of the samples in the training order (DistributedBatches), per
-              chunk size: random access costs whole chunks.
+              chunk size, in both orders: `global` (data.shuffle_block=0, order version 2), where
+              random access costs whole chunks, and `blocks` (the default for remote data: blocks of 4
+              chunks, here in windows of --window blocks), which fetches about the share read plus
+              at most one window.
 Prints JSON.
 
-    python bench/remote_bytes.py [--tokens 2000000] [--seq-len 512] [--processes 4]
+    python bench/remote_bytes.py [--tokens 2000000] [--seq-len 512] [--processes 4] [--window 4]
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
+from pretrain.data.block_order import shuffle_blocks  # noqa: E402
 from pretrain.data.loader import DistributedBatches  # noqa: E402
 from pretrain.data.shards import open_dataset  # noqa: E402
 from test_data_remote import RangeServer, bin_bytes, config, write_dataset  # noqa: E402
@@ -44,10 +48,12 @@ def read_shuffled(url: str, cfg: Any, seq_len: int, fraction: float) -> int:
     return read
 
 
-def measure(folder: Path, cache: Path, seq_len: int, processes: int, chunk: str) -> dict[str, Any]:
+def measure(
+    folder: Path, cache: Path, seq_len: int, processes: int, chunk: str, **order: Any
+) -> dict[str, Any]:
     with RangeServer(folder.parent) as server:
         url = f"{server.url}/{folder.name}"
-        cfg = config(url, cache, cache_chunk=chunk, cache_limit="1GB")
+        cfg = config(url, cache, cache_chunk=chunk, cache_limit="1GB", **order)
         if processes == 0:
             read = read_shuffled(url, cfg, seq_len, 0.1)
         elif processes == 1:
@@ -57,7 +63,9 @@ def measure(folder: Path, cache: Path, seq_len: int, processes: int, chunk: str)
                 read = sum(pool.starmap(read_in_order, [(url, cfg, seq_len, 1.0)] * processes))
         served = server.bytes_served(".bin")
     total = bin_bytes(folder)
+    blocks = shuffle_blocks(cfg, remote=True, seq_len=seq_len, token_bytes=2)  # write_dataset's uint16
     return {
+        **({"shuffle_blocks": list(blocks)} if processes == 0 else {}),
         "bytes_read_by_loader": read,
         "bin_bytes_served": served,
         "served_fraction": round(served / total, 4),
@@ -69,6 +77,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2_000_000, help="tokens per shard (2 shards)")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--processes", type=int, default=4)
+    parser.add_argument("--window", type=int, default=4, help="data.shuffle_window of the block order")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "d"
@@ -81,9 +90,13 @@ def main() -> None:
             ),
         }
         for shuffled_chunk in ("4KiB", "64KiB", "1MiB"):
-            runs[f"shuffled_10pct_chunk_{shuffled_chunk}"] = measure(
-                folder, Path(tmp) / f"s{shuffled_chunk}", args.seq_len, 0, shuffled_chunk
-            )
+            for name, order in (
+                ("global", {"shuffle_block": 0}),
+                ("blocks", {"shuffle_window": args.window}),
+            ):
+                runs[f"shuffled_10pct_chunk_{shuffled_chunk}_{name}"] = measure(
+                    folder, Path(tmp) / f"s{shuffled_chunk}{name}", args.seq_len, 0, shuffled_chunk, **order
+                )
         result = {
             "dataset_bin_bytes": bin_bytes(folder),
             "seq_len": args.seq_len,
