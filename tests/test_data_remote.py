@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import multiprocessing as mp
 import re
 import subprocess
@@ -187,6 +188,15 @@ def test_a_tenth_of_the_training_order_fetches_about_a_tenth_with_blocks(tmp_pat
         tmp_path / "d", tmp_path / "global", 0.1, **chunked, shuffle_block=0
     )
     assert shuffled > 0.45, shuffled
+
+
+def test_a_cache_smaller_than_the_dataset_is_a_warning_under_a_global_shuffle_only(dataset, tmp_path, caplog):
+    with RangeServer(dataset.parent) as server, caplog.at_level(logging.WARNING, logger="pretrain"):
+        url = f"{server.url}/d"
+        open_dataset(url, config(url, tmp_path / "blocks", cache_limit=f"{4 * CHUNK}B"), SEQ)
+        assert "more than data.cache_limit" not in caplog.text
+        open_dataset(url, config(url, tmp_path / "global", cache_limit=f"{4 * CHUNK}B", shuffle_block=0), SEQ)
+        assert "more than data.cache_limit" in caplog.text and "data.shuffle_block=null" in caplog.text
 
 
 def test_the_processes_of_a_node_fetch_each_range_once(dataset, tmp_path):

@@ -68,14 +68,16 @@ def open_remote(url: str, cfg: DataConfig) -> tuple[Manifest, list[IndexedDatase
 
 
 def _warn_if_too_small(url: str, cfg: DataConfig, nbytes: int) -> None:
-    """Samples are drawn from anywhere in the dataset: a cache that cannot hold it keeps evicting
-    chunks it needs again, and every sample read may then fetch a whole chunk."""
-    if nbytes > parse_size(cfg.cache_limit):
+    """Under a global shuffle (data.shuffle_block=0) samples are drawn from anywhere in the dataset: a
+    cache that cannot hold it keeps evicting chunks it needs again, and every sample read may then
+    fetch a whole chunk. Blocks are read whole within their window, so a smaller cache costs them at
+    most one fetch per chunk per epoch, as for any cache smaller than the data."""
+    if cfg.shuffle_block == 0 and nbytes > parse_size(cfg.cache_limit):
         log.warning(
             f"data: {url} holds {nbytes:,} bytes of tokens, more than data.cache_limit={cfg.cache_limit}: "
             f"shuffled reads will fetch chunks again and again (up to data.cache_chunk={cfg.cache_chunk} per "
-            f"sample); raise data.cache_limit above the datasets' size, or lower data.cache_chunk toward "
-            f"the bytes of one sample"
+            f"sample); raise data.cache_limit above the datasets' size, lower data.cache_chunk toward "
+            f"the bytes of one sample, or read in blocks (data.shuffle_block=null)"
         )
 
 
