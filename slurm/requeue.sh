@@ -44,7 +44,7 @@ classify_exit() {
     VERDICT=final CODE=$rc WHY="" WHERE="" FAILED_NODE=""
     if [[ -r $messages ]]; then
         # The outcome lines, up to srun's own ending of the step.
-        outcomes=$(sed '/^srun: First task exited/,$d' "$messages" \
+        outcomes=$(sed '/^srun: .*First task exited/,$d' "$messages" \
             | grep -E '^srun: error: ([^ :]+: tasks? [0-9,-]+: .+|Node failure on [^ ]+.*|Task launch for .* failed on node [^ :]+.*)$')
     fi
     while IFS= read -r line; do
@@ -55,7 +55,7 @@ classify_exit() {
             if [[ -z $final ]] && ((code >= 2 && code <= 7)); then
                 final=$code WHERE="$task: Exited with exit code $code"
             fi
-        elif [[ $line =~ Node\ failure\ on\ ([^ ,]+) || $line =~ failed\ on\ node\ ([^ :]+) ]]; then
+        elif [[ $line =~ Node\ failure\ on\ ([^ ]+) || $line =~ failed\ on\ node\ ([^ :]+) ]]; then
             [[ -z $failure ]] && failure=${BASH_REMATCH[1]} what=${line#srun: error: }
         elif [[ $line =~ ^srun:\ error:\ ([^ :]+):\ (tasks?\ [0-9,-]+):\ (.+)$ && -z $signal ]]; then
             signal=${BASH_REMATCH[3]} node=${BASH_REMATCH[1]} what="${BASH_REMATCH[1]} ${BASH_REMATCH[2]}: ${BASH_REMATCH[3]}"
@@ -94,7 +94,8 @@ classify_exit() {
 }
 
 # exclude_decision NODE NEEDED
-#   Whether the restart can leave NODE out and still be scheduled with NEEDED nodes. Sets EXCLUDE
+#   Whether the restart can leave NODE (a name, or a hostlist such as n[3-4] from a node failure
+#   line) out and still be scheduled with NEEDED nodes. Sets EXCLUDE
 #   (the new ExcNodeList, or empty for no exclusion) and EXCLUDE_WHY (one line for the log).
 exclude_decision() {
     local node=$1 needed=$2 job requested excluded partitions usable
@@ -105,14 +106,14 @@ exclude_decision() {
     partitions=$(sed -n 's/.* Partition=\([^ ]*\).*/\1/p' <<<"$job")
     [[ $requested == "(null)" ]] && requested=""
     [[ $excluded == "(null)" ]] && excluded=""
-    if [[ -n $requested ]] && scontrol show hostnames "$requested" | grep -qxF "$node"; then
+    if [[ -n $requested ]] && scontrol show hostnames "$requested" | grep -qxF -f <(scontrol show hostnames "$node"); then
         EXCLUDE_WHY="$node not excluded: the job asked for it by name (--nodelist=$requested)"
         return
     fi
     # Nodes of the job's partitions that can run jobs, less those excluded already and this one.
     usable=$(sinfo -h -N ${partitions:+-p "$partitions"} -o '%N %t' 2>/dev/null \
         | grep -E ' (idle|mix|alloc|comp|plnd)$' | cut -d' ' -f1 | sort -u \
-        | grep -vxF -f <( (echo "$node"; [[ -n $excluded ]] && scontrol show hostnames "$excluded") ) | wc -l)
+        | grep -vxF -f <( (scontrol show hostnames "$node"; [[ -n $excluded ]] && scontrol show hostnames "$excluded") ) | wc -l)
     if ((usable >= needed)); then
         EXCLUDE=${excluded:+$excluded,}$node
         EXCLUDE_WHY="excluding $node from the restart (ExcNodeList=$EXCLUDE): $usable other usable node(s) in partition ${partitions:-?} for the $needed the job needs"
