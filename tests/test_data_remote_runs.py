@@ -3,6 +3,7 @@ FSSPEC_S3_ENDPOINT_URL), and a two-rank training run over http:// that trains as
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import socket
 import subprocess
@@ -94,3 +95,34 @@ def test_two_ranks_train_over_http_with_the_losses_of_the_local_copy(tmp_path):
     # 5 steps read (4 trained, 1 prefetched) of 8 samples of 65 tokens, each in at most 2 chunks of
     # 1 KiB: measured 44,032 of 400,000 bytes (43 chunks)
     assert 5 * 8 * 65 * 2 <= served <= 5 * 8 * 2 * 1024
+
+
+@pytest.mark.slow
+def test_a_resume_over_http_keeps_the_blocks_it_started_with(tmp_path):
+    """Auto blocks (4 chunks) of a remote dataset, saved at step 3 and resumed with twice the chunk
+    (so auto would mean blocks twice as long): steps 4-6 are the uninterrupted run's, bitwise, and
+    the checkpoint's loader state records the blocks. The other blocks do change the samples: a fresh
+    run with the new chunk trains on other ones."""
+    from pretrain.testing import run_distributed
+    from training_runs import step_records, train_and_read_metrics
+
+    write_dataset(tmp_path / "d")
+    save = ["model.vocab_size=300", "train.steps=6", "checkpoint.interval=3", "checkpoint.keep_last=0"]
+    save += ["train.eval_interval=0"]
+    with RangeServer(tmp_path) as server:
+        remote = [f"data.paths=[{server.url}/d]", f"data.cache_dir={tmp_path / 'cache'}"]
+
+        def run(run_dir: str, *extra: str) -> dict[int, float]:
+            (records,) = run_distributed(train_and_read_metrics, 1, [*save, *remote, *extra], run_dir)
+            return {r["step"]: r["loss"] for r in step_records(records)}
+
+        whole = run(str(tmp_path / "a"), "data.cache_chunk=1KiB")
+        checkpoint = tmp_path / "a" / "checkpoints" / "step00000003"
+        resumed = run(str(tmp_path / "b"), "data.cache_chunk=2KiB", f"checkpoint.resume={checkpoint}")
+        other = run(str(tmp_path / "c"), "data.cache_chunk=2KiB")
+    assert [resumed[s] for s in (4, 5, 6)] == [whole[s] for s in (4, 5, 6)]
+    assert [other[s] for s in (1, 2, 3)] != [whole[s] for s in (1, 2, 3)]
+    data_state = json.loads((checkpoint / "state.json").read_text())["parts"]["data"]
+    assert data_state["order_version"] == 3 and data_state["shuffle_blocks"] == [
+        [32, 64]
+    ]  # 4 KiB of 128-byte samples
