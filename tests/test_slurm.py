@@ -82,6 +82,7 @@ STUB = """#!/bin/bash
 [[ $1 == -m ]] && exec {python} "$@"
 echo "stub trainer: exit $STUB_EXIT on restart ${{SLURM_RESTART_COUNT:-0}}"
 echo "stub trainer: interfaces nccl=${{NCCL_SOCKET_IFNAME:-}} gloo=${{GLOO_SOCKET_IFNAME:-}}"
+echo "stub trainer: local rank $SLURM_LOCALID sees CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES-unset}}"
 if [[ $STUB_EXIT == SIG* ]]; then
     if [[ $SLURM_PROCID == ${{STUB_TASK:-0}} ]]; then
         sleep ${{STUB_DELAY:-0}}
@@ -139,6 +140,9 @@ USED_BY = {
     "stub_kill": ("test_a_signal_requeues_",),
     "stub_abort": ("test_a_signal_requeues_",),
     "stub_first4": ("test_a_final_exit_",),
+    "stub_gpu_per_task": ("test_gpus_bound_per_task_",),
+    "stub_gpus_2_per_task": ("test_gpus_bound_per_task_",),
+    "stub_gpus_per_node": ("test_gpus_bound_per_task_",),
     "prepare": ("test_prepare_array_job_",),
 }  # fmt: skip
 
@@ -234,6 +238,13 @@ def jobs(slurm_cluster: Cluster, tmp_path_factory, request) -> Iterator[dict[str
             "--ntasks-per-node=1",
             env={"PRETRAIN_PYTHON": str(stub), "STUB_EXIT": code, "PRETRAIN_MAX_RESTARTS": cap},
         )
+    # GPUs (the test cluster's 2 fake ones per node): bound per task, and two ratios that warn.
+    for name, gpus in (
+        ("stub_gpu_per_task", ("--ntasks-per-node=2", "--gpus-per-node=2", "--gpus-per-task=1")),
+        ("stub_gpus_2_per_task", ("--ntasks-per-node=1", "--gpus-per-node=2", "--gpus-per-task=2")),
+        ("stub_gpus_per_node", ("--ntasks-per-node=1", "--gpus-per-node=2")),
+    ):
+        train(name, *gpus, env={"PRETRAIN_PYTHON": str(stub), "STUB_EXIT": "0"})
     # Signals: a kill -9 on a one-node job (requeued, that node excluded, up to the cap); an abort
     # (an NCCL abort's SIGABRT) on one task of a two-node job (requeued, nothing excluded: the
     # cluster has no third node); a task that exits 4 before another is killed (final: the first
@@ -242,7 +253,8 @@ def jobs(slurm_cluster: Cluster, tmp_path_factory, request) -> Iterator[dict[str
     train(
         "stub_kill",
         "--ntasks-per-node=1",
-        env={**stub_env, "STUB_EXIT": "SIGKILL", "PRETRAIN_SOCKET_IFNAME": "lo"},
+        # A second's delay: output just written by a task that is then killed can be lost.
+        env={**stub_env, "STUB_EXIT": "SIGKILL", "STUB_DELAY": "1", "PRETRAIN_SOCKET_IFNAME": "lo"},
     )
     train(
         "stub_abort",
@@ -529,6 +541,30 @@ def test_a_final_exit_is_not_requeued_when_srun_reports_a_signal_after_it(slurm_
     )
     messages = (run_dir / "logs" / f"srun-{job}.0.txt").read_text()
     assert f"srun: error: {node}: task 1: Killed" in messages and "stub trainer" not in messages
+
+
+def test_gpus_bound_per_task_give_each_task_one_gpu_and_only_odd_ratios_warn(slurm_cluster, jobs):
+    """--gpus-per-task=1 on the test cluster's fake GPUs (gres on /dev/tty0-1): srun, given
+    --gpus-per-task by the script, shows each task one GPU (so the framework must take device 0,
+    not its local rank); no warning. 2 GPUs per task, or 1 task on a node of 2 GPUs, warn."""
+    job, run_dir = jobs["stub_gpu_per_task"]
+    (info,) = slurm_cluster.wait(job, timeout=300)
+    log = job_log(run_dir, job)
+    assert info["JobState"] == "COMPLETED", (info, log)
+    assert "2 GPU(s) per node (1 bound to each task)" in log and "warning" not in log, log
+    assert "0: stub trainer: local rank 0 sees CUDA_VISIBLE_DEVICES=0\n" in log
+    assert "1: stub trainer: local rank 1 sees CUDA_VISIBLE_DEVICES=1\n" in log  # one entry each
+    job, run_dir = jobs["stub_gpus_2_per_task"]
+    slurm_cluster.wait(job, timeout=300)
+    log = job_log(run_dir, job)
+    assert (
+        "warning: 2 GPUs bound to each task; one task per GPU is intended (sbatch --gpus-per-task=1)" in log
+    ), log
+    assert "0: stub trainer: local rank 0 sees CUDA_VISIBLE_DEVICES=0,1\n" in log
+    job, run_dir = jobs["stub_gpus_per_node"]
+    slurm_cluster.wait(job, timeout=300)
+    log = job_log(run_dir, job)
+    assert "warning: 1 tasks per node but 2 GPUs per node; one task per GPU is intended" in log, log
 
 
 # What srun 22.05 printed on the test cluster; the node failure and OOM lines are not seen here,

@@ -9,7 +9,9 @@
 #
 # Nodes n1 and n2 are two slurmd processes (`slurmd -N n1|n2`) on the loopback aliases 127.0.0.2
 # and 127.0.0.3 (named in /etc/hosts), each advertising 16 CPUs whatever the machine has, so test
-# jobs run side by side. Everything lives under $PRETRAIN_TEST_SLURM_DIR (default
+# jobs run side by side, and 2 GPUs that are not there (gres gpu:2 on /dev/tty0 and /dev/tty1, which
+# nothing opens): enough for SLURM to bind GPUs to tasks and set CUDA_VISIBLE_DEVICES, for tests of
+# the scripts' GPU options; nothing may use CUDA. Everything lives under $PRETRAIN_TEST_SLURM_DIR (default
 # /var/lib/pretrain-test-slurm) with its own slurm.conf and ports, so an existing SLURM
 # installation's /etc/slurm is never read or changed. Needs root; a running cluster is reused.
 set -euo pipefail
@@ -21,6 +23,7 @@ ADDRS=(127.0.0.2 127.0.0.3)
 CTLD_PORT=16817
 NODE_PORTS=(16818 16819)
 CPUS_PER_NODE=16
+GPUS_PER_NODE=2
 
 log() { echo "cluster.sh: $*" >&2; }
 die() { log "$*"; exit 1; }
@@ -43,6 +46,7 @@ cluster_up() {
     munge_works || return 1
     our_daemon "$ROOT/run/slurmctld.pid" || return 1
     for node in "${NODES[@]}"; do our_daemon "$ROOT/run/slurmd-$node.pid" || return 1; done
+    grep -q "^GresTypes=gpu" "$CONF" || return 1  # a cluster started before the fake GPUs: restart it
     SLURM_CONF=$CONF scontrol ping >/dev/null 2>&1
 }
 
@@ -101,6 +105,7 @@ CredType=cred/munge
 # A requeued job restarts after ~11 s instead of ~2 min.
 AuthInfo=cred_expire=10
 MpiDefault=none
+GresTypes=gpu
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -124,10 +129,12 @@ SlurmdLogFile=$ROOT/log/slurmd-%n.log
 CONF
         for i in "${!NODES[@]}"; do
             echo "NodeName=${NODES[$i]} NodeAddr=${ADDRS[$i]} NodeHostname=$host Port=${NODE_PORTS[$i]}" \
-                "CPUs=$CPUS_PER_NODE RealMemory=$memory State=UNKNOWN"
+                "CPUs=$CPUS_PER_NODE RealMemory=$memory Gres=gpu:$GPUS_PER_NODE State=UNKNOWN"
         done
         echo "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP"
     } >"$CONF.new"
+    # The fake GPUs: device files that exist on every Linux machine; SLURM only names them.
+    echo "Name=gpu File=/dev/tty[0-$((GPUS_PER_NODE - 1))]" >"$ROOT/gres.conf"
     mv "$CONF.new" "$CONF"
 }
 
