@@ -40,7 +40,14 @@ def kill_rank_1_once_checkpointed(cluster: Cluster, job: str, run_dir: Path, res
     victim (its launch.json entry) and the newest complete checkpoint when the first run ended."""
     try:
         latest, deadline = run_dir / "checkpoints" / "latest", time.monotonic() + 600
-        while not (latest.exists() and max(losses(run_dir), default=0) >= int(latest.read_text()[4:]) + 2):
+
+        def two_steps_past_a_checkpoint() -> bool:
+            try:
+                return latest.exists() and max(losses(run_dir), default=0) >= int(latest.read_text()[4:]) + 2
+            except ValueError:  # a metrics line being written
+                return False
+
+        while not two_steps_past_a_checkpoint():
             state = cluster.jobs(job)[0]["JobState"]
             if time.monotonic() > deadline or state not in ("PENDING", "RUNNING"):
                 result["error"] = f"no checkpoint to kill after (job {state})"
