@@ -105,6 +105,10 @@ def local_facts(info: LaunchInfo, config_text: str) -> dict[str, Any]:
         "device": "cuda" if cuda else "cpu",
         "device_name": torch.cuda.get_device_name(torch.cuda.current_device()) if cuda else "cpu",
         "device_count": torch.cuda.device_count() if cuda else None,
+        # Which physical GPU this rank uses: with GPUs bound per task every rank sees one, as "0".
+        "device_uuid": str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+        if cuda
+        else None,
         "route": _route_address(info),
         "socket_ifname": os.environ.get("NCCL_SOCKET_IFNAME") or os.environ.get("GLOO_SOCKET_IFNAME"),
     }
@@ -128,23 +132,38 @@ def problems(gathered: list[dict[str, Any]]) -> list[str]:
             sides = "; ".join(f"{value} on {_where(members)}" for value, members in ordered)
             out.append(f"{_LABELS.get(key, key)}: {sides}")
     if gathered and gathered[0]["device"] == "cuda":
-        by_node: dict[str, dict[str, Any]] = {}
-        for facts in gathered:
-            by_node.setdefault(facts["node"], facts)
-        counts: dict[int, list[str]] = {}
-        for node, facts in by_node.items():
-            counts.setdefault(facts["device_count"], []).append(node)
-        if len(counts) > 1:
-            sides = "; ".join(f"{count} on {compress(nodes)}" for count, nodes in sorted(counts.items()))
-            out.append(f"GPUs per node: {sides} (every node must have the same number)")
-        for facts in gathered:
-            if facts["local_world_size"] > facts["device_count"]:
-                out.append(
-                    f"node {facts['node']} runs {facts['local_world_size']} ranks but sees {facts['device_count']} GPUs "
-                    f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')} on rank "
-                    f"{facts['rank']}): start one task per GPU (--ntasks-per-node = --gpus-per-node)"
-                )
-                break
+        out += _gpu_problems(gathered)
+    return out
+
+
+def node_gpus(members: list[dict[str, Any]]) -> int:
+    """The GPUs a node has for its ranks: all it shows them (one task per GPU, node-wide visibility),
+    or the distinct GPUs its ranks use (GPUs bound per task, each rank seeing one)."""
+    return max(max(m["device_count"] for m in members), len({m.get("device_uuid") for m in members}))
+
+
+def _gpu_problems(gathered: list[dict[str, Any]]) -> list[str]:
+    out = []
+    by_node: dict[str, list[dict[str, Any]]] = {}
+    for facts in gathered:
+        by_node.setdefault(facts["node"], []).append(facts)
+    counts: dict[int, list[str]] = {}
+    for node, members in by_node.items():
+        counts.setdefault(node_gpus(members), []).append(node)
+    if len(counts) > 1:
+        sides = "; ".join(f"{count} on {compress(nodes)}" for count, nodes in sorted(counts.items()))
+        out.append(f"GPUs per node: {sides} (every node must have the same number)")
+    for node, members in by_node.items():
+        users: dict[Any, list[int]] = {}
+        for m in members:
+            users.setdefault(m.get("device_uuid"), []).append(m["rank"])
+        shared = [ranks for ranks in users.values() if len(ranks) > 1]
+        if shared:
+            out.append(
+                f"node {node}: ranks {ranges(shared[0])} share one GPU ({len(members)} ranks, {node_gpus(members)} "
+                f"GPUs): start one task per GPU (--ntasks-per-node = --gpus-per-node, or --gpus-per-task=1)"
+            )
+            break
     return out
 
 
@@ -165,7 +184,7 @@ def summary(info: LaunchInfo, gathered: list[dict[str, Any]], details: Path | No
     for node in shown:
         members = per_node[node]
         device = members[0]["device_name"] if members[0]["device"] == "cuda" else "cpu"
-        count = f"{members[0]['device_count']} x " if members[0]["device_count"] else ""
+        count = f"{node_gpus(members)} x " if members[0]["device_count"] else ""
         lines.append(
             f"  {node}: rank{'s' * (len(members) > 1)} {ranges([m['rank'] for m in members])}, {count}{device}, "
             f"reaches the rendezvous from {members[0]['route']}"

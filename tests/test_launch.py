@@ -432,3 +432,26 @@ def test_watchdog_settings_are_checked_and_the_exit_codes_agree():
     assert "watchdog.step_timeout must be >= 0 seconds (0 disables it), got -1.0" in str(e.value)
     assert "watchdog.join_timeout must be positive, got 0.0" in str(e.value)
     assert main.EXIT_HANG == EXIT_HANG == 6 and main.EXIT_LAUNCH_ERROR == 7
+
+
+def test_preflight_counts_gpus_bound_per_task_and_refuses_ranks_sharing_one():
+    """With `srun --gpus-per-task=1` every rank sees one GPU (device_count 1): the node's GPUs are the
+    distinct ones its ranks use. Two ranks on one GPU is the misconfiguration, named with the fix."""
+    from launch.preflight import MUST_AGREE, problems
+
+    def rank(r, node, seen, uuid):
+        same = dict.fromkeys(MUST_AGREE, "x")
+        return {**same, "rank": r, "node": node, "device": "cuda", "device_count": seen, "device_uuid": uuid}
+
+    per_task = [rank(r, f"n{r // 2}", 1, f"gpu-{r}") for r in range(4)]
+    node_wide = [rank(r, f"n{r // 2}", 2, f"gpu-{r}") for r in range(4)]
+    assert problems(per_task) == [] and problems(node_wide) == []
+    shared = [
+        rank(0, "n0", 1, "gpu-0"),
+        rank(1, "n0", 1, "gpu-0"),
+        rank(2, "n1", 1, "g2"),
+        rank(3, "n1", 1, "g3"),
+    ]
+    (first, second) = problems(shared)
+    assert first == "GPUs per node: 1 on n0; 2 on n1 (every node must have the same number)"
+    assert second.startswith("node n0: ranks 0-1 share one GPU (2 ranks, 1 GPUs): start one task per GPU")
