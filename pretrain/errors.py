@@ -37,6 +37,9 @@ class ExitCode(IntEnum):
     CHECKPOINT = 5
     HANG = 6
     LAUNCH = 7
+    # A collective failed because another rank went away: the cause is that rank's (its own code, or
+    # a signal), or the network's when every rank says this (the SLURM script requeues then).
+    PEER_LOST = 8
     # EX_TEMPFAIL in sysexits.h: a temporary failure, try again later (the SLURM script requeues).
     REQUEUE = 75
 

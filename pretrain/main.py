@@ -4,7 +4,8 @@ Parse the config, join the process group, build (resuming from the newest comple
 Every error raised on purpose carries its exit code (`pretrain.errors`): 0 done; 2 invalid
 configuration; 3 non-finite loss; 4 unusable data; 5 a checkpoint (or the run directory) could not be
 written, or the one named cannot be resumed; 6 hang (the watchdog, pretrain/train/watchdog.py, found
-no step completing in time); 7 the launch failed; 75 stopped by SIGTERM, SIGUSR1 or SIGINT after
+no step completing in time); 7 the launch failed; 8 a collective lost another rank (that rank's own
+code says why; on every rank: the network); 75 stopped by SIGTERM, SIGUSR1 or SIGINT after
 saving a complete checkpoint: run the same command again to continue; 1 anything unexpected.
 """
 
@@ -224,6 +225,8 @@ def report(error: BaseException) -> int:
         )
     if message:
         print(message, file=sys.stderr, flush=True)
+    if lost_peer(error) and not isinstance(error, PretrainError):
+        return ExitCode.PEER_LOST
     if int(exit_code_of(error)) == ExitCode.REQUEUE:
         # Python restores the default action of handled signals while it shuts down, so a late
         # signal would still kill the process and replace this exit code: ignore them from here on.

@@ -12,8 +12,10 @@
 # the cause; what a line says does:
 #   - a task that exited with a final code (2-7) decides: the job ends with that code, whatever
 #     happened to the others (srun ends them 60 s after the first exit, --wait=60);
-#   - else a node failure or a task killed by a signal requeues (the others' exit 1 is their lost
+#   - else a node failure or a task killed by a signal requeues (the others' exit 8 is their lost
 #     peer), unless the signal came from the OOM killer (final: the same settings run out again);
+#   - else exit 8 on every task that says anything (each lost a peer, none failed on its own: the
+#     network between them broke) requeues, where an exit 1 (a bug) beside them is final;
 #   - tasks that srun itself ended (its lines after "First task exited 60s ago") say nothing.
 
 # The lines of srun's (and slurmstepd's) own messages among a step's stderr.
@@ -40,7 +42,7 @@ final_reason() {  # the meaning of a final exit code
 # empty) and FAILED_NODE (the node to leave out of a restart, or empty).
 classify_exit() {
     local rc=$1 messages=$2 signalled=${3:-} outcomes="" line node="" what="" task code
-    local final="" exited="" signal="" failure=""
+    local final="" exited="" own="" signal="" failure=""
     VERDICT=final CODE=$rc WHY="" WHERE="" FAILED_NODE=""
     if [[ -r $messages ]]; then
         # The outcome lines, up to srun's own ending of the step.
@@ -52,6 +54,7 @@ classify_exit() {
         if [[ $line =~ ^srun:\ error:\ ([^ :]+):\ (tasks?\ [0-9,-]+):\ Exited\ with\ exit\ code\ ([0-9]+)$ ]]; then
             task="${BASH_REMATCH[1]} ${BASH_REMATCH[2]}" code=${BASH_REMATCH[3]}
             [[ -z $exited ]] && exited=$code
+            [[ -z $own && $code != 8 ]] && own=$code  # 8: a lost peer, the consequence of another's end
             if [[ -z $final ]] && ((code >= 2 && code <= 7)); then
                 final=$code WHERE="$task: Exited with exit code $code"
             fi
@@ -87,8 +90,10 @@ classify_exit() {
             WHY="$WHY after SIG$signalled was passed on to the tasks"
             FAILED_NODE=""
         fi
+    elif [[ -z $own ]] && { [[ $exited == 8 ]] || ((rc == 8)); }; then
+        VERDICT=requeue WHY="every task that ended lost the connection to another (exit 8) and none failed on its own: the network between the nodes?"
     else
-        CODE=${exited:-$rc}
+        CODE=${own:-${exited:-$rc}}
         WHY=$(final_reason "$CODE")
     fi
 }

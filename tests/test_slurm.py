@@ -85,7 +85,7 @@ def job_log(run_dir: Path, job_id: str) -> str:
 STUB = """#!/bin/bash
 # Stands in for python in train.sbatch: `-m launch ...` goes to the real one, the trainer exits $STUB_EXIT.
 # STUB_EXIT=SIGKILL (SIGABRT, ...): task $STUB_TASK (default 0) kills itself with that signal after
-# $STUB_DELAY s, the other tasks exit $STUB_OTHERS (default 1, as a rank that lost its peer) after $STUB_WAIT s.
+# $STUB_DELAY s, the other tasks exit $STUB_OTHERS (default 8, as a rank that lost its peer) after $STUB_WAIT s.
 [[ $1 == -m ]] && exec {python} "$@"
 echo "stub trainer: exit $STUB_EXIT on restart ${{SLURM_RESTART_COUNT:-0}}"
 echo "stub trainer: interfaces nccl=${{NCCL_SOCKET_IFNAME:-}} gloo=${{GLOO_SOCKET_IFNAME:-}}"
@@ -96,7 +96,7 @@ if [[ $STUB_EXIT == SIG* ]]; then
         kill -s ${{STUB_EXIT#SIG}} $$
     fi
     sleep ${{STUB_WAIT:-2}}
-    exit ${{STUB_OTHERS:-1}}
+    exit ${{STUB_OTHERS:-8}}
 fi
 exit $STUB_EXIT
 """
@@ -578,7 +578,7 @@ def test_gpus_bound_per_task_give_each_task_one_gpu_and_only_odd_ratios_warn(slu
 # written from the formats in the installed Slurm 22.05 ("Node failure on %s" in srun, "%s: %s %s:
 # Out Of Memory" in launch_slurm.so).
 SRUN_LINES = {
-    "lost peer first": "srun: error: n1: task 0: Exited with exit code 1\nsrun: error: n1: task 1: Killed\n",
+    "lost peer first": "srun: error: n1: task 0: Exited with exit code 8\nsrun: error: n1: task 1: Killed\n",
     "killed on n2": "srun: error: n2: task 1: Killed\nsrun: error: n1: task 0: Exited with exit code 1\n",
     "data, then killed": "srun: error: n1: task 0: Exited with exit code 4\nsrun: error: n2: task 1: Killed\n",
     "bug, srun ends the rest": (
@@ -589,6 +589,8 @@ SRUN_LINES = {
     "node failure": "srun: error: Node failure on n[4,6]\nsrun: Job step aborted: Waiting up to 32 seconds\n",
     "oom": "slurmstepd: error: Detected 1 oom-kill event(s) in StepId=5.0\nsrun: error: n1: task 0: Out Of Memory\n",
     "saved": "srun: error: n1: tasks 0-1: Exited with exit code 75\n",
+    "network": "srun: error: n1: task 0: Exited with exit code 8\nsrun: error: n2: task 1: Exited with exit code 8\n",
+    "peer of a bug": "srun: error: n2: task 1: Exited with exit code 8\nsrun: error: n1: task 0: Exited with exit code 1\n",
     "none": "",
 }
 
@@ -604,6 +606,8 @@ SRUN_LINES = {
         (1, "node failure", "", "requeue", 1, "n[4,6]"),
         (137, "oom", "", "final", 137, ""),
         (75, "saved", "", "requeue", 75, ""),
+        (8, "network", "", "requeue", 8, ""),  # every rank lost a peer, none failed itself
+        (8, "peer of a bug", "", "final", 1, ""),  # the rank with the bug decides
         (0, "none", "", "finished", 0, ""),
         (143, "none", "TERM", "requeue", 143, ""),  # our signal, before the trainer's handler
         (139, "none", "", "requeue", 139, ""),
