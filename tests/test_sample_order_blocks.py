@@ -14,6 +14,7 @@ from pretrain.data import DistributedBatches, PackedSamples
 from pretrain.data.block_order import BlockOrder, shuffle_blocks
 from pretrain.data.order import BLOCK_ORDER, FEISTEL_ORDER, FeistelOrder
 from pretrain.errors import DataError
+from test_sample_order import sample_ids
 
 SIZES = [1, 2, 3, 7, 16, 17, 63, 64, 65, 100, 257, 1000, 1031]
 
@@ -128,17 +129,6 @@ def test_the_order_takes_o_of_batch_memory():
     finally:
         tracemalloc.stop()
     assert peak < 1024 * 1024, peak
-
-
-def sample_ids(loaders, steps):
-    out = []
-    for _ in range(steps):
-        step = []
-        for loader in loaders:
-            step += sorted(i for micro in loader.step_sample_ids(loader.consumed_samples) for i in micro)
-            loader.next_step()
-        out.append(sorted(step))
-    return out
 
 
 def datasets(blocks=((4, 3), (0, 0))):

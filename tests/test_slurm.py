@@ -345,6 +345,7 @@ def test_a_task_killed_mid_run_requeues_without_its_node_and_ends_with_the_unint
     log = job_log(run_dir, job)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, log[-4000:])
     assert f"srun: error: {node}: task 1: Killed" in log
+    assert f"srun: error: {node}: task 0: Exited with exit code 8" in log  # lost its peer: not a bug's 1
     assert (
         f"a training task was killed by a signal on {node} (Killed, exit 137); requeueing: restart 1" in log
     )
