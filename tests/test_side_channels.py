@@ -49,7 +49,9 @@ def agree(nodes):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("nodes", [("a", "a", "b", "b"), ("a", "b", "a", "b")], ids=["blocks", "cyclic"])
+@pytest.mark.parametrize(
+    "nodes", [("a", "a", "b", "b"), ("a", "b", "a", "b"), ("a",) * 4], ids=["blocks", "cyclic", "one-node"]
+)
 def test_two_level_side_channel_agrees_like_one_group_with_fewer_sockets(nodes):
     results = run_distributed(agree, 4, nodes)
     for rank, got in enumerate(results):
@@ -58,11 +60,10 @@ def test_two_level_side_channel_agrees_like_one_group_with_fewer_sockets(nodes):
         assert got["gather"] == ["r0", "r1", "r2", "r3"]
         assert got["gather_to_root"] == ([0, 1, 4, 9] if rank == 0 else None)
     # The first rank of each node leads it, wherever the ranks of a node sit in the world.
-    leaders = [True, True, False, False] if nodes[1] == "b" else [True, False, True, False]
-    assert [r["leader"] for r in results] == leaders
+    assert [r["leader"] for r in results] == [nodes.index(node) == rank for rank, node in enumerate(nodes)]
     # Measured: a gloo group holds one connection per pair of its members. Flat: 3 per rank (world - 1);
     # two levels: 1 (ranks per node - 1), and 1 more on a leader (nodes - 1).
-    expected = sockets_per_rank(4, 2)
+    expected = sockets_per_rank(4, nodes.count(nodes[0]))
     assert [r["flat_sockets"] for r in results] == [expected["flat"]] * 4
     assert [r["sockets"] for r in results] == [
         expected["two_level_leader"] if r["leader"] else expected["two_level_rank"] for r in results

@@ -95,6 +95,9 @@ class HostGroup:
 
     def max(self, values: list[int]) -> list[int]:
         tensor = torch.tensor(values, dtype=torch.int64)
+        if len(self.layout.nodes) == 1 and self.local is not None:  # one node: one all-reduce, not two
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.local)
+            return [int(v) for v in tensor.tolist()]
         if self.local is not None:
             dist.reduce(tensor, dst=self.leader, op=dist.ReduceOp.MAX, group=self.local)
         if self.leaders is not None:
