@@ -184,6 +184,23 @@ def test_the_heartbeat_keeps_the_lock_fresh(tmp_path, monkeypatch):
     lock.release()
 
 
+def test_a_hard_exit_during_the_main_threads_release_still_finds_the_lock_gone(tmp_path):
+    """The watchdog releases the held locks before os._exit while the main thread may be releasing
+    the same lock (joining its heartbeat): release_held_locks must return only once the file is gone."""
+    lock = RunLock(tmp_path, STALE_AFTER)
+    lock.acquire()
+    lock._stop.set()
+    lock._thread.join()
+    lock._thread = threading.Thread(target=time.sleep, args=(1.0,))  # a heartbeat slow to stop
+    lock._thread.start()
+    main_release = threading.Thread(target=lock.release)
+    main_release.start()
+    time.sleep(0.2)  # the main thread is now inside release, joining the heartbeat
+    run_lock.release_held_locks()  # what the watchdog does right before os._exit
+    assert not (tmp_path / LOCK_FILE).exists()
+    main_release.join()
+
+
 @pytest.mark.slow
 def test_a_second_start_on_a_running_run_dir_is_refused_and_changes_nothing(tmp_path):
     """Two real starts of `python pretrain/main.py` on one run.dir, the second while the first trains."""

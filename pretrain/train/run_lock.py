@@ -91,6 +91,7 @@ class RunLock:
         self.holder = Holder.this_process()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._releasing = threading.Lock()
 
     def acquire(self) -> None:
         for _ in range(5):  # each pass either creates the lock, refuses, or removes a stale one
@@ -112,13 +113,20 @@ class RunLock:
         )
 
     def release(self) -> None:
-        _held.discard(self)
-        self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=5)
-        found = self._read()
-        if found is not None and found.token == self.holder.token:
-            self.path.unlink(missing_ok=True)
+        # The main thread's release and the watchdog's (before its os._exit) may overlap: the second
+        # waits for the first to finish, and the lock leaves _held only once its file is gone, or the
+        # watchdog could find nothing to release and exit while the main thread still joins the
+        # heartbeat (a run.lock left behind; seen in CI).
+        with self._releasing:
+            if self not in _held:
+                return
+            self._stop.set()
+            if self._thread is not None and self._thread is not threading.current_thread():
+                self._thread.join(timeout=5)
+            found = self._read()
+            if found is not None and found.token == self.holder.token:
+                self.path.unlink(missing_ok=True)
+            _held.discard(self)
 
     # ----- creating, reading, judging
 
