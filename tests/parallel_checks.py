@@ -4,6 +4,7 @@ differences it saw, so the test can assert them and print them when they are too
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -86,20 +87,25 @@ def vocab_parallel_loss(padded_vocab: int) -> dict[str, float]:
     }
 
 
-def layer_parity(index: int, sequence_parallel: bool) -> dict[str, Any]:
+# Qwen3-style attention: heads wider than hidden / heads (12 against 8) and a norm over each head's
+# query and key, whose replicated weight sees only this rank's heads.
+QK_NORM_MODEL = dataclasses.replace(MODEL, head_dim=12, qk_norm=True)
+
+
+def layer_parity(index: int, sequence_parallel: bool, model: ModelConfig = MODEL) -> dict[str, Any]:
     """Layer `index` of the list, whole vs tensor-parallel: output, input gradient, and every
     parameter's gradient against the matching shard of the whole layer's (R5.2)."""
     ctx = _context(sequence_parallel)
-    padded = MODEL.padded_vocab_size(ctx.tp)
-    whole = build_layer(MODEL, index, padded, seed=11)
-    parallel = apply_tensor_parallel(build_layer(MODEL, index, padded, seed=11), _name(index), ctx)
+    padded = model.padded_vocab_size(ctx.tp)
+    whole = build_layer(model, index, padded, seed=11)
+    parallel = apply_tensor_parallel(build_layer(model, index, padded, seed=11), _name(index), ctx)
     gen = torch.Generator().manual_seed(5)
     seq = 8
     if index == 0:
-        inputs = torch.randint(0, MODEL.vocab_size, (2, seq), generator=gen)
+        inputs = torch.randint(0, model.vocab_size, (2, seq), generator=gen)
         local_in = inputs
     else:
-        inputs = torch.randn(2, seq, MODEL.hidden_size, generator=gen).requires_grad_(True)
+        inputs = torch.randn(2, seq, model.hidden_size, generator=gen).requires_grad_(True)
         local_in = _seq_slice(inputs, ctx).detach().requires_grad_(True)
     out = whole(inputs)
     local_out = parallel(local_in)
@@ -107,7 +113,7 @@ def layer_parity(index: int, sequence_parallel: bool) -> dict[str, Any]:
     # The whole layer's output as the parallel one holds it: sliced by sequence where the layer
     # leaves a sequence-parallel region, by vocabulary for the output layer.
     def as_held(x: torch.Tensor) -> torch.Tensor:
-        if index == MODEL.num_layers + 2:
+        if index == model.num_layers + 2:
             rows = padded // ctx.tp
             return x[..., ctx.tp_rank * rows : (ctx.tp_rank + 1) * rows]
         return _seq_slice(x, ctx)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from parallel_checks import MODEL, layer_parity, vocab_parallel_loss
+from parallel_checks import MODEL, QK_NORM_MODEL, layer_parity, vocab_parallel_loss
 from pretrain.testing import run_distributed
 
 pytestmark = pytest.mark.slow
@@ -35,6 +35,16 @@ def test_layer_output_and_every_gradient_match_the_plain_layer(index, sequence_p
     layer's; with sequence parallelism the replicated norm weights still get the full-sequence gradient."""
     for rank, result in enumerate(run_distributed(layer_parity, 2, index, sequence_parallel)):
         assert any(key.startswith("grad ") for key in result), result
+        bad = {key: value for key, value in result.items() if value > ATOL}
+        assert not bad, f"rank {rank}: {bad}"
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp", "tp+sp"])
+def test_a_block_with_qk_norm_and_wide_heads_matches_the_plain_block(sequence_parallel):
+    """The q/k norms' weights are whole on every rank but see only its heads: without the sum of
+    their gradients over the tensor-parallel group each rank would hold half of it."""
+    for rank, result in enumerate(run_distributed(layer_parity, 2, 1, sequence_parallel, QK_NORM_MODEL)):
+        assert "grad blocks.0.attn.q_norm.weight" in result, result
         bad = {key: value for key, value in result.items() if value > ATOL}
         assert not bad, f"rank {rank}: {bad}"
 

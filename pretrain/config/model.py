@@ -22,6 +22,16 @@ class ModelConfig:
     num_kv_heads: int | None = documented(
         "Key/value heads for grouped-query attention; null means num_heads (plain multi-head).", None
     )
+    head_dim: int | None = documented(
+        "Width of each attention head; null means hidden_size / num_heads. Qwen3 and Kimi K2 use 128 with "
+        "hidden_size / num_heads of 64 and 112 (q_proj then maps hidden_size to num_heads x head_dim).",
+        None,
+    )
+    qk_norm: bool = documented(
+        "RMSNorm over each head's query and key (one weight of head_dim each) before the rotary embedding, "
+        "as Qwen3, OLMo 2 and GLM-4.5 do: keeps attention logits bounded in long runs.",
+        False,
+    )
     ffn_hidden_size: int | None = documented(
         "Inner width of the SwiGLU MLP; null derives Llama's rule: 8/3 x hidden, rounded up to ffn_multiple_of.",
         None,
@@ -46,8 +56,9 @@ class ModelConfig:
         return self.num_kv_heads if self.num_kv_heads is not None else self.num_heads
 
     @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+    def head_size(self) -> int:
+        """The width of one attention head: model.head_dim, or hidden_size / num_heads."""
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
 
     @property
     def ffn_size(self) -> int:
@@ -87,14 +98,19 @@ class ModelConfig:
         p += positive("model.norm_eps", self.norm_eps)
         p += positive("model.rope_theta", self.rope_theta)
         p += positive("model.init_std", self.init_std)
-        if self.num_heads > 0 and self.hidden_size % self.num_heads:
+        if self.head_dim is not None:
+            p += positive("model.head_dim", self.head_dim)
+            if self.head_dim > 0 and self.head_dim % 2:
+                p.append(f"model.head_dim ({self.head_dim}) must be even for rotary embeddings")
+        elif self.num_heads > 0 and self.hidden_size % self.num_heads:
             p.append(
                 f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads ({self.num_heads}); "
-                f"head_dim would not be an integer"
+                f"head_dim would not be an integer: set model.head_dim, or change the head count"
             )
-        elif self.num_heads > 0 and self.head_dim % 2:
+        elif self.num_heads > 0 and self.head_size % 2:
             p.append(
-                f"head_dim = hidden_size / num_heads = {self.head_dim} must be even for rotary embeddings"
+                f"head_dim = hidden_size / num_heads = {self.head_size} must be even for rotary embeddings: "
+                f"set model.head_dim to an even width"
             )
         if self.num_kv_heads and self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads:
             p.append(

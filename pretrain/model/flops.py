@@ -33,7 +33,7 @@ from pretrain.config import ModelConfig
 
 
 def _attention_parameters(cfg: ModelConfig) -> int:
-    d, e = cfg.hidden_size, cfg.head_dim
+    d, e = cfg.hidden_size, cfg.head_size
     return d * (cfg.num_heads + 2 * cfg.kv_heads) * e + cfg.num_heads * e * d
 
 
@@ -54,7 +54,8 @@ def count_parameters(cfg: ModelConfig) -> int:
     d = cfg.hidden_size
     embedding = cfg.vocab_size * d
     head = 0 if cfg.tie_embeddings else cfg.vocab_size * d
-    blocks = cfg.num_layers * (_attention_parameters(cfg) + 2 * d) + _mlp_parameters(cfg, active=False)
+    norms = 2 * d + (2 * cfg.head_size if cfg.qk_norm else 0)
+    blocks = cfg.num_layers * (_attention_parameters(cfg) + norms) + _mlp_parameters(cfg, active=False)
     return embedding + blocks + d + head
 
 
@@ -72,5 +73,5 @@ def matmul_parameters(cfg: ModelConfig) -> int:
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
     """Training FLOPs per token (forward and backward) at sequence length `seq_len`."""
-    attention = 2 * 2 * cfg.num_layers * seq_len * cfg.num_heads * cfg.head_dim
+    attention = 2 * 2 * cfg.num_layers * seq_len * cfg.num_heads * cfg.head_size
     return 3 * (2 * matmul_parameters(cfg) + attention)

@@ -33,6 +33,8 @@ TENSOR_PARALLEL_PLAN: dict[str, str] = {
     "blocks.*.attn.k_proj": "column",
     "blocks.*.attn.v_proj": "column",
     "blocks.*.attn.o_proj": "row",
+    "blocks.*.attn.q_norm": "head_norm",
+    "blocks.*.attn.k_norm": "head_norm",
     "blocks.*.mlp_norm": "norm",
     "blocks.*.mlp.gate_proj": "column",
     "blocks.*.mlp.up_proj": "column",
@@ -92,6 +94,8 @@ def _parallel_module(style: str, module: nn.Module, ctx: ParallelContext) -> nn.
     if style == "vocab":
         rows = weight.shape[0] // world
         return VocabParallelEmbedding(shard(weight, 0, rank, world), rank * rows, group, sp)
-    assert style == "norm" and isinstance(module, RMSNorm), (style, module)
+    assert style in ("norm", "head_norm") and isinstance(module, RMSNorm), (style, module)
+    if style == "head_norm":  # each rank normalises its own heads: the weight's gradient is a sum
+        return SequenceParallelRMSNorm(weight.clone(), module.eps, group)
     # Without sequence parallelism a norm sees every position on every rank: replicated as it is.
     return SequenceParallelRMSNorm(weight.clone(), module.eps, group) if sp else module

@@ -67,8 +67,8 @@ class ActivationShape:
         return cls(
             tokens=cfg.train.micro_batch_size * cfg.train.seq_len,
             hidden=m.hidden_size,
-            q_width=m.num_heads * m.head_dim,
-            kv_width=m.kv_heads * m.head_dim,
+            q_width=m.num_heads * m.head_size,
+            kv_width=m.kv_heads * m.head_size,
             ffn=m.ffn_size,
             heads=m.num_heads,
             vocab=m.vocab_size,
