@@ -39,6 +39,13 @@ LAYOUTS = {
         ["model.tie_embeddings=true"],
     ),
     "tp2-zero3": (2, ["parallel.tp=2", "parallel.zero_stage=3"], []),
+    # Qwen3-style attention (per-head q/k norms, heads wider than hidden / heads): the norms' weights
+    # are replicated but each tensor-parallel rank normalises only its own heads.
+    "qk-norm-tp2-sp": (
+        2,
+        ["parallel.tp=2", "parallel.sequence_parallel=true"],
+        ["model.qk_norm=true", "model.head_dim=24"],
+    ),
     "pp2-balanced-full-recompute": (
         2,
         ["parallel.pp=2", "parallel.pipeline_partition=parameters", "parallel.activation_checkpointing=full"],
