@@ -27,6 +27,10 @@ this rank's partitions as soon as it is built: its partitions plus one whole fp3
 micro-batch (states, activations, buffers, working memory), and the optimizer step (activations
 gone, gradient partition and step temporaries present). To it come a fragmentation margin and the
 runtime reserve (see `Assumptions`).
+
+Mixture of experts: the routed experts' states are partitioned over the dp/ep expert-data-parallel
+ranks, the rest over dp; the MoE blocks' activations are their own (pretrain.plan.experts says how
+and why, term by term; pretrain.plan.activations gives the activations).
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ from pretrain.config import Config
 from pretrain.parallel.deepspeed_config import zero3_bucket_elements, zero3_sub_group_size
 from pretrain.parallel.recompute import selective_recompute_keeps
 from pretrain.plan import activations as act
-from pretrain.plan.counts import layer_counts, rank_parameters, stage_layers
+from pretrain.plan import experts as moe
+from pretrain.plan.counts import layer_counts, rank_expert_parameters, rank_parameters, stage_layers
 from pretrain.plan.hardware import Assumptions
 
 
@@ -135,6 +140,7 @@ class StageMemory:
 
     stage: int
     parameters: int
+    expert_parameters: int  # of them the routed experts' (1/ep of the stage's), partitioned over dp/ep
     weights: int
     gradients: int
     optimizer_states: int
@@ -200,10 +206,11 @@ class MemoryPlan:
 
 
 def candidate_worst_stages(cfg: Config, layers: list[list[int]]) -> list[int]:
-    """The first and last stage, and of the others the first with each block count: a later stage
-    with as many blocks holds as many parameters and fewer micro-batches in flight, so never more."""
-    blocks = [sum(1 for i in indices if 1 <= i <= cfg.model.num_layers) for indices in layers]
-    first_with: dict[int, int] = {}
+    """The first and last stage, and of the others the first with each count of dense and MoE blocks:
+    a later stage with as many holds as many parameters and fewer micro-batches in flight, so never
+    more."""
+    blocks = [moe.block_kinds(cfg, indices) for indices in layers]
+    first_with: dict[tuple[int, int], int] = {}
     for s in range(1, len(layers) - 1):
         first_with.setdefault(blocks[s], s)
     return sorted({0, len(layers) - 1, *first_with.values()})
@@ -220,12 +227,9 @@ def pipe_buffers(pp: int, stage: int, micro_batches: int) -> int:
     return max(2, in_flight(pp, stage, micro_batches))
 
 
-def stage_activation_bytes(
-    cfg: Config, shape: act.ActivationShape, stage: int, blocks: int, block_bytes: float
-) -> float:
-    """Saved activations of one micro-batch on `stage` holding `blocks` decoder blocks of
-    `block_bytes` each."""
-    total = blocks * block_bytes
+def stage_activation_bytes(cfg: Config, shape: act.ActivationShape, stage: int, blocks_bytes: float) -> float:
+    """Saved activations of one micro-batch on `stage`, whose decoder blocks keep `blocks_bytes`."""
+    total = blocks_bytes
     if stage == 0:
         total += act.embedding_bytes(shape)
     if stage == cfg.parallel.pp - 1:
@@ -248,11 +252,11 @@ def estimate_memory(
     a = assumptions or Assumptions()
     precision = planned_precision(cfg.train.precision, runtime)
     shape = act.ActivationShape.of(cfg, dtype_bytes(precision), runtime.attention_output_saved)
-    per_block = {mode: act.block_bytes(shape, mode) for mode in act.RECOMPUTE_MODES}
     layers, params = stage_layers(cfg), stage_parameters or rank_parameters(cfg)
+    experts = rank_expert_parameters(cfg)
     wanted = range(len(layers)) if all_stages else candidate_worst_stages(cfg, layers)
     stages = [
-        _stage_memory(cfg, world_size, s, layers[s], params[s], precision, shape, per_block, runtime, a)
+        _stage_memory(cfg, world_size, s, layers[s], (params[s], experts[s]), precision, shape, runtime, a)
         for s in wanted
     ]
     worst = max(stages, key=lambda s: s.peak)
@@ -265,36 +269,52 @@ def _stage_memory(
     world_size: int,
     stage: int,
     indices: list[int],
-    params: int,
+    counts: tuple[int, int],
     precision: str,
     shape: act.ActivationShape,
-    per_block: dict[str, float],
     runtime: Runtime,
     a: Assumptions,
 ) -> StageMemory:
+    """`counts`: this rank's parameters on the stage, and of them the routed experts'."""
     par, p = cfg.parallel, dtype_bytes(precision)
-    dp = cfg.data_parallel_size(world_size)
+    (params, experts), dp = counts, cfg.data_parallel_size(world_size)
+    edp = moe.expert_data_parallel_size(cfg, world_size)
     micro_batches = cfg.grad_accum_steps(world_size)
-    blocks = sum(1 for i in indices if 1 <= i <= cfg.model.num_layers)
+    dense_blocks, moe_blocks = moe.block_kinds(cfg, indices)
     flight = in_flight(par.pp, stage, micro_batches)
     by_mode = {
-        mode: int(flight * stage_activation_bytes(cfg, shape, stage, blocks, per_block[mode]))
+        mode: int(
+            flight * stage_activation_bytes(cfg, shape, stage, _blocks_bytes(shape, mode, indices, cfg))
+        )
         for mode in act.RECOMPUTE_MODES
     }
     mode = par.activation_checkpointing
-    states = model_state_bytes(par.zero_stage, dp, precision, cfg.train.grad_accum_dtype)
+    accumulate = cfg.train.grad_accum_dtype
+    states = model_state_bytes(par.zero_stage, dp, precision, accumulate)
+    expert_states = model_state_bytes(par.zero_stage, edp, precision, accumulate)
     working = max(
         act.loss_working_bytes(shape) if stage == par.pp - 1 else 0.0,
-        act.block_working_bytes(shape) if blocks else 0.0,
+        act.block_working_bytes(shape) if dense_blocks else 0.0,
+        act.block_working_bytes(shape, moe=True) if moe_blocks else 0.0,
     )
-    if blocks:
-        working += per_block["none"] - per_block[mode]  # the block being recomputed
+    if dense_blocks or moe_blocks:  # the block being recomputed (the larger kind)
+        working += max(
+            act.block_bytes(shape, "none", kind) - act.block_bytes(shape, mode, kind)
+            for kind, n in ((False, dense_blocks), (True, moe_blocks))
+            if n
+        )
+
+    def state(field: str) -> int:
+        dense_bytes, expert_bytes = getattr(states, field), getattr(expert_states, field)
+        return int(dense_bytes * (params - experts) + expert_bytes * experts)
+
     return StageMemory(
         stage=stage,
         parameters=params,
-        weights=int(states.weights * params),
-        gradients=int(states.gradients * params),
-        optimizer_states=int(states.optimizer * params),
+        expert_parameters=experts,
+        weights=state("weights"),
+        gradients=state("gradients"),
+        optimizer_states=state("optimizer"),
         activations=by_mode[mode],
         activations_by_mode=by_mode,
         in_flight=flight,
@@ -303,9 +323,16 @@ def _stage_memory(
         ),
         communication_buffers=int(_backward_buffers(cfg, indices, p, runtime, a)),
         working=int(working),
-        step_extra=int(_step_extra(cfg, params, dp, p, runtime, a)),
+        step_extra=int(_step_extra(cfg, params, moe.partition(params, experts, dp, edp), p, runtime, a)),
         construction=int(_construction(cfg, indices, params, dp, p)),
     )
+
+
+def _blocks_bytes(shape: act.ActivationShape, mode: str, indices: list[int], cfg: Config) -> float:
+    """Saved activations of one micro-batch in the stage's decoder blocks, dense and MoE."""
+    dense, moe_blocks = moe.block_kinds(cfg, indices)
+    total = dense * act.block_bytes(shape, mode)
+    return total + (moe_blocks * act.block_bytes(shape, mode, moe=True) if moe_blocks else 0.0)
 
 
 def _construction(cfg: Config, indices: list[int], params: int, dp: int, p: int) -> float:
@@ -346,12 +373,14 @@ def _backward_buffers(cfg: Config, indices: list[int], p: int, runtime: Runtime,
     return total
 
 
-def _step_extra(cfg: Config, params: int, dp: int, p: int, runtime: Runtime, a: Assumptions) -> float:
-    """Gradient memory at the optimizer step and its temporaries (see the module docstring)."""
+def _step_extra(
+    cfg: Config, params: int, partition: float, p: int, runtime: Runtime, a: Assumptions
+) -> float:
+    """Gradient memory at the optimizer step and its temporaries (see the module docstring);
+    `partition`: elements of this rank's ZeRO partition (pretrain.plan.experts.partition)."""
     stage = cfg.parallel.zero_stage
     if stage == 0 and p == 4:  # plain torch AdamW on the full gradients
         return p * params + (0 if runtime.fused_optimizer else 4 * params)
-    partition = params / dp
     extra = p * partition  # the gradient partition (ZeRO-1 copies it in at the boundary)
     if stage == 1:
         extra += p * partition  # ... and flattens it

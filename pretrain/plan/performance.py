@@ -33,8 +33,13 @@ Per step:
                 overlaps each reduction with the backward pass (overlap_comm); the all-gather after the
                 step is exposed
   optimizer     fused Adam over the rank's optimizer partition: ~36 bytes of HBM traffic per parameter
+  all-to-all    mixture of experts: the token exchanges over the expert-parallel group, per MoE block
+                and micro-batch (pretrain.plan.experts), on the critical path
 Bandwidth of a group: NVLink when all its ranks are in one node, else the network, x comm_efficiency.
-MFU = model FLOPs per token x tokens/s / (GPUs x peak), as the trainer reports it.
+MFU = model FLOPs per token x tokens/s / (GPUs x peak), as the trainer reports it. Mixture of experts:
+FLOPs are those of the active parameters (the routed experts' not divided over tensor-parallel ranks,
+which all compute them), the routed experts' gradients and weights go over the dp/ep ranks holding
+the same experts, and their optimizer partition is theirs (pretrain.plan.experts).
 """
 
 from __future__ import annotations
@@ -45,7 +50,8 @@ from dataclasses import dataclass
 from pretrain.config import Config
 from pretrain.model.flops import flops_per_token
 from pretrain.plan import activations as act
-from pretrain.plan.counts import stage_layers
+from pretrain.plan import experts as moe
+from pretrain.plan.counts import rank_expert_parameters, stage_layers
 from pretrain.plan.hardware import Cluster
 from pretrain.plan.memory import CUDA, dtype_bytes, planned_precision
 
@@ -62,6 +68,8 @@ class StepEstimate:
     compute_s: float  # per step, the slowest stage's matmuls (all micro-batches)
     elementwise_s: float
     tensor_parallel_s: float
+    all_to_all_s: float  # per step, the slowest stage's expert-parallel token exchanges
+    all_to_all_bytes_per_block: float  # one exchange's bytes per rank (a micro-batch's N k rows)
     host_bound: bool  # the slowest stage waits for the host (eager PyTorch), not for the GPU
     bubble_s: float
     pipeline_p2p_s: float
@@ -79,12 +87,16 @@ class StepEstimate:
 HOST_OPS_PER_BLOCK = {"none": 222, "selective": 334, "full": 333}
 
 
-def block_flops(cfg: Config) -> tuple[float, float]:
-    """(training FLOPs per token of one decoder block, of the output layer), split from the trainer's
-    own count: the output layer is what remains with no blocks."""
-    seq = cfg.train.seq_len
-    head = flops_per_token(dataclasses.replace(cfg.model, num_layers=0), seq)
-    return (flops_per_token(cfg.model, seq) - head) / cfg.model.num_layers, float(head)
+def block_flops(cfg: Config, moe_block: bool = False) -> tuple[float, float]:
+    """(training FLOPs per token of one decoder block, dense or `moe_block`, of the output layer), split
+    from the trainer's own count: the output layer is what remains with no blocks."""
+    seq, model = cfg.train.seq_len, cfg.model
+    head = flops_per_token(dataclasses.replace(model, num_layers=0), seq)
+    dense_first = 0 if moe_block else 1
+    one = dataclasses.replace(
+        model, num_layers=1, moe=dataclasses.replace(model.moe, first_dense_layers=dense_first)
+    )
+    return float(flops_per_token(one, seq) - head), float(head)
 
 
 def _collective_s(cluster: Cluster, nbytes: float, ranks: int, span: int, passes: float) -> float:
@@ -101,34 +113,67 @@ class _MicroBatch:
     compute: float
     elementwise: float
     tensor_parallel: float
+    all_to_all: float
     host: float
 
     @property
     def gpu(self) -> float:
-        return self.compute + self.elementwise + self.tensor_parallel
+        return self.compute + self.elementwise + self.tensor_parallel + self.all_to_all
 
     @property
     def total(self) -> float:
         return max(self.gpu, self.host)
 
 
+def _block_matmul_flops(cfg: Config, dense: int, moe_blocks: int) -> float:
+    """Training FLOPs of one rank's blocks per token of its micro-batch, without recomputation: split
+    over tp but for the routed experts, which every tensor-parallel rank computes whole."""
+    tp = cfg.parallel.tp
+    total = dense * block_flops(cfg)[0] / tp
+    if moe_blocks:
+        routed = moe.routed_flops_per_token(cfg)
+        total += moe_blocks * ((block_flops(cfg, moe_block=True)[0] - routed) / tp + routed)
+    return total
+
+
+def all_to_all_s(cfg: Config, cluster: Cluster, moe_blocks: int, dtype_bytes: int) -> float:
+    """Seconds of one micro-batch's expert-parallel exchanges in `moe_blocks` MoE blocks: per block
+    `exchanges_per_block` all-to-alls of `dispatch_bytes` over the ep ranks of the group, which lie
+    within ep x tp consecutive ranks (data-parallel peers are tp apart)."""
+    ep = cfg.parallel.ep
+    if ep == 1 or not moe_blocks:
+        return 0.0
+    span = ep * cfg.parallel.tp
+    tokens, counts = moe.exchanges_per_block(cfg.parallel.activation_checkpointing)
+    one = _collective_s(cluster, moe.dispatch_bytes(cfg, dtype_bytes), ep, span, passes=1)
+    return moe_blocks * (tokens * one + counts * cluster.group_latency_s(span))
+
+
 def _stage_micro_batch(
-    cfg: Config, cluster: Cluster, shape: act.ActivationShape, blocks: int, has_head: bool, precision: str
+    cfg: Config,
+    cluster: Cluster,
+    shape: act.ActivationShape,
+    kinds: tuple[int, int],
+    has_head: bool,
+    precision: str,
 ) -> _MicroBatch:
+    """One micro-batch of a stage with `kinds` = (dense blocks, MoE blocks)."""
     gpu, a, par = cluster.gpu, cluster.assumptions, cfg.parallel
     mode = par.activation_checkpointing
-    per_block, head = block_flops(cfg)
-    flops = blocks * per_block * (4 / 3 if mode == "full" else 1.0) + (head if has_head else 0.0)
-    flops *= shape.tokens / par.tp
-    compute = flops / (gpu.peak_tflops(precision) * 1e12 * gpu.matmul_efficiency)
+    (dense, moe_blocks), blocks = kinds, sum(kinds)
+    head = block_flops(cfg)[1] / par.tp if has_head else 0.0
+    flops = _block_matmul_flops(cfg, dense, moe_blocks) * (4 / 3 if mode == "full" else 1.0) + head
+    compute = flops * shape.tokens / (gpu.peak_tflops(precision) * 1e12 * gpu.matmul_efficiency)
     passes = ELEMENTWISE_PASSES + (2 if mode != "none" else 0)
-    traffic = passes * blocks * act.block_bytes(shape, "none")
-    elementwise = traffic / (gpu.hbm_gbps * 1e9 * a.hbm_efficiency)
+    block_bytes = dense * act.block_bytes(shape, "none")
+    block_bytes += moe_blocks * act.block_bytes(shape, "none", moe=True) if moe_blocks else 0.0
+    elementwise = passes * block_bytes / (gpu.hbm_gbps * 1e9 * a.hbm_efficiency)
     message = shape.dtype_bytes * shape.tokens * shape.hidden
     collectives = blocks * TP_COLLECTIVES_PER_BLOCK[mode]
     tensor_parallel = collectives * _collective_s(cluster, message, par.tp, par.tp, passes=2)
+    exchanges = all_to_all_s(cfg, cluster, moe_blocks, shape.dtype_bytes)
     host = (blocks * HOST_OPS_PER_BLOCK[mode] + (collectives if par.tp > 1 else 0)) * a.host_op_s
-    return _MicroBatch(compute, elementwise, tensor_parallel, host)
+    return _MicroBatch(compute, elementwise, tensor_parallel, exchanges, host)
 
 
 def estimate_step(cfg: Config, cluster: Cluster, stage_parameters: list[int]) -> StepEstimate:
@@ -138,9 +183,9 @@ def estimate_step(cfg: Config, cluster: Cluster, stage_parameters: list[int]) ->
     shape = act.ActivationShape.of(cfg, dtype_bytes(precision), attention_output_saved=True)
     dp, m = cfg.data_parallel_size(world), cfg.grad_accum_steps(world)
     layer_lists = stage_layers(cfg)
-    kinds = set()  # stages differ only by their block count and whether they hold the output layer
+    kinds = set()  # stages differ only by their block counts and whether they hold the output layer
     for s, indices in enumerate(layer_lists):
-        kinds.add((sum(1 for i in indices if 1 <= i <= cfg.model.num_layers), s == par.pp - 1))
+        kinds.add((moe.block_kinds(cfg, indices), s == par.pp - 1))
     stages = [_stage_micro_batch(cfg, cluster, shape, blocks, head, precision) for blocks, head in kinds]
     slowest = max(stages, key=lambda mb: mb.total)
     slots = m + par.pp - 1
@@ -150,8 +195,12 @@ def estimate_step(cfg: Config, cluster: Cluster, stage_parameters: list[int]) ->
         span = (par.pp - 1) * dp * par.tp + 1
         p2p = 2 * slots * _collective_s(cluster, act.boundary_bytes(shape), 2, span, passes=2)
     layers = max(len(indices) for indices in layer_lists)
-    dp_s = _data_parallel_s(cfg, cluster, max(stage_parameters), layers, dp, m, slowest, precision)
-    optimizer_params = max(stage_parameters) / (dp if par.zero_stage >= 1 or precision != "fp32" else 1)
+    # The stage with the most parameters, and its routed experts' share.
+    params, experts = max(zip(stage_parameters, rank_expert_parameters(cfg), strict=True))
+    dp_s = _data_parallel_s(cfg, cluster, (params, experts), layers, dp, m, slowest, precision)
+    edp = moe.expert_data_parallel_size(cfg, world)
+    partitioned = par.zero_stage >= 1 or precision != "fp32"
+    optimizer_params = moe.partition(params, experts, dp, edp) if partitioned else params
     optimizer = (
         ADAM_BYTES_PER_PARAMETER
         * optimizer_params
@@ -165,6 +214,10 @@ def estimate_step(cfg: Config, cluster: Cluster, stage_parameters: list[int]) ->
         compute_s=m * slowest.compute,
         elementwise_s=m * slowest.elementwise,
         tensor_parallel_s=m * slowest.tensor_parallel,
+        all_to_all_s=m * slowest.all_to_all,
+        all_to_all_bytes_per_block=moe.dispatch_bytes(cfg, shape.dtype_bytes)
+        if cfg.model.moe.enabled
+        else 0.0,
         host_bound=slowest.host > slowest.gpu,
         bubble_s=(par.pp - 1) * slowest.total,
         pipeline_p2p_s=p2p,
@@ -180,34 +233,45 @@ def estimate_step(cfg: Config, cluster: Cluster, stage_parameters: list[int]) ->
 def _data_parallel_s(
     cfg: Config,
     cluster: Cluster,
-    params: int,
+    counts: tuple[int, int],
     layers: int,
     dp: int,
     micro_batches: int,
     micro: _MicroBatch,
     precision: str,
 ) -> float:
-    """Exposed seconds of data-parallel gradient and weight traffic per step."""
+    """Exposed seconds of data-parallel gradient and weight traffic per step; `counts`: the stage's
+    parameters on one rank and of them the routed experts', which go over the dp/ep ranks holding the
+    same experts (ranks ep x tp apart, within the same span as the data-parallel group)."""
     if dp == 1:
         return 0.0
+    params, experts = counts
     span = dp * cfg.parallel.tp  # data-parallel peers are tp ranks apart
-    weights = dtype_bytes(precision) * params
+    edp = dp // cfg.parallel.ep
+
+    def collective(bytes_per_parameter: int, passes: float) -> float:
+        dense = _collective_s(cluster, bytes_per_parameter * (params - experts), dp, span, passes)
+        return dense + (
+            _collective_s(cluster, bytes_per_parameter * experts, edp, span, passes) if experts else 0.0
+        )
+
+    weights = dtype_bytes(precision)
     fp32_sums = precision == "bf16" and cfg.train.grad_accum_dtype == "fp32"
-    gradients = (4 if fp32_sums else dtype_bytes(precision)) * params  # DeepSpeed's communication_data_type
+    gradients = 4 if fp32_sums else dtype_bytes(precision)  # DeepSpeed's communication_data_type
     stage = cfg.parallel.zero_stage
-    if stage == 3:
+    if stage == 3:  # (no MoE: the trainer refuses it under ZeRO-3)
         # Per layer: weights gathered for the forward and again for the backward, gradients scattered.
-        per_layer = 2 * _collective_s(cluster, weights / layers, dp, span, passes=1) + _collective_s(
-            cluster, gradients / layers, dp, span, passes=1
+        per_layer = 2 * _collective_s(cluster, weights * params / layers, dp, span, passes=1) + _collective_s(
+            cluster, gradients * params / layers, dp, span, passes=1
         )
         return micro_batches * max(0.0, layers * per_layer - micro.compute)
-    gather = _collective_s(cluster, weights, dp, span, passes=1)  # the updated weights, after the step
+    gather = collective(weights, passes=1)  # the updated weights, after the step
     if precision == "bf16" and (stage == 0 or (stage == 1 and fp32_sums)):
         # DeepSpeed's BF16_Optimizer: an all-reduce of the accumulated gradients after the backward pass.
-        return _collective_s(cluster, gradients, dp, span, passes=2) + gather
+        return collective(gradients, passes=2) + gather
     if stage == 0:
-        return _collective_s(cluster, gradients, dp, span, passes=2)  # plain data parallelism: one all-reduce
-    scatter = _collective_s(cluster, gradients, dp, span, passes=1)
+        return collective(gradients, passes=2)  # plain data parallelism: one all-reduce
+    scatter = collective(gradients, passes=1)
     if stage == 2:
         # Every micro-batch's gradients are reduce-scattered; without a pipeline each overlaps its backward.
         backward = micro.total * 2 / 3 if cfg.parallel.pp == 1 else 0.0

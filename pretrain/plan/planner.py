@@ -44,6 +44,8 @@ class Plan:
             "tp": par.tp,
             "pp": par.pp,
             "dp": cfg.data_parallel_size(world),
+            "ep": par.ep,
+            "expert_data_parallel": cfg.data_parallel_size(world) // par.ep,
             "zero_stage": par.zero_stage,
             "micro_batch_size": cfg.train.micro_batch_size,
             "grad_accum_steps": cfg.grad_accum_steps(world),
@@ -58,9 +60,11 @@ class Plan:
     def overrides(self) -> list[str]:
         """The dotted overrides that select this layout on the command line."""
         par, train = self.cfg.parallel, self.cfg.train
+        experts = [f"parallel.ep={par.ep}"] if self.cfg.model.moe.enabled else []
         return [
             f"parallel.tp={par.tp}",
             f"parallel.pp={par.pp}",
+            *experts,
             f"parallel.zero_stage={par.zero_stage}",
             f"parallel.activation_checkpointing={par.activation_checkpointing}",
             f"parallel.sequence_parallel={'true' if par.sequence_parallel else 'false'}",
@@ -92,6 +96,7 @@ def with_layout(
     micro_batch_size: int,
     activation_checkpointing: str,
     sequence_parallel: bool,
+    ep: int = 1,
 ) -> Config:
     """`cfg` with another layout (gradient accumulation re-derived from the global batch)."""
     # The casts only tell mypy: an unknown stage or mode is reported by layout_problems, as for any config.
@@ -102,6 +107,7 @@ def with_layout(
         zero_stage=cast(ZeroStage, zero_stage),
         activation_checkpointing=cast(RecomputeMode, activation_checkpointing),
         sequence_parallel=sequence_parallel,
+        ep=ep,
     )
     train = dataclasses.replace(cfg.train, micro_batch_size=micro_batch_size, grad_accum_steps=None)
     return dataclasses.replace(cfg, parallel=parallel, train=train)

@@ -19,7 +19,7 @@ def _describe_layout(plan: Plan) -> str:
     lay = plan.layout()
     sp = ", sequence parallel" if lay["sequence_parallel"] else ""
     return (
-        f"{describe_layout(lay['dp'], lay['tp'], lay['pp'], lay['zero_stage'])}, "
+        f"{describe_layout(lay['dp'], lay['tp'], lay['pp'], lay['zero_stage'], ep=lay['ep'])}, "
         f"micro-batch {lay['micro_batch_size']} x accumulation "
         f"{lay['grad_accum_steps']}, recomputation {lay['activation_checkpointing']}{sp}, {lay['precision']}"
     )
@@ -36,19 +36,21 @@ def _gradient_dtypes(plan: Plan) -> str:
 
 def _memory_lines(plan: Plan) -> list[str]:
     mem, s = plan.memory, plan.memory.worst
-    dp, zero = plan.layout()["dp"], plan.cfg.parallel.zero_stage
+    dp, zero, edp = plan.layout()["dp"], plan.cfg.parallel.zero_stage, plan.layout()["expert_data_parallel"]
     by_mode = ", ".join(f"{m} {v / GiB:.2f}" for m, v in s.activations_by_mode.items())
+    over = f"{dp} (experts {edp})" if s.expert_parameters else f"{dp}"
     rows = [
         (f"weights ({mem.precision})", s.weights),
         (f"gradients ({_gradient_dtypes(plan)})", s.gradients),
-        (f"optimizer states (fp32 master + Adam, ZeRO-{zero} over {dp})", s.optimizer_states),
+        (f"optimizer states (fp32 master + Adam, ZeRO-{zero} over {over})", s.optimizer_states),
         (f"activations ({s.in_flight} micro-batch(es) in flight, {plan.layout()['activation_checkpointing']})", s.activations),
         ("pipeline buffers (1F1B inputs and outputs)", s.pipeline_buffers),
         ("communication buffers (DeepSpeed gradient buckets, ZeRO-3 gathers)", s.communication_buffers),
         ("backward working memory (loss, recomputed block)", s.working),
     ]  # fmt: skip
     stage = f"stage {s.stage} of {len(mem.stages)}" if len(mem.stages) > 1 else "one stage"
-    lines = [f"memory per GPU, GiB (worst: {stage}, {s.parameters:,} parameters on the GPU)"]
+    held = f", {s.expert_parameters:,} of them routed experts" if s.expert_parameters else ""
+    lines = [f"memory per GPU, GiB (worst: {stage}, {s.parameters:,} parameters on the GPU{held})"]
     lines += [f"  {name:<72}{_gib(value)}" for name, value in rows]
     lines.append(f"    activations by recomputation mode: {by_mode}")
     others = ", ".join(f"{name} {v / GiB:.2f}" for name, v in s.phases().items() if name != s.peak_phase)
@@ -70,14 +72,30 @@ def _runs(values: list[int]) -> str:
     return ", ".join(str(v) if n == 1 else f"{v} x {n}" for v, n in parts)
 
 
+def _all_to_all_line(plan: Plan) -> list[str]:
+    t, cfg = plan.step, plan.cfg
+    if not cfg.model.moe.enabled:
+        return []
+    ep = cfg.parallel.ep
+    if ep == 1:
+        return ["all-to-all: none (parallel.ep=1: every rank holds every expert)"]
+    fits = "in a node (NVLink)" if ep * cfg.parallel.tp <= plan.cluster.gpus_per_node else "across nodes"
+    return [
+        f"all-to-all: {t.all_to_all_s:.2f} s per step over {ep} expert-parallel ranks {fits}: "
+        f"{t.all_to_all_bytes_per_block / 2**20:,.1f} MiB per exchange per rank, "
+        f"{cfg.model.num_moe_blocks} MoE blocks (load imbalance not modelled)"
+    ]
+
+
 def _time_lines(plan: Plan) -> list[str]:
     t, lay = plan.step, plan.layout()
     return [
         f"pipeline: {lay['pp']} stage(s) holding {_runs(lay['pipeline_stage_layers'])} of the "
         f"{sum(lay['pipeline_stage_layers'])} layers (embedding, blocks, norm, output layer), "
         f"{lay['grad_accum_steps']} micro-batches per step, bubble {100 * t.bubble_fraction:.1f}% of the step",
-        f"step time {t.step_s:.2f} s = micro-batches {t.compute_s + t.elementwise_s + t.tensor_parallel_s:.2f} "
-        f"(matmul {t.compute_s:.2f}, elementwise {t.elementwise_s:.2f}, tensor-parallel {t.tensor_parallel_s:.2f}) "
+        f"step time {t.step_s:.2f} s = micro-batches {t.compute_s + t.elementwise_s + t.tensor_parallel_s + t.all_to_all_s:.2f} "
+        f"(matmul {t.compute_s:.2f}, elementwise {t.elementwise_s:.2f}, tensor-parallel {t.tensor_parallel_s:.2f}"
+        f"{f', all-to-all {t.all_to_all_s:.2f}' if plan.cfg.model.moe.enabled else ''}) "
         f"+ bubble {t.bubble_s:.2f} + pipeline sends {t.pipeline_p2p_s:.2f} + data-parallel {t.data_parallel_s:.2f} "
         f"+ optimizer {t.optimizer_s:.2f}",
         f"throughput: {t.tokens_per_s:,.0f} tokens/s, MFU {100 * t.mfu:.1f}% "
@@ -87,6 +105,7 @@ def _time_lines(plan: Plan) -> list[str]:
             if t.host_bound
             else ""
         ),
+        *_all_to_all_line(plan),
     ]
 
 
@@ -129,12 +148,12 @@ def format_search(result: SearchResult, config_name: str, cluster: Cluster, top:
     ]
     if not result.ranked:
         return "\n".join([*lines, "NO LAYOUT FITS: more GPUs, GPUs with more memory, or a smaller batch"])
-    header = f"{'rank':>4} {'tp':>3} {'pp':>4} {'dp':>5} {'zero':>4} {'micro':>5} {'accum':>6} {'recompute':>9} {'sp':>3} {'GiB/GPU':>8} {'step s':>8} {'tokens/s':>12} {'MFU':>6}"
+    header = f"{'rank':>4} {'tp':>3} {'pp':>4} {'dp':>5} {'ep':>4} {'zero':>4} {'micro':>5} {'accum':>6} {'recompute':>9} {'sp':>3} {'GiB/GPU':>8} {'step s':>8} {'tokens/s':>12} {'MFU':>6}"
     lines += ["", header]
     for i, plan in enumerate(result.ranked[:top], 1):
         lay = plan.layout()
         lines.append(
-            f"{i:>4} {lay['tp']:>3} {lay['pp']:>4} {lay['dp']:>5} {lay['zero_stage']:>4} "
+            f"{i:>4} {lay['tp']:>3} {lay['pp']:>4} {lay['dp']:>5} {lay['ep']:>4} {lay['zero_stage']:>4} "
             f"{lay['micro_batch_size']:>5} {lay['grad_accum_steps']:>6} {lay['activation_checkpointing']:>9} "
             f"{'on' if lay['sequence_parallel'] else 'off':>3} {plan.memory.required / GiB:8.1f} "
             f"{plan.step.step_s:8.2f} {plan.step.tokens_per_s:12,.0f} {100 * plan.step.mfu:5.1f}%"
