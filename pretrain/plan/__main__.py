@@ -98,7 +98,12 @@ def main(argv: list[str] | None = None) -> int:
 
         proof = prove_construction(cfg)
         proof_ok = proof.ok
-        out["construction"] = {"ranks": proof.ranks, "ok": proof.ok, "problems": proof.problems}
+        out["construction"] = {
+            "ranks": proof.ranks,
+            "expert_parallel_ranks": proof.expert_ranks,
+            "ok": proof.ok,
+            "problems": proof.problems,
+        }
     if args.json:
         print(json.dumps(out, indent=2))
     else:
@@ -115,6 +120,8 @@ def format_proof(proof: dict, cfg: Config) -> str:
     where = (
         f"{proof['ranks']} ranks ({par.pp} stage(s) x {par.tp} tensor-parallel shard(s)) on the meta device"
     )
+    if proof["expert_parallel_ranks"]:
+        where += f", and the expert slices of {proof['expert_parallel_ranks']} expert-parallel rank(s)"
     if proof["ok"]:
         return (
             f"construction: built {where} with the trainer's code: every shard makes its plain parameter, "
