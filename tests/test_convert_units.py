@@ -133,8 +133,14 @@ def test_from_hf_refuses_what_our_model_cannot_compute(tmp_path):
     refused({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rotary scaling")
     refused({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, "rotary scaling")
     refused({"attention_bias": True, "hidden_act": "gelu"}, "attention_bias is true", "hidden_act is 'gelu'")
-    refused({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, "only Llama")
-    refused({"head_dim": 32}, "head_dim 32 is not hidden_size / num_attention_heads")
+    refused(
+        {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]},
+        "model_type is 'gpt2'",
+        "these convert: llama",
+    )
+    refused({"head_dim": 33}, "head_dim 33 is not a positive even width")
+    # A head_dim other than hidden / heads is model.head_dim (these weights are 16 wide: refused by shape).
+    refused({"head_dim": 32}, "q_proj.weight has shape [64, 64], config.json implies [128, 64]")
     refused(
         {"intermediate_size": 128}, "mlp.gate_proj.weight has shape [96, 64], config.json implies [128, 64]"
     )

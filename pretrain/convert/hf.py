@@ -3,8 +3,8 @@
 Our model is Llama (RMSNorm, half-split rotary, SwiGLU, grouped-query attention, no biases), so the
 conversion is a renaming: no permutation of q/k (our rotary already uses Hugging Face's half-split
 layout) and no fused QKV to split. Anything a Llama folder may hold that our model cannot compute
-(biases, rotary scaling, another activation, a head_dim other than hidden / heads) is refused with
-the reason rather than silently dropped.
+(biases, rotary scaling, another activation) is refused with the reason rather than silently
+dropped. The other classes (Qwen3, and the mixtures of experts) are in pretrain.convert.hf_moe.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ _BLOCK_NAMES = {
     "attn.k_proj": "self_attn.k_proj",
     "attn.v_proj": "self_attn.v_proj",
     "attn.o_proj": "self_attn.o_proj",
+    "attn.q_norm": "self_attn.q_norm",
+    "attn.k_norm": "self_attn.k_norm",
     "mlp_norm": "post_attention_layernorm",
     "mlp.gate_proj": "mlp.gate_proj",
     "mlp.up_proj": "mlp.up_proj",
@@ -63,9 +65,13 @@ def hf_config(
     special_tokens: dict[str, int | None],
     provenance: dict[str, Any],
 ) -> dict[str, Any]:
-    """A config.json that `LlamaForCausalLM` loads: transformers 4.x reads rope_theta and
-    torch_dtype, 5.x rope_parameters and dtype; both pairs are written."""
-    return {
+    """A config.json that the class `export_family(cfg)` computes `cfg` with (LlamaForCausalLM for a
+    dense model): transformers 4.x reads rope_theta and torch_dtype, 5.x rope_parameters and dtype;
+    both pairs are written."""
+    from pretrain.convert.hf_moe import export_family, family_config
+
+    family = export_family(cfg)
+    config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "vocab_size": cfg.vocab_size,
@@ -83,30 +89,29 @@ def hf_config(
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
         "attention_bias": False,
         "attention_dropout": 0.0,
-        "mlp_bias": False,
         "tie_word_embeddings": cfg.tie_embeddings,
         "initializer_range": cfg.init_std,
-        "pretraining_tp": 1,
         "use_cache": True,
         "bos_token_id": special_tokens.get("bos"),
         "eos_token_id": special_tokens.get("eos"),
         "pad_token_id": special_tokens.get("pad"),
         "torch_dtype": DTYPE_NAMES[dtype],
         "dtype": DTYPE_NAMES[dtype],
-        "pretrain_provenance": provenance,
     }
+    if family.model_type == "llama":
+        config.update(mlp_bias=False, pretraining_tp=1)
+    config.update(family_config(family, cfg))
+    config["pretrain_provenance"] = provenance
+    return config
 
 
 def model_config_from_hf(config: dict[str, Any], where: str) -> ModelConfig:
     """Our ModelConfig for a Hugging Face config.json, or a ConversionError listing every feature of
     it our model does not compute."""
-    problems = []
-    architectures = config.get("architectures") or []
-    if config.get("model_type") != "llama" and "LlamaForCausalLM" not in architectures:
-        problems.append(
-            f"model_type is {config.get('model_type')!r} (architectures {architectures}); only Llama "
-            f"(model_type 'llama', LlamaForCausalLM) converts"
-        )
+    from pretrain.convert.hf_moe import family_of_hf, moe_fields_from_hf
+
+    problems: list[str] = []
+    family = family_of_hf(config, problems)
     if config.get("hidden_act", "silu") not in ("silu", "swish"):
         problems.append(f"hidden_act is {config['hidden_act']!r}; our MLP is SwiGLU (silu)")
     for key in ("attention_bias", "mlp_bias"):
@@ -125,22 +130,27 @@ def model_config_from_hf(config: dict[str, Any], where: str) -> ModelConfig:
     missing = [key for key in required if not isinstance(config.get(key), int)]
     if missing:
         problems.append(f"config.json lacks {', '.join(missing)}")
-    elif config.get("head_dim") not in (None, hidden // heads) or hidden % heads:
+    head_dim = config.get("head_dim")
+    if not missing and head_dim is None and hidden % heads:
         problems.append(
-            f"head_dim {config.get('head_dim')} is not hidden_size / num_attention_heads = {hidden} / {heads}; "
-            f"our attention derives head_dim from those"
+            f"hidden_size {hidden} is not a multiple of num_attention_heads {heads} and no head_dim is given"
         )
+    if head_dim is not None and (not isinstance(head_dim, int) or head_dim <= 0 or head_dim % 2):
+        problems.append(f"head_dim {head_dim} is not a positive even width (rotary embeddings rotate pairs)")
+    fields = moe_fields_from_hf(family, config, problems) if family is not None else {}
     if problems:
         raise ConversionError(f"{where} cannot be converted:\n" + "\n".join(f"  - {p}" for p in problems))
+    fields.setdefault("ffn_hidden_size", config["intermediate_size"])
     return ModelConfig(
         vocab_size=config["vocab_size"],
         hidden_size=hidden,
         num_layers=config["num_hidden_layers"],
         num_heads=heads,
         num_kv_heads=config.get("num_key_value_heads") or heads,
-        ffn_hidden_size=config["intermediate_size"],
+        head_dim=None if head_dim in (None, hidden // heads) and not hidden % heads else head_dim,
         norm_eps=float(config.get("rms_norm_eps", 1e-6)),
         rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
         tie_embeddings=bool(config.get("tie_word_embeddings", False)),
         init_std=float(config.get("initializer_range", 0.02)),
+        **fields,
     )

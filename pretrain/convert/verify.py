@@ -9,14 +9,21 @@
   transposed, swapped or misnamed tensor moves logits by far more than 1e-4 of their scale. The
   check is on the maximum over every logit, not on a KL divergence, which averages a localised
   error away (a KL of 3e-6 once passed a broken export).
-- every layer's output is compared the same way, so a failure names the first layer that differs.
+- every layer's output is compared the same way, so a failure names the first layer that differs,
+  and within a block whether its attention or its MLP (dense or mixture of experts) differs.
 - greedy generation of GENERATED_TOKENS tokens with `generate` (its KV cache and incremental rotary
   positions, which a single forward pass does not exercise) must give our tokens exactly; a
   position where our top two logits are within the tolerance is reported as a tie, not a failure.
+
+The folder is loaded with `AutoModelForCausalLM`: the class its config.json names (Llama, Qwen3,
+Qwen3-MoE, Mixtral, Glm4Moe; pretrain.convert.hf_moe). Those classes are dropless, so a model
+trained with an expert capacity (model.moe.dropless=false) is compared as our model computes without
+one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,7 +66,10 @@ class Verification:
 
 
 def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]]) -> Transformer:
-    """Our plain model holding exactly `tensors` (plain names, unpadded vocabulary), in fp32."""
+    """Our plain model holding exactly `tensors` (plain names, unpadded vocabulary, routers' buffers
+    included), in fp32; a mixture of experts without a capacity (as every Hugging Face class)."""
+    if cfg.moe.enabled and not cfg.moe.dropless:
+        cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, dropless=True, capacity_factor=None))
     with torch.device("meta"):
         model = Transformer(cfg, padded_vocab_size=cfg.vocab_size)
     state = {name: tensor.float() for name, tensor in tensors}
@@ -95,6 +105,37 @@ def _hf_layer_outputs(hf: Any, tokens: torch.Tensor) -> list[torch.Tensor]:
     return [*captured, logits]
 
 
+def _bad_part(model: Transformer, hf: Any, tokens: torch.Tensor, index: int) -> str:
+    """Which of block `index`'s attention and MLP differs first (each seeing its own model's input)."""
+    ours: Any = model.blocks[index]
+    theirs = hf.model.layers[index]
+    pairs = [("attention", ours.attn, theirs.self_attn, "self_attn"), ("MLP", ours.mlp, theirs.mlp, "mlp")]
+    moe = "mixture-of-experts block" if ours.mlp.__class__.__name__ == "MixtureOfExperts" else "dense MLP"
+    for what, a, b, hf_name in pairs:
+        got = _outputs_of({"ours": a, "theirs": b}, lambda: (model(tokens), hf(tokens, use_cache=False)))
+        diff = (got["ours"] - got["theirs"]).abs().max().item()
+        if diff > LOGIT_TOLERANCE * max(1.0, got["ours"].abs().max().item()):
+            label = moe if what == "MLP" else what
+            return f", in its {label} (HF model.layers.{index}.{hf_name}; max |diff| {diff:.3g})"
+    return ""
+
+
+def _outputs_of(modules: dict[str, nn.Module], run: Any) -> dict[str, torch.Tensor]:
+    """The output of each of `modules` during `run()`."""
+    got: dict[str, torch.Tensor] = {}
+
+    def hook(key: str) -> Any:
+        return lambda _m, _a, out: got.setdefault(key, out[0] if isinstance(out, tuple) else out)
+
+    handles = [m.register_forward_hook(hook(key)) for key, m in modules.items()]
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return got
+
+
 def _first_bad_layer(ours: list[torch.Tensor], theirs: list[torch.Tensor], names: list[str]) -> str | None:
     for name, a, b in zip(names, ours, theirs, strict=True):
         diff = (a - b).abs().max().item()
@@ -117,9 +158,9 @@ def _greedy(model: Transformer, prompt: torch.Tensor, steps: int) -> tuple[torch
 @torch.no_grad()
 def verify_export(folder: Path, model: Transformer, seed: int = 0) -> Verification:
     """Compare the export in `folder` with `model` (see `build_model`) on fixed inputs."""
-    from transformers import GenerationConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
-    hf = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     cfg = model.cfg
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, cfg.vocab_size, SAMPLE_SHAPE, generator=generator)
@@ -142,6 +183,8 @@ def verify_export(folder: Path, model: Transformer, seed: int = 0) -> Verificati
     )
     logits_ok = max_diff <= LOGIT_TOLERANCE * scale
     bad_layer = None if logits_ok else _first_bad_layer(ours, theirs, names)
+    if bad_layer is not None and bad_layer.startswith("blocks."):
+        bad_layer += _bad_part(model, hf, tokens, int(bad_layer.split(".")[1].split(" ")[0]))
 
     prompt = tokens[:1, :PROMPT_TOKENS]
     our_tokens, our_step_logits = _greedy(model, prompt, GENERATED_TOKENS)
