@@ -8,8 +8,9 @@ left out) and deepseek-ai/DeepSeek-V3's config.json; Kimi Team 2025, "Kimi K2: O
 (arXiv:2507.20534, table 2: 1.04T total, 32.6B activated) and moonshotai/Kimi-K2-Base's config.json.
 
 The original architectures are counted here from their config.json values by formulas of their own
-(multi-head latent attention, DeepSeek-style MoE), independent of pretrain/model/flops.py. Published
-headline figures are rounded; where the original model's own count misses its headline by more than 1%
+(multi-head latent attention, DeepSeek-style MoE), independent of pretrain/model/flops.py, and those
+formulas are checked against Hugging Face's implementations of the three models (on the meta device).
+Published headline figures are rounded; where the original model's own count misses its headline by more than 1%
 (KNOWN_GAPS) we test against the original count and say by how much the headline is off.
 """
 
@@ -44,19 +45,22 @@ HF_CONFIGS = {
     "qwen3-30b-a3b": dict(
         vocab_size=151936, hidden_size=2048, num_hidden_layers=48, num_attention_heads=32,
         num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
-        moe_intermediate_size=768, tie_word_embeddings=False,
+        moe_intermediate_size=768, tie_word_embeddings=False, intermediate_size=6144,
+        decoder_sparse_step=1, mlp_only_layers=[],
     ),
     "deepseek-v3-671b": dict(
         vocab_size=129280, hidden_size=7168, num_hidden_layers=61, num_attention_heads=128,
         q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
         intermediate_size=18432, moe_intermediate_size=2048, first_k_dense_replace=3,
         n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8,
+        num_key_value_heads=128, n_group=8, topk_group=4, tie_word_embeddings=False,
     ),
     "kimi-k2-1t": dict(
         vocab_size=163840, hidden_size=7168, num_hidden_layers=61, num_attention_heads=64,
         q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
         intermediate_size=18432, moe_intermediate_size=2048, first_k_dense_replace=1,
         n_routed_experts=384, n_shared_experts=1, num_experts_per_tok=8,
+        num_key_value_heads=64, n_group=1, topk_group=1, tie_word_embeddings=False,
     ),
 }  # fmt: skip
 
@@ -104,6 +108,25 @@ def original_counts(preset: str) -> tuple[int, int]:
     common = layers * (attention + 2 * d) + dense * swiglu * hf["intermediate_size"] + 2 * vocab * d + d
     common += moe * (routed * d + shared * swiglu * width)  # routers and shared experts
     return common + moe * routed * swiglu * width, common + moe * top_k * swiglu * width
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_original_counts_are_hugging_faces_models(preset):
+    """The formulas above against the original models as Hugging Face's transformers implements them
+    (Qwen3MoeForCausalLM, DeepseekV3ForCausalLM: Kimi K2 is DeepSeek-V3's architecture), built on the
+    meta device from the same config.json values: the same number of trained parameters."""
+    transformers = pytest.importorskip("transformers")
+    name = "Qwen3MoeConfig" if preset.startswith("qwen3") else "DeepseekV3Config"
+    if not hasattr(transformers, name):
+        pytest.skip(f"transformers {transformers.__version__} has no {name}")
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(
+            getattr(transformers, name)(**HF_CONFIGS[preset])
+        )
+    # Some transformers versions hold the routers' score-correction bias as a parameter, others
+    # (5.x) as a buffer; it is not trained by the gradient, and both counts here leave it out.
+    trained = (p.numel() for n, p in model.named_parameters() if not n.endswith("e_score_correction_bias"))
+    assert sum(trained) == original_counts(preset)[0]
 
 
 def preset_cluster(preset: str) -> tuple[int, int, str]:
