@@ -30,7 +30,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         )
         p.add_argument("--config", help="the run's config.yaml (default: RUN_DIR/config.yaml)")
 
-    to_hf = commands.add_parser("to-hf", help="export to a Hugging Face Llama folder, verified")
+    to_hf = commands.add_parser(
+        "to-hf",
+        help="export to a Hugging Face folder (Llama, Qwen3, Qwen3-MoE, Mixtral or Glm4Moe class), verified",
+    )
     checkpoint_args(to_hf)
     to_hf.add_argument("--output", required=True, help="folder to create")
     to_hf.add_argument(
@@ -55,9 +58,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     checkpoint_args(verify)
     verify.add_argument("--hf", required=True, help="the folder to-hf wrote")
 
-    from_hf = commands.add_parser("from-hf", help="import a Hugging Face Llama folder to train from")
+    from_hf = commands.add_parser("from-hf", help="import a Hugging Face folder to train from")
     from_hf.add_argument(
-        "--model", required=True, help="a LlamaForCausalLM folder (config.json + safetensors)"
+        "--model",
+        required=True,
+        help="a Llama, Qwen3, Qwen3-MoE, Mixtral or Glm4Moe folder (config.json + safetensors)",
     )
     from_hf.add_argument("--output", required=True, help="folder to create; use as checkpoint.init_weights")
     from_hf.add_argument(

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from pretrain.convert.hf import DTYPE_NAMES, hf_config, model_config_from_hf, to_hf_name
-from pretrain.convert.hf_moe import Family, export_family, hf_entries, nonzero_bias_problem
+from pretrain.convert.hf_moe import REFUSED, Family, export_family, hf_entries, nonzero_bias_problem
 from pretrain.convert.import_hf import from_hf, training_overrides
 from pretrain.convert.output import Report, _fresh_output, _move_into_place, _Progress
 from pretrain.convert.source import Weights, open_weights
@@ -202,10 +202,7 @@ def _checked(
     """The stream, refused where a router's balancing bias would be lost (a softmax-routed class has none)."""
     for name, tensor in tensors:
         if name.endswith(".expert_bias") and not family.router_bias and tensor.any():
-            raise ConversionError(
-                f"no Hugging Face class computes this mixture of experts exactly; nothing was written:\n"
-                f"  - {name} is not zero: {nonzero_bias_problem()}"
-            )
+            raise ConversionError(f"{REFUSED}:\n  - {name} is not zero: {nonzero_bias_problem()}")
         yield name, tensor
 
 

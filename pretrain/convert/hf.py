@@ -141,7 +141,7 @@ def model_config_from_hf(config: dict[str, Any], where: str) -> ModelConfig:
     if problems:
         raise ConversionError(f"{where} cannot be converted:\n" + "\n".join(f"  - {p}" for p in problems))
     fields.setdefault("ffn_hidden_size", config["intermediate_size"])
-    return ModelConfig(
+    cfg = ModelConfig(
         vocab_size=config["vocab_size"],
         hidden_size=hidden,
         num_layers=config["num_hidden_layers"],
@@ -154,3 +154,8 @@ def model_config_from_hf(config: dict[str, Any], where: str) -> ModelConfig:
         init_std=float(config.get("initializer_range", 0.02)),
         **fields,
     )
+    if cfg.problems():  # e.g. an MoE config with no experts, or top_k above their number
+        raise ConversionError(
+            f"{where} cannot be converted:\n" + "\n".join(f"  - {p}" for p in cfg.problems())
+        )
+    return cfg

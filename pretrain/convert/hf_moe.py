@@ -27,6 +27,10 @@ from pretrain.config.moe import MoEConfig
 from pretrain.convert.hf import to_hf_name
 from pretrain.errors import ConversionError
 
+REFUSED = (
+    "no Hugging Face class computes this mixture-of-experts model exactly; nothing was written "
+    "(`python -m pretrain.convert to-fp32` consolidates it into this framework's own weights)"
+)
 # DeepSeek-V3's own class, and the others built on multi-head latent attention.
 MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "kimi_k2", "glm4_moe_lite")
 MLA_REASON = (
@@ -78,7 +82,7 @@ def export_family(cfg: ModelConfig, expert_bias_moves: bool = False) -> Family:
         if moe.num_experts < 2:
             _refuse(
                 ["Glm4MoeForCausalLM ranks expert groups by their top-2 scores: it needs at least 2 "
-                 "experts (model.moe.num_experts is 1)"], "this mixture of experts cannot be exported",
+                 "experts (model.moe.num_experts is 1)"], REFUSED,
             )  # fmt: skip
         return FAMILIES["glm4_moe"]
     problems = softmax_problems(moe, expert_bias_moves)
@@ -89,7 +93,7 @@ def export_family(cfg: ModelConfig, expert_bias_moves: bool = False) -> Family:
             f"normalize_top_k {str(moe.normalize_top_k).lower()}); with model.qk_norm=true it would be "
             "Qwen3MoeForCausalLM, which has both"
         )
-    _refuse(problems, "no Hugging Face class computes this mixture of experts exactly; nothing was written")
+    _refuse(problems, REFUSED)
     return FAMILIES["qwen3_moe" if cfg.qk_norm else "mixtral"]
 
 
@@ -229,6 +233,15 @@ def moe_fields_from_hf(family: Family, config: dict[str, Any], problems: list[st
     return _glm4_moe(config, layers, problems)
 
 
+def _num_experts(config: dict[str, Any]) -> int:
+    """Routed experts, under any of the names the classes use (transformers 5 saves Qwen3-MoE's
+    num_experts as num_local_experts)."""
+    for key in ("num_experts", "num_local_experts", "n_routed_experts"):
+        if isinstance(config.get(key), int):
+            return int(config[key])
+    return 0
+
+
 def _no_sliding_window(config: dict[str, Any], problems: list[str]) -> None:
     if config.get("use_sliding_window"):
         problems.append("use_sliding_window is true; our attention is full causal attention")
@@ -243,7 +256,7 @@ def _qwen3_moe(config: dict[str, Any], layers: int, problems: list[str]) -> MoEC
             "the first model.moe.first_dense_layers blocks, with at least one MoE block after them"
         )
     return MoEConfig(
-        num_experts=config.get("num_experts", 0), top_k=config.get("num_experts_per_tok", 1),
+        num_experts=_num_experts(config), top_k=config.get("num_experts_per_tok", 1),
         expert_ffn_hidden_size=config.get("moe_intermediate_size"), first_dense_layers=len(dense),
         normalize_top_k=bool(config.get("norm_topk_prob", False)),
     )  # fmt: skip
@@ -267,7 +280,7 @@ def _glm4_moe(config: dict[str, Any], layers: int, problems: list[str]) -> dict[
     if first >= layers:
         problems.append(f"first_k_dense_replace {first} leaves no MoE block of {layers}")
     moe = MoEConfig(
-        num_experts=config.get("n_routed_experts", 0), top_k=config.get("num_experts_per_tok", 1),
+        num_experts=_num_experts(config), top_k=config.get("num_experts_per_tok", 1),
         expert_ffn_hidden_size=config.get("moe_intermediate_size"), num_shared_experts=config.get("n_shared_experts", 0),
         first_dense_layers=first, score_func="sigmoid", normalize_top_k=bool(config.get("norm_topk_prob", True)),
         route_scale=float(config.get("routed_scaling_factor", 1.0)),
