@@ -223,6 +223,25 @@ def test_hugging_face_moe_to_ours_to_hugging_face_is_bitwise(kind, tmp_path):
     assert ours["blocks.1.mlp.router.expert_bias"].any() == (kind == "glm4_moe")
 
 
+@pytest.mark.parametrize("kind", HF_KINDS)
+def test_a_folder_with_fused_3d_experts_imports_the_same_weights(kind, tmp_path):
+    """transformers 5's in-memory layout (experts.gate_up_proj, experts.down_proj; Mixtral's router as
+    mlp.gate), saved as is: the same consolidated weights as the Hub's per-expert names give."""
+    model = save_hf_moe_model(kind, tmp_path / "hub")
+    fused = tmp_path / "fused"
+    model.config.save_pretrained(fused)
+    state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+    assert "model.layers.1.mlp.experts.gate_up_proj" in state
+    save_file(state, fused / "model.safetensors", metadata={"format": "pt"})
+    commands.from_hf(tmp_path / "hub", tmp_path / "a")
+    commands.from_hf(fused, tmp_path / "b")
+    a, b = (
+        dict(ConsolidatedWeights(tmp_path / "a").items()),
+        dict(ConsolidatedWeights(tmp_path / "b").items()),
+    )
+    assert sorted(a) == sorted(b) and all(torch.equal(a[name], b[name]) for name in a)
+
+
 @SLOW
 @pytest.mark.parametrize("kind", HF_KINDS)
 def test_training_from_an_imported_moe_at_ep2_starts_from_its_loss(kind, tmp_path):

@@ -13,7 +13,7 @@ import torch
 
 from pretrain.config import ModelConfig
 from pretrain.convert.hf import IGNORED_HF_TENSORS, model_config_from_hf
-from pretrain.convert.hf_moe import Entry, family_of_hf, hf_entries
+from pretrain.convert.hf_moe import Entry, Family, family_of_hf, hf_entries
 from pretrain.convert.output import Report, _fresh_output, _move_into_place, _Progress
 from pretrain.errors import ConversionError
 from pretrain.model.names import stored_shapes
@@ -34,7 +34,7 @@ def from_hf(
     cfg = model_config_from_hf(hf, str(folder))
     family = family_of_hf(hf, [])
     assert family is not None  # model_config_from_hf refused anything else
-    hf_tensors = _HFTensors(folder, allow_pickle)
+    hf_tensors = _FusedExperts(_HFTensors(folder, allow_pickle), family)
     sources = {n: hf_entries(family, cfg, n, tuple(s)) for n, s in stored_shapes(cfg).items()}
     dropped = _check_hf_tensors(folder, cfg, sources, hf_tensors, hf)
     output = Path(output)
@@ -63,7 +63,7 @@ def from_hf(
 
 
 def _write(
-    folder: Path, tmp: Path, cfg: ModelConfig, sources: dict[str, list[Entry]], hf_tensors: _HFTensors,
+    folder: Path, tmp: Path, cfg: ModelConfig, sources: dict[str, list[Entry]], hf_tensors: _FusedExperts,
     provenance: dict[str, Any],
 ) -> None:  # fmt: skip
     from pretrain.convert.tokenizer import HF_TOKENIZER_FILES
@@ -77,7 +77,7 @@ def _write(
     (tmp / "model_config.json").write_text(model_config_to_json(cfg) + "\n")
 
 
-def _assemble(entries: list[Entry], tensors: _HFTensors, shape: tuple[int, ...]) -> torch.Tensor:
+def _assemble(entries: list[Entry], tensors: _FusedExperts, shape: tuple[int, ...]) -> torch.Tensor:
     """One of our tensors from its Hub tensors: itself, or one per expert stacked; a router bias the
     class does not have is zero (its routing is the bias-free one)."""
     entries = [e for e in entries if e[2] != "empty"]
@@ -166,9 +166,69 @@ class _HFTensors:
             return self._pickled[name].float()
         return self._files[self._where[name]].get_tensor(name).float()
 
+    def get_row(self, name: str, index: int) -> torch.Tensor:
+        """`name`[index], reading only that slice from a safetensors file."""
+        if self._pickled:
+            return self._pickled[name][index].float()
+        return self._files[self._where[name]].get_slice(name)[index].float()
+
+
+_FUSED = re.compile(r"(model\.layers\.\d+)\.mlp\.experts\.(gate_up_proj|down_proj)")
+_FUSED_ROUTER = re.compile(r"(model\.layers\.\d+)\.mlp\.(gate\..+)")
+
+
+class _FusedExperts:
+    """A folder's tensors under the Hub's per-expert names, also where it holds transformers 5's
+    in-memory layout: 3-D `mlp.experts.gate_up_proj` (experts, 2 x width, hidden; gate rows, then up)
+    and `mlp.experts.down_proj`, and Mixtral's router as `mlp.gate`."""
+
+    def __init__(self, tensors: _HFTensors, family: Family):
+        self._tensors = tensors
+        self._parts: dict[str, tuple[str, int, slice | None]] = {}  # name -> fused name, expert, rows
+        self._renamed: dict[str, str] = {}
+        for name in sorted(tensors.names):
+            match = _FUSED.fullmatch(name)
+            if match:
+                self._split(name, f"{match.group(1)}.{family.moe_module}.experts", match.group(2), family)
+        for name in sorted(tensors.names) if self._parts and family.moe_module != "mlp" else []:
+            if match := _FUSED_ROUTER.fullmatch(name):
+                self._renamed[f"{match.group(1)}.{family.moe_module}.{match.group(2)}"] = name
+        fused = {fused for fused, _, _ in self._parts.values()}
+        self.names = (
+            (tensors.names - fused - set(self._renamed.values())) | set(self._parts) | set(self._renamed)
+        )
+
+    def _split(self, name: str, prefix: str, kind: str, family: Family) -> None:
+        experts, rows = self._tensors.shape(name)[:2]
+        gate, up, down = family.experts
+        for e in range(experts):
+            if kind == "down_proj":
+                self._parts[f"{prefix}.{e}.{down}.weight"] = (name, e, None)
+            else:
+                self._parts[f"{prefix}.{e}.{gate}.weight"] = (name, e, slice(0, rows // 2))
+                self._parts[f"{prefix}.{e}.{up}.weight"] = (name, e, slice(rows // 2, rows))
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name not in self._parts:
+            return self._tensors.shape(self._renamed.get(name, name))
+        fused, _, rows = self._parts[name]
+        shape = self._tensors.shape(fused)[1:]
+        return shape if rows is None else (rows.stop - rows.start, *shape[1:])
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._parts:
+            return self._tensors.get(self._renamed.get(name, name))
+        fused, expert, rows = self._parts[name]
+        value = self._tensors.get_row(fused, expert)
+        return value if rows is None else value[rows].contiguous()
+
 
 def _check_hf_tensors(
-    folder: Path, cfg: ModelConfig, sources: dict[str, list[Entry]], tensors: _HFTensors, hf: dict[str, Any]
+    folder: Path,
+    cfg: ModelConfig,
+    sources: dict[str, list[Entry]],
+    tensors: _FusedExperts,
+    hf: dict[str, Any],
 ) -> list[str]:
     """Every tensor the model needs is there with its shape; nothing else is (R2.4: no silent loss),
     but for the multi-token-prediction layers after the last block (returned: dropped)."""
