@@ -292,17 +292,7 @@ def _stage_memory(
     accumulate = cfg.train.grad_accum_dtype
     states = model_state_bytes(par.zero_stage, dp, precision, accumulate)
     expert_states = model_state_bytes(par.zero_stage, edp, precision, accumulate)
-    working = max(
-        act.loss_working_bytes(shape) if stage == par.pp - 1 else 0.0,
-        act.block_working_bytes(shape) if dense_blocks else 0.0,
-        act.block_working_bytes(shape, moe=True) if moe_blocks else 0.0,
-    )
-    if dense_blocks or moe_blocks:  # the block being recomputed (the larger kind)
-        working += max(
-            act.block_bytes(shape, "none", kind) - act.block_bytes(shape, mode, kind)
-            for kind, n in ((False, dense_blocks), (True, moe_blocks))
-            if n
-        )
+    working = _working(shape, stage == par.pp - 1, (dense_blocks, moe_blocks), mode)
 
     def state(field: str) -> int:
         dense_bytes, expert_bytes = getattr(states, field), getattr(expert_states, field)
@@ -326,6 +316,20 @@ def _stage_memory(
         step_extra=int(_step_extra(cfg, params, moe.partition(params, experts, dp, edp), p, runtime, a)),
         construction=int(_construction(cfg, indices, params, dp, p)),
     )
+
+
+def _working(shape: act.ActivationShape, last: bool, kinds: tuple[int, int], mode: str) -> float:
+    """Short-lived in a backward pass: the loss's or a block's gradients (the larger), plus, with
+    recomputation, the block being recomputed (of the larger kind, dense or MoE)."""
+    present = [moe_kind for moe_kind, n in zip((False, True), kinds, strict=True) if n]
+    working = max(
+        [act.loss_working_bytes(shape) if last else 0.0]
+        + [act.block_working_bytes(shape, moe=kind) for kind in present]
+    )
+    recomputed = [
+        act.block_bytes(shape, "none", kind) - act.block_bytes(shape, mode, kind) for kind in present
+    ]
+    return working + max(recomputed, default=0.0)
 
 
 def _blocks_bytes(shape: act.ActivationShape, mode: str, indices: list[int], cfg: Config) -> float:
