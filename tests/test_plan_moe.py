@@ -93,6 +93,22 @@ def test_all_to_all_bytes_and_time_by_hand():
     assert no_ep.all_to_all_s == 0.0
 
 
+def test_expert_gradients_and_weights_go_over_the_expert_data_parallel_ranks():
+    """bf16 ZeRO-1 under a pipeline (no overlap): per step one reduce-scatter of the gradients and one
+    all-gather of the weights, 2 bytes each. 8 ranks = pp 2 x dp 4, ep 2: the dense part over 4 ranks,
+    the experts over dp/ep = 2, one collective each, within 4 consecutive ranks (NVLink, 10 us).
+    The larger stage (blocks 2-3, norm, head) holds 518,784 parameters, 2 x 294,912 / 2 of them experts."""
+    cfg = tiny_moe(
+        8, "parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=2", "train.grad_accum_dtype=bf16"
+    )
+    experts, params = ROUTED_PER_BLOCK, 518_784
+    assert (rank_parameters(cfg)[1], rank_expert_parameters(cfg)[1]) == (params, experts)
+    bandwidth, latency = 450e9 * 0.8, 10e-6
+    one_pass = 2 * latency + (3 / 4 * 2 * (params - experts) + 1 / 2 * 2 * experts) / bandwidth
+    step = plan_layout(cfg, make_cluster(1, 8, "h100-80gb")).step
+    assert step.data_parallel_s == pytest.approx(2 * one_pass, rel=1e-12)
+
+
 def test_routed_expert_flops_are_not_split_over_tensor_parallel_ranks():
     """Every TP rank runs the routed experts of its (identical) tokens: their 3 x 2 x k x 3 d g =
     18 x 2 x 128 x 96 FLOPs per token and block stay whole, the rest of the block is split."""
