@@ -34,8 +34,10 @@ Step time (pretrain.plan.performance):
                  exchanges the per-expert counts first (latency only). Over the EP group: ep
                  data-parallel ranks tp apart, on NVLink when they fit in a node, else at the network's
                  bandwidth (all of the traffic, a bound: the share that stays in a node is faster).
-                 Synchronous, on the critical path, like the tensor-parallel collectives. Imbalance is
-                 ignored: the busiest rank of a skewed routing receives more and the others wait.
+                 Synchronous, on the critical path, like the tensor-parallel collectives, and not
+                 hidden behind host time either (the host reads the counts before it sends the tokens).
+                 Imbalance is ignored: the busiest rank of a skewed routing receives more and the
+                 others wait.
   data-parallel  gradients of the dense part reduced (and weights gathered) over dp ranks, of the
                  routed experts over the dp/ep expert-data-parallel ranks, one after the other.
 """
