@@ -30,15 +30,19 @@ VARIANTS = {
         "model.moe.bias_update_rate=0.01",
         "model.qk_norm=true",
     ],
+    # MixtralForCausalLM: softmax, no QK-norm, every block an MoE one (one process and EP2 x TP2 only).
+    "mixtral": [*MOE, "model.moe.first_dense_layers=0"],
 }
 FOUR_BLOCKS = ["model.num_layers=4"]  # under EP x PP every stage needs an MoE block
 LAYOUTS = {
     # name: (processes, overrides)
     "one": (1, []),
     "ep2": (2, ["parallel.ep=2"]),
-    "ep2-zero2": (2, ["parallel.ep=2", "parallel.zero_stage=2"]),
+    # bf16: the export is bf16 (the router bias stays fp32), the masters come from ZeRO-2's partitions.
+    "ep2-zero2-bf16": (2, ["parallel.ep=2", "parallel.zero_stage=2", "train.precision=bf16"]),
     "ep2-tp2": (4, ["parallel.ep=2", "parallel.tp=2"]),
     "ep2-pp2": (4, ["parallel.ep=2", "parallel.pp=2", *FOUR_BLOCKS]),
+    "ep4": (4, ["parallel.ep=4"]),  # one expert per rank (Glm4Moe only: tests/test_convert_moe.py)
 }
 VOCAB = 320
 
