@@ -148,17 +148,28 @@ def test_bf16_zero1_with_fp32_accumulation_counts_deepspeeds_whole_fp32_gradient
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("kv_heads", [4, 2])
-def test_block_activation_bytes_equal_what_autograd_saves(dtype, kv_heads):
+@pytest.mark.parametrize(
+    ("kv_heads", "head_dim", "qk_norm"), [(4, None, False), (2, None, False), (2, 48, True)]
+)
+def test_block_activation_bytes_equal_what_autograd_saves(dtype, kv_heads, head_dim, qk_norm):
     """The 'none' formula against the bytes autograd keeps for a real decoder block on this CPU
-    (every saved tensor's storage once; the weights and the shared rotary tables are not activations)."""
+    (every saved tensor's storage once; the weights and the shared rotary tables are not activations),
+    also with heads wider than hidden / heads and Qwen3's per-head query/key norms."""
     from pretrain.model.layers import DecoderBlock, rotary_tables
 
-    cfg = Config(model=ModelConfig(hidden_size=128, num_heads=4, num_kv_heads=kv_heads, ffn_hidden_size=352))
+    model = ModelConfig(
+        hidden_size=128,
+        num_heads=4,
+        num_kv_heads=kv_heads,
+        ffn_hidden_size=352,
+        head_dim=head_dim,
+        qk_norm=qk_norm,
+    )
+    cfg = Config(model=model)
     cfg.train.micro_batch_size, cfg.train.seq_len = 2, 64
     block = DecoderBlock(cfg.model).to(dtype)
     x = torch.randn(2, 64, 128, dtype=dtype, requires_grad=True)
-    tables = rotary_tables(32, 64, cfg.model.rope_theta, x.device)  # cached: the block's own tables
+    tables = rotary_tables(model.head_size, 64, cfg.model.rope_theta, x.device)  # cached: the block's own
     excluded = {t.untyped_storage().data_ptr() for t in (*block.parameters(), *tables)}
     saved: dict[int, int] = {}
 

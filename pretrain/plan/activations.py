@@ -12,7 +12,10 @@ decoder block, no recomputation
                        With sequence parallelism the norm sees N / t positions, and each column-parallel
                        linear saves its own all-gathered input instead: 3 p N d (q, k, v) + 2 p N d
                        (gate, up)
-    attention          rotated q and k, v, the output, the log-sum-exp: p N (2q + 2k) / t + 4 N heads / t
+    attention          rotated q and k, v, the output, the log-sum-exp: p N (2q + 2k) / t + 4 N heads / t;
+                       with model.qk_norm the per-head norms of q and k keep the fp32 copy of their input
+                       and the normalized values, (4 + p) N (q + k) / t, and 1 / rms per head and
+                       position, 4 N (heads + kv_heads) / t
                        (o_proj's input is the output itself: the flash kernels return it laid out
                        (batch, seq, heads, dim), so reshaping the heads back is a view)
     SwiGLU             gate, silu(gate), up, their product: 4 p N f / t
@@ -114,6 +117,7 @@ class ActivationShape:
     dtype_bytes: int  # p
     attention_output_saved: bool  # whether selective recomputation caches the attention output
     moe: ExpertShape | None = None  # the MoE blocks' MLP, when the model has any
+    qk_norm_heads: int = 0  # heads + kv_heads with model.qk_norm (their per-head norms), else 0
 
     @classmethod
     def of(cls, cfg: Config, dtype_bytes: int, attention_output_saved: bool) -> ActivationShape:
@@ -132,6 +136,7 @@ class ActivationShape:
             dtype_bytes=dtype_bytes,
             attention_output_saved=attention_output_saved,
             moe=ExpertShape.of(cfg),
+            qk_norm_heads=m.num_heads + m.kv_heads if m.qk_norm else 0,
         )
 
     @property
@@ -165,6 +170,8 @@ def block_bytes(s: ActivationShape, mode: str, moe: bool = False) -> float:
         return kept + (_moe_selective(s) if moe else p * n * d + 2 * p * n * s.ffn / t)
     assert mode == "none", mode
     attention = p * n * (s.q_width + 2 * s.kv_width) / t + _attention_output(s)
+    if s.qk_norm_heads:
+        attention += ((4 + p) * n * (s.q_width + s.kv_width) + 4 * n * s.qk_norm_heads) / t
     mlp = _moe_mlp(s) if moe else 4 * p * n * s.ffn / t
     return _norm(s, 3) + _norm(s, 2) + attention + mlp
 
