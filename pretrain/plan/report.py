@@ -39,6 +39,7 @@ def _memory_lines(plan: Plan) -> list[str]:
     dp, zero, edp = plan.layout()["dp"], plan.cfg.parallel.zero_stage, plan.layout()["expert_data_parallel"]
     by_mode = ", ".join(f"{m} {v / GiB:.2f}" for m, v in s.activations_by_mode.items())
     over = f"{dp} (experts {edp})" if s.expert_parameters else f"{dp}"
+    exchange = ", all-to-all buffers" if plan.cfg.parallel.ep > 1 else ""
     rows = [
         (f"weights ({mem.precision})", s.weights),
         (f"gradients ({_gradient_dtypes(plan)})", s.gradients),
@@ -46,7 +47,7 @@ def _memory_lines(plan: Plan) -> list[str]:
         (f"activations ({s.in_flight} micro-batch(es) in flight, {plan.layout()['activation_checkpointing']})", s.activations),
         ("pipeline buffers (1F1B inputs and outputs)", s.pipeline_buffers),
         ("communication buffers (DeepSpeed gradient buckets, ZeRO-3 gathers)", s.communication_buffers),
-        ("backward working memory (loss, recomputed block)", s.working),
+        (f"backward working memory (loss, recomputed block{exchange})", s.working),
     ]  # fmt: skip
     stage = f"stage {s.stage} of {len(mem.stages)}" if len(mem.stages) > 1 else "one stage"
     held = f", {s.expert_parameters:,} of them routed experts" if s.expert_parameters else ""
