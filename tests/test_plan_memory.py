@@ -9,7 +9,9 @@ activations.py). What it leaves out on a CPU is small: Python objects, the autog
 bookkeeping, page rounding.
 
 The tiny preset's peak is activation-bound (the backward pass), the ~90M model's optimizer-bound
-(the optimizer step), so both halves of the model are checked.
+(the optimizer step), so both halves of the model are checked. The mixture-of-experts preset
+(configs/tiny-moe.yaml, ep 1) checks the MoE blocks' terms: router, permuted tokens, experts; its
+expert-parallel split is checked on a real two-rank engine by tests/test_plan_moe.py.
 """
 
 from __future__ import annotations
@@ -22,11 +24,10 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.config import load_config
+from plan_memory_probe import load_case
 from pretrain.plan.memory import CPU, estimate_memory
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "configs" / "tiny.yaml"
 PROBE = Path(__file__).resolve().parent / "plan_memory_probe.py"
 TOLERANCE = 0.15  # the issue's bar
 
@@ -50,6 +51,10 @@ CASES = {
     "tiny-full": ["parallel.activation_checkpointing=full"],
     "100m": MODEL_100M,
     "100m-zero3": [*MODEL_100M, "parallel.zero_stage=3"],
+    **{
+        f"tiny-moe-{mode}": ["config=configs/tiny-moe.yaml", f"parallel.activation_checkpointing={mode}"]
+        for mode in ("none", "selective", "full")
+    },
 }
 
 
@@ -74,7 +79,7 @@ def measured() -> dict[str, int]:
 
 
 def estimated_peak(overrides: list[str]) -> tuple[int, str]:
-    cfg = load_config(TINY, [*overrides, "train.precision=fp32"], world_size=1)
+    cfg = load_case(overrides)  # the probe's own config of the case
     plan = estimate_memory(cfg, world_size=1, capacity=2**40, runtime=CPU)
     return plan.worst.peak, plan.worst.peak_phase
 
@@ -109,3 +114,13 @@ def test_100m_model_zero3_peak_matches_estimate(measured):
         estimate,
         measured["100m-zero3"],
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["none", "selective", "full"])
+def test_tiny_moe_preset_peak_matches_estimate(measured, mode):
+    # Micro-batch 4 x accumulation 4, 3 MoE blocks of 8 experts (top-2) and a shared one, ZeRO-1.
+    case = f"tiny-moe-{mode}"
+    estimate, phase = estimated_peak(CASES[case])
+    assert phase == "backward"  # activation-bound
+    assert abs(estimate - measured[case]) <= TOLERANCE * measured[case], (estimate, measured[case])
