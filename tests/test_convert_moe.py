@@ -203,6 +203,7 @@ def test_command_line_verify_of_a_damaged_moe_export_exits_1_naming_the_block(tr
     done = run_cli("to-hf", "--checkpoint", run_dir, "--output", tmp_path / "hf")
     assert done.returncode == 0, done.stderr
     assert "class: Glm4MoeForCausalLM" in done.stdout and "verification passed" in done.stdout
+    assert "not DeepseekV3ForCausalLM, whose multi-head latent attention ours is not" in done.stdout
     weights = load_file(tmp_path / "hf" / "model.safetensors")
     a, b = (f"model.layers.1.mlp.experts.{e}.down_proj.weight" for e in (2, 3))
     weights[a], weights[b] = weights[b], weights[a]
@@ -404,6 +405,12 @@ def test_from_hf_refuses_every_unmappable_moe_feature_at_once(tmp_path):
     assert "use_sliding_window is true" in message and not (tmp_path / "init").exists()
 
     save_hf_moe_model("mixtral", tmp_path / "mixtral")
+    config_file = tmp_path / "mixtral" / "config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "sliding_window": 32}))
+    with pytest.raises(ConversionError, match="sliding_window is 32; our attention is full causal"):
+        commands.from_hf(tmp_path / "mixtral", tmp_path / "init")
+    config_file.write_text(json.dumps(config))
     weights = load_file(tmp_path / "mixtral" / "model.safetensors")
     del weights["model.layers.1.block_sparse_moe.experts.3.w2.weight"]
     save_file(weights, tmp_path / "mixtral" / "model.safetensors", metadata={"format": "pt"})

@@ -73,6 +73,11 @@ def to_hf(
     try:
         report = Report(output, [], dict(weights.provenance))
         report.notes.append(f"class: {family.architecture}")
+        if family.router_bias:
+            report.notes.append(
+                "(DeepSeek-V3's router and MoE block; not DeepseekV3ForCausalLM, whose multi-head latent "
+                "attention ours is not: docs/CONVERT.md)"
+            )
         # Tokenizer first: its vocabulary is checked against the model before anything big is written.
         if weights.config is not None:
             source = run_tokenizer(weights.config, tokenizer)
