@@ -338,7 +338,9 @@ def test_a_capacity_model_exports_verified_as_dropless(tmp_path):
     cfg = small_moe(qk_norm=True, moe={"dropless": False, "capacity_factor": 1.0})
     report = commands.to_hf(random_consolidated(tmp_path / "w.safetensors", cfg), tmp_path / "hf")
     assert report.verification.passed
-    assert any("dropless=false: the Hugging Face class is dropless" in note for note in report.notes)
+    assert any(
+        "dropless=false: the Hugging Face class is dropless (no capacity)" in note for note in report.notes
+    )
 
 
 @pytest.mark.parametrize(

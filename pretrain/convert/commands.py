@@ -105,12 +105,12 @@ def to_hf(
         report.provenance = provenance
         report.files = names
 
+        if model.moe.enabled and not model.moe.dropless:
+            report.notes.append(
+                "dropless=false: the Hugging Face class is dropless (no capacity); verification compares our "
+                "model computing every (token, expert) pair, as it does at inference without a capacity"
+            )
         if verify:
-            if model.moe.enabled and not model.moe.dropless:
-                report.notes.append(
-                    "dropless=false: the Hugging Face class is dropless (no capacity); verified against our "
-                    "model computing every (token, expert) pair, as it does at inference without a capacity"
-                )
             result = _verify(tmp, weights, out_dtype)
             report.verification = result
             if not result.passed:

@@ -198,7 +198,7 @@ def family_of_hf(config: dict[str, Any], problems: list[str]) -> Family | None:
     model_type = config.get("model_type")
     architectures = config.get("architectures") or []
     for family in FAMILIES.values():
-        if model_type == family.model_type or (model_type is None and family.architecture in architectures):
+        if model_type == family.model_type or family.architecture in architectures:
             return family
     if model_type in MLA_MODEL_TYPES:
         problems.append(f"model_type {model_type!r} does not convert: {MLA_REASON}")
