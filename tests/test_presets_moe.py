@@ -253,7 +253,9 @@ def test_preset_loads_with_the_trainers_validation_at_its_cluster(preset):
     world = nodes * per_node
     cfg = load_config(CONFIGS / f"{preset}.yaml", world_size=world)  # batch arithmetic and layout
     check_layout(cfg, world)  # the pipeline split, as the trainer checks it at start-up
-    assert cfg.model.moe.enabled and cfg.parallel.ep > 1
+    assert cfg.model.moe.enabled
+    if preset != "qwen3-30b-a3b":  # the planner's fastest for Qwen3-30B-A3B has every expert on every GPU
+        assert cfg.parallel.ep > 1
     assert cfg.train.precision == "bf16"
     # The published sequence length and batch (Qwen3's batch is not published).
     expected = {"deepseek-v3-671b": 15360, "kimi-k2-1t": 16384}.get(preset)
