@@ -32,6 +32,8 @@ VARIANTS = {
     ],
     # MixtralForCausalLM: softmax, no QK-norm, every block an MoE one (one process and EP2 x TP2 only).
     "mixtral": [*MOE, "model.moe.first_dense_layers=0"],
+    # Qwen2MoeForCausalLM: softmax, no QK-norm, a dense block and a shared expert (one process, EP2).
+    "qwen2-moe": [*MOE, "model.moe.num_shared_experts=1"],
 }
 FOUR_BLOCKS = ["model.num_layers=4"]  # under EP x PP every stage needs an MoE block
 LAYOUTS = {
@@ -53,7 +55,7 @@ TINY_HF = {  # shared by the three Hugging Face configs
 
 
 def hf_moe_model(kind: str) -> Any:
-    """A tiny randomly initialised transformers MoE model of `kind` (qwen3_moe, mixtral, glm4_moe),
+    """A tiny randomly initialised transformers MoE model of `kind` (qwen3_moe, qwen2_moe, mixtral, glm4_moe),
     with router biases and norms moved off their initial values so that each tensor matters."""
     import torch
     import transformers
@@ -65,6 +67,13 @@ def hf_moe_model(kind: str) -> Any:
             num_experts_per_tok=2, mlp_only_layers=[0], norm_topk_prob=True, rope_parameters=rope,
         )  # fmt: skip
         cls = transformers.Qwen3MoeForCausalLM
+    elif kind == "qwen2_moe":
+        config = transformers.Qwen2MoeConfig(
+            **TINY_HF, intermediate_size=96, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+            num_experts=4, num_experts_per_tok=2, mlp_only_layers=[0], norm_topk_prob=False, qkv_bias=True,
+            rope_parameters=rope,
+        )  # fmt: skip
+        cls = transformers.Qwen2MoeForCausalLM
     elif kind == "mixtral":
         config = transformers.MixtralConfig(
             **TINY_HF, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, rope_parameters=rope
@@ -88,6 +97,9 @@ def hf_moe_model(kind: str) -> Any:
         for name, buffer in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 buffer.copy_(0.05 * torch.randn_like(buffer))
+        for name, tensor in model.named_parameters():  # what our model computes: no biases, gate 0
+            if name.endswith(("_proj.bias", "shared_expert_gate.weight")):
+                tensor.zero_()
     return model.eval()
 
 

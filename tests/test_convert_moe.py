@@ -62,13 +62,15 @@ CLASSES = {
     "qwen3-moe": "Qwen3MoeForCausalLM",
     "glm4-moe": "Glm4MoeForCausalLM",
     "mixtral": "MixtralForCausalLM",
+    "qwen2-moe": "Qwen2MoeForCausalLM",
 }
+# The variants trained in a few layouts only (each in every layout would add a minute).
+SOME_LAYOUTS = {"mixtral": ("one", "ep2-tp2"), "qwen2-moe": ("one", "ep2"), "glm4-moe": tuple(LAYOUTS)}
 CASES = [
     pytest.param(variant, layout, marks=[] if layout == "one" else [SLOW], id=f"{variant}-{layout}")
     for variant in VARIANTS
     for layout in LAYOUTS
-    if (variant, layout) not in (("qwen3-moe", "ep4"),)
-    and (variant != "mixtral" or layout in ("one", "ep2-tp2"))
+    if layout in SOME_LAYOUTS.get(variant, set(LAYOUTS) - {"ep4"})
 ]
 
 
@@ -93,6 +95,9 @@ def test_moe_export_computes_what_our_model_computes_in_transformers(variant, la
     elif variant == "mixtral":
         assert config["num_local_experts"] == 4 and config["intermediate_size"] == 32
         assert config["sliding_window"] is None
+    elif variant == "qwen2-moe":
+        assert config["num_experts"] == 4 and config["mlp_only_layers"] == [0] and config["qkv_bias"] is True
+        assert config["shared_expert_intermediate_size"] == 32 and config["moe_intermediate_size"] == 32
     else:
         assert config["moe_intermediate_size"] == 32
         assert config["n_routed_experts"] == 4 and config["n_shared_experts"] == 1
@@ -118,12 +123,24 @@ def test_moe_export_computes_what_our_model_computes_in_transformers(variant, la
     up = ours[f"blocks.{moe_block}.mlp.experts.up_proj"]
     assert torch.equal(fused.gate_up_proj.detach(), torch.cat([gate, up], dim=1).float())
     bias = ours[f"blocks.{moe_block}.mlp.router.expert_bias"]
+    if (
+        variant == "qwen2-moe"
+    ):  # a zero gate (sigmoid 0 = 1/2) on the doubled shared expert, zero q/k/v biases
+        shared = f"model.layers.{moe_block}.mlp.shared_expert"
+        assert (
+            not exported[f"{shared}_gate.weight"].any()
+            and not exported["model.layers.0.self_attn.q_proj.bias"].any()
+        )
+        assert torch.equal(
+            exported[f"{shared}.down_proj.weight"],
+            2 * ours[f"blocks.{moe_block}.mlp.shared.down_proj.weight"],
+        )
     if variant == "glm4-moe":
         assert bias.any()  # moved by bias_update_rate
         assert torch.equal(hf.model.layers[moe_block].mlp.gate.e_score_correction_bias, bias)
         assert exported[f"model.layers.{moe_block}.mlp.gate.e_score_correction_bias"].dtype == torch.float32
     else:
-        assert not bias.any() and not any("bias" in name for name in exported)
+        assert not bias.any() and not any("correction_bias" in name for name in exported)
 
     # Independently of the built-in verification: transformers against our model on other tokens.
     model = build_model(cfg, ours.items())
@@ -216,7 +233,7 @@ def test_command_line_verify_of_a_damaged_moe_export_exits_1_naming_the_block(tr
 
 # --- from Hugging Face -----------------------------------------------------------------------------
 
-HF_KINDS = ["qwen3_moe", "mixtral", "glm4_moe"]
+HF_KINDS = ["qwen3_moe", "qwen2_moe", "mixtral", "glm4_moe"]
 
 
 @pytest.mark.parametrize("kind", HF_KINDS)
@@ -292,18 +309,13 @@ def small_moe(**changes):
 
 
 REFUSED = {
-    "softmax-shared": (
+    "softmax-shared-qk-norm": (
         {"qk_norm": True, "moe": {"num_shared_experts": 1}},
-        ["softmax routing with shared experts", "Qwen2-MoE's shared expert is scaled by a learned sigmoid gate",
-         "score_func=sigmoid", "Glm4MoeForCausalLM"],
+        ["softmax routing with shared experts (model.moe.num_shared_experts=1) and qk_norm",
+         "Qwen3-MoE has QK-norm but no shared experts, Qwen2-MoE shared experts but no QK-norm",
+         "model.qk_norm=false it exports as Qwen2MoeForCausalLM", "score_func=sigmoid", "Glm4MoeForCausalLM"],
     ),
     "softmax-route-scale": ({"qk_norm": True, "moe": {"route_scale": 2.0}}, ["route_scale=2.0"]),
-    "softmax-no-qk-norm-dense-first": (
-        {"moe": {"first_dense_layers": 1}},
-        ["MixtralForCausalLM, which has no dense blocks", "first_dense_layers is 1", "model.qk_norm=true",
-         "Qwen3MoeForCausalLM"],
-    ),
-    "softmax-no-qk-norm-unnormalised": ({"moe": {"normalize_top_k": False}}, ["normalize_top_k false"]),
     "sigmoid-one-expert": ({"moe": {"score_func": "sigmoid", "num_experts": 1, "top_k": 1}}, ["at least 2 experts"]),
 }  # fmt: skip
 
@@ -319,6 +331,18 @@ def test_variants_no_class_computes_are_refused_with_the_reason(case, tmp_path):
     for reason in reasons:
         assert reason in message, reason
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]  # nothing written
+
+
+@pytest.mark.parametrize(
+    ("moe", "architecture"),
+    [({}, "MixtralForCausalLM"), ({"normalize_top_k": False}, "Qwen2MoeForCausalLM"),
+     ({"first_dense_layers": 1, "num_shared_experts": 2}, "Qwen2MoeForCausalLM")],
+)  # fmt: skip
+def test_softmax_routing_without_qk_norm_is_mixtral_where_it_fits_else_qwen2_moe(moe, architecture, tmp_path):
+    weights = random_consolidated(tmp_path / "w.safetensors", small_moe(moe=moe))
+    report = commands.to_hf(weights, tmp_path / "hf", dtype="bf16")
+    assert report.verification.passed and report.verification.generated_equal
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == [architecture]
 
 
 def test_softmax_routing_with_a_trained_bias_is_refused(tmp_path):
@@ -405,6 +429,20 @@ def test_from_hf_refuses_every_unmappable_moe_feature_at_once(tmp_path):
     message = str(error.value)
     assert "the dense blocks (mlp_only_layers [1], decoder_sparse_step 1) are [1]" in message
     assert "use_sliding_window is true" in message and not (tmp_path / "init").exists()
+
+    save_hf_moe_model("qwen2_moe", tmp_path / "qwen2")
+    weights = load_file(tmp_path / "qwen2" / "model.safetensors")
+    weights["model.layers.1.mlp.shared_expert_gate.weight"] += 0.1
+    weights["model.layers.0.self_attn.k_proj.bias"] += 0.1
+    save_file(weights, tmp_path / "qwen2" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ConversionError) as error:
+        commands.from_hf(tmp_path / "qwen2", tmp_path / "init")
+    message = str(error.value)
+    assert "tensor model.layers.0.self_attn.k_proj.bias is not zero: our attention has no biases" in message
+    assert (
+        "model.layers.1.mlp.shared_expert_gate.weight is not zero: Qwen2-MoE's learned shared-expert gate"
+        in message
+    )
 
     save_hf_moe_model("mixtral", tmp_path / "mixtral")
     config_file = tmp_path / "mixtral" / "config.json"

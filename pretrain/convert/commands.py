@@ -195,9 +195,11 @@ def _write_hf_shards(
 
 
 def _part(tensor: torch.Tensor, shape: tuple[int, ...], part: int | str | None) -> torch.Tensor:
-    """What a Hub tensor holds of ours: all of it, one expert, or nothing (a width-0 placeholder)."""
+    """What a Hub tensor holds of ours: all of it, one expert, twice it, or nothing (zeros)."""
     if isinstance(part, int):
         return tensor[part]
+    if part == "double":
+        return tensor * 2
     return tensor if part is None else tensor.new_zeros(shape)
 
 

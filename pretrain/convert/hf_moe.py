@@ -7,6 +7,8 @@ expert).
     softmax, no shared experts, qk_norm=true     Qwen3MoeForCausalLM (mlp_only_layers = the dense blocks)
     softmax, no shared experts, qk_norm=false,
       no dense blocks, normalize_top_k=true      MixtralForCausalLM
+    softmax, qk_norm=false, otherwise            Qwen2MoeForCausalLM (zero q/k/v biases; a zero shared-expert
+                                                 gate, sigmoid 0 = 1/2, and the shared down_proj doubled)
     sigmoid (shared experts or not)              Glm4MoeForCausalLM  (DeepSeek-V3's router and MoE block)
 
 Anything else is refused with the feature no class computes (docs/CONVERT.md, "Mixture of experts").
@@ -17,6 +19,7 @@ what transformers 5 itself saves; its loader fuses them into its 3-D expert para
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,7 +53,12 @@ class Family:
     moe_module: str = "mlp"
     experts: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # our gate, up, down
     router_bias: bool = False  # the router's e_score_correction_bias (our expert_bias)
-    shared: bool = False  # has shared_experts (of width moe_intermediate_size x n_shared_experts)
+    shared: bool = False  # has shared experts (one SwiGLU of their summed width), even of width 0
+    shared_name: str = "shared_experts"
+    # Qwen2-MoE: the shared expert's output times sigmoid(gate x); written with a zero gate (sigmoid 0
+    # = 1/2 exactly) and the shared down_proj doubled (exact: a power of 2), so it computes ours.
+    shared_gate: bool = False
+    qkv_bias: bool = False  # q/k/v biases, written as zeros
 
 
 FAMILIES = {
@@ -59,11 +67,21 @@ FAMILIES = {
     "qwen3_moe": Family("Qwen3MoeForCausalLM", "qwen3_moe"),
     "mixtral": Family("MixtralForCausalLM", "mixtral", "block_sparse_moe", ("w1", "w3", "w2")),
     "glm4_moe": Family("Glm4MoeForCausalLM", "glm4_moe", router_bias=True, shared=True),
+    "qwen2_moe": Family(
+        "Qwen2MoeForCausalLM",
+        "qwen2_moe",
+        shared=True,
+        shared_name="shared_expert",
+        shared_gate=True,
+        qkv_bias=True,
+    ),
 }
 _OUR_EXPERTS = ("gate_proj", "up_proj", "down_proj")
 _MOE_NAME = re.compile(r"blocks\.(\d+)\.mlp\.(router|experts|shared)\.(.+)")
+_QKV = re.compile(r"blocks\.\d+\.attn\.[qkv]_proj\.weight")
 
-# (Hub name, shape, what of our tensor it holds: None the whole, an int that expert, "empty" nothing)
+# (Hub name, shape, what of our tensor it holds: None the whole, an int that expert, "zeros" nothing
+# (a tensor of zeros the class needs, e.g. a bias), "double" the whole times 2)
 Entry = tuple[str, tuple[int, ...], "int | str | None"]
 
 
@@ -86,31 +104,27 @@ def export_family(cfg: ModelConfig, expert_bias_moves: bool = False) -> Family:
             )  # fmt: skip
         return FAMILIES["glm4_moe"]
     problems = softmax_problems(moe, expert_bias_moves)
-    if not problems and not cfg.qk_norm and (moe.first_dense_layers or not moe.normalize_top_k):
+    if cfg.qk_norm and moe.num_shared_experts:
         problems.append(
-            "softmax routing without qk_norm exports as MixtralForCausalLM, which has no dense blocks and "
-            f"always normalises the top-k weights (model.moe.first_dense_layers is {moe.first_dense_layers}, "
-            f"normalize_top_k {str(moe.normalize_top_k).lower()}); with model.qk_norm=true it would be "
-            "Qwen3MoeForCausalLM, which has both"
+            f"softmax routing with shared experts (model.moe.num_shared_experts={moe.num_shared_experts}) and "
+            "qk_norm: Qwen3-MoE has QK-norm but no shared experts, Qwen2-MoE shared experts but no QK-norm; "
+            "with model.qk_norm=false it exports as Qwen2MoeForCausalLM, with sigmoid routing "
+            "(model.moe.score_func=sigmoid) as Glm4MoeForCausalLM"
         )
     _refuse(problems, REFUSED)
-    return FAMILIES["qwen3_moe" if cfg.qk_norm else "mixtral"]
+    if cfg.qk_norm:
+        return FAMILIES["qwen3_moe"]
+    mixtral = not moe.num_shared_experts and not moe.first_dense_layers and moe.normalize_top_k
+    return FAMILIES["mixtral" if mixtral else "qwen2_moe"]
 
 
 def softmax_problems(moe: MoEConfig, expert_bias_moves: bool = False) -> list[str]:
-    """What of a softmax-routed MoE no softmax-routed class (Qwen3-MoE, Mixtral) computes."""
+    """What of a softmax-routed MoE no softmax-routed class (Qwen3-MoE, Qwen2-MoE, Mixtral) computes."""
     problems = []
-    if moe.num_shared_experts:
-        problems.append(
-            f"softmax routing with shared experts (model.moe.num_shared_experts={moe.num_shared_experts}): "
-            "Qwen3-MoE and Mixtral have none, and Qwen2-MoE's shared expert is scaled by a learned sigmoid "
-            "gate ours does not have; sigmoid routing (model.moe.score_func=sigmoid) with shared experts "
-            "exports as Glm4MoeForCausalLM"
-        )
     if moe.route_scale != 1:
         problems.append(
-            f"softmax routing with model.moe.route_scale={moe.route_scale}: Qwen3-MoE and Mixtral do not "
-            "scale the routing weights (Glm4MoeForCausalLM's routed_scaling_factor does, with sigmoid routing)"
+            f"softmax routing with model.moe.route_scale={moe.route_scale}: Qwen3-MoE, Qwen2-MoE and Mixtral do "
+            "not scale the routing weights (Glm4MoeForCausalLM's routed_scaling_factor does, with sigmoid routing)"
         )
     if expert_bias_moves:
         problems.append(nonzero_bias_problem())
@@ -120,8 +134,8 @@ def softmax_problems(moe: MoEConfig, expert_bias_moves: bool = False) -> list[st
 def nonzero_bias_problem() -> str:
     return (
         "softmax routing with a trained expert_bias (auxiliary-loss-free balancing, "
-        "model.moe.bias_update_rate > 0): the bias changes which experts are chosen and Qwen3-MoE and "
-        "Mixtral have no such bias; sigmoid routing exports it as Glm4MoeForCausalLM's "
+        "model.moe.bias_update_rate > 0): the bias changes which experts are chosen and Qwen3-MoE, "
+        "Qwen2-MoE and Mixtral have no such bias; sigmoid routing exports it as Glm4MoeForCausalLM's "
         "e_score_correction_bias"
     )
 
@@ -130,9 +144,13 @@ def family_config(family: Family, cfg: ModelConfig) -> dict[str, Any]:
     """The class-specific fields of config.json (the common ones: pretrain.convert.hf.hf_config)."""
     fields: dict[str, Any] = {"architectures": [family.architecture], "model_type": family.model_type}
     moe = cfg.moe
-    if family.model_type in ("qwen3", "qwen3_moe"):
+    if family.model_type in ("qwen3", "qwen3_moe", "qwen2_moe"):
         fields.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.num_layers)
-    if family.model_type == "qwen3_moe":
+    if family.model_type == "qwen2_moe":
+        fields.update(
+            qkv_bias=True, shared_expert_intermediate_size=moe.num_shared_experts * cfg.expert_ffn_size
+        )
+    if family.model_type in ("qwen3_moe", "qwen2_moe"):
         fields.update(
             num_experts=moe.num_experts, num_experts_per_tok=moe.top_k, moe_intermediate_size=cfg.expert_ffn_size,
             decoder_sparse_step=1, mlp_only_layers=list(range(moe.first_dense_layers)),
@@ -171,26 +189,31 @@ def hf_entries(
     `rename` names the tensors that are the same in every class."""
     match = _MOE_NAME.fullmatch(name)
     if not match:
-        return [(rename(name), shape, None)]
+        bias = [(rename(name).removesuffix("weight") + "bias", shape[:1], "zeros")]
+        return [(rename(name), shape, None), *(bias if family.qkv_bias and _QKV.fullmatch(name) else [])]
     block, kind, rest = match.groups()
     prefix = f"model.layers.{block}.{family.moe_module}"
     if kind == "router" and rest == "weight":
-        entries: list[Entry] = [(f"{prefix}.gate.weight", shape, None)]
-        if family.shared and not cfg.moe.num_shared_experts:  # what transformers saves: width-0 tensors
-            hidden = cfg.hidden_size
-            for proj, empty in (
-                ("gate_proj", (0, hidden)),
-                ("up_proj", (0, hidden)),
-                ("down_proj", (hidden, 0)),
-            ):
-                entries.append((f"{prefix}.shared_experts.{proj}.weight", empty, "empty"))
-        return entries
+        return [(f"{prefix}.gate.weight", shape, None), *_shared_extras(family, cfg, prefix)]
     if kind == "router":  # expert_bias
         return [(f"{prefix}.gate.e_score_correction_bias", shape, None)] if family.router_bias else []
     if kind == "experts":
         hf = family.experts[_OUR_EXPERTS.index(rest)]
         return [(f"{prefix}.experts.{e}.{hf}.weight", shape[1:], e) for e in range(shape[0])]
-    return [(f"{prefix}.shared_experts.{rest}", shape, None)]
+    doubled = family.shared_gate and rest == "down_proj.weight"
+    return [(f"{prefix}.{family.shared_name}.{rest}", shape, "double" if doubled else None)]
+
+
+def _shared_extras(family: Family, cfg: ModelConfig, prefix: str) -> list[Entry]:
+    """Zero tensors of the shared expert a class always has: width-0 weights where ours has none
+    (what transformers saves), Qwen2-MoE's gate."""
+    hidden, extras = cfg.hidden_size, list[Entry]()
+    if family.shared and not cfg.moe.num_shared_experts:
+        for proj, empty in (("gate_proj", (0, hidden)), ("up_proj", (0, hidden)), ("down_proj", (hidden, 0))):
+            extras.append((f"{prefix}.{family.shared_name}.{proj}.weight", empty, "zeros"))
+    if family.shared_gate:
+        extras.append((f"{prefix}.shared_expert_gate.weight", (1, hidden), "zeros"))
+    return extras
 
 
 def family_of_hf(config: dict[str, Any], problems: list[str]) -> Family | None:
@@ -230,6 +253,9 @@ def moe_fields_from_hf(family: Family, config: dict[str, Any], problems: list[st
     if family.model_type == "qwen3_moe":
         _no_sliding_window(config, problems)
         return {"qk_norm": True, "moe": _qwen3_moe(config, layers, problems)}
+    if family.model_type == "qwen2_moe":
+        _no_sliding_window(config, problems)
+        return {"qk_norm": False, "moe": _qwen2_moe(config, layers, problems)}
     return _glm4_moe(config, layers, problems)
 
 
@@ -260,6 +286,19 @@ def _qwen3_moe(config: dict[str, Any], layers: int, problems: list[str]) -> MoEC
         expert_ffn_hidden_size=config.get("moe_intermediate_size"), first_dense_layers=len(dense),
         normalize_top_k=bool(config.get("norm_topk_prob", False)),
     )  # fmt: skip
+
+
+def _qwen2_moe(config: dict[str, Any], layers: int, problems: list[str]) -> MoEConfig:
+    """Qwen3-MoE's fields, and shared experts: one of shared_expert_intermediate_size (its gate and
+    biases are checked to be zero with the tensors)."""
+    moe = _qwen3_moe(config, layers, problems)
+    shared, width = int(config.get("shared_expert_intermediate_size", 0)), moe.expert_ffn_hidden_size or 1
+    if shared % width:
+        problems.append(
+            f"shared_expert_intermediate_size {shared} is not a multiple of moe_intermediate_size {width}: our "
+            "shared experts are num_shared_experts x the expert width"
+        )
+    return dataclasses.replace(moe, num_shared_experts=shared // width)
 
 
 def _glm4_moe(config: dict[str, Any], layers: int, problems: list[str]) -> dict[str, Any]:

@@ -80,11 +80,12 @@ def _write(
 def _assemble(entries: list[Entry], tensors: _FusedExperts, shape: tuple[int, ...]) -> torch.Tensor:
     """One of our tensors from its Hub tensors: itself, or one per expert stacked; a router bias the
     class does not have is zero (its routing is the bias-free one)."""
-    entries = [e for e in entries if e[2] != "empty"]
+    entries = [e for e in entries if e[2] != "zeros"]
     if not entries:
         return torch.zeros(shape)
-    if len(entries) == 1 and entries[0][2] is None:
-        return tensors.get(entries[0][0])
+    if len(entries) == 1 and entries[0][2] in (None, "double"):
+        value = tensors.get(entries[0][0])
+        return value / 2 if entries[0][2] == "double" else value
     return torch.stack([tensors.get(name) for name, _, _ in entries])
 
 
@@ -233,8 +234,8 @@ def _check_hf_tensors(
     """Every tensor the model needs is there with its shape; nothing else is (R2.4: no silent loss),
     but for the multi-token-prediction layers after the last block (returned: dropped)."""
     entries = [entry for per_name in sources.values() for entry in per_name]
-    expected = {name: shape for name, shape, part in entries if part != "empty"}
-    optional = {name: shape for name, shape, part in entries if part == "empty"}
+    expected = {name: shape for name, shape, part in entries if part != "zeros"}
+    optional = {name: shape for name, shape, part in entries if part == "zeros"}
     problems = [f"tensor {name} is missing" for name in sorted(set(expected) - tensors.names)]
     mtp = _mtp_layers(hf, cfg)
     dropped = sorted(n for n in tensors.names if mtp.match(n)) if mtp else []
@@ -256,11 +257,22 @@ def _check_hf_tensors(
             problems.append(
                 f"tensor {name} has shape {list(found)}, config.json implies {list(wanted[name])}"
             )
+        elif name in optional and tensors.get(name).any():
+            problems.append(f"tensor {name} is not zero: {_NOT_OURS[name.split('.')[-2]]}")
     if problems:
         raise ConversionError(
             f"{folder} does not match its config.json:\n" + "\n".join(f"  - {p}" for p in problems)
         )
     return dropped
+
+
+# Why a tensor our model has only as zeros cannot be anything else.
+_NOT_OURS = {
+    **dict.fromkeys(("q_proj", "k_proj", "v_proj"), "our attention has no biases"),
+    **dict.fromkeys(("gate_proj", "up_proj", "down_proj"), "a shared expert of width 0 computes nothing"),
+    "shared_expert_gate": "Qwen2-MoE's learned shared-expert gate, sigmoid(gate x), is not in our model (a zero "
+    "gate, sigmoid 0 = 1/2, is: what our export writes); sigmoid routing with shared experts is Glm4Moe",
+}
 
 
 def _mtp_layers(hf: dict[str, Any], cfg: ModelConfig) -> re.Pattern[str] | None:
