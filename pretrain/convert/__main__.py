@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
     to_hf = commands.add_parser(
         "to-hf",
-        help="export to a Hugging Face folder (Llama, Qwen3, Qwen3-MoE, Mixtral or Glm4Moe class), verified",
+        help="export to a Hugging Face folder (Llama, Qwen3, Qwen3-MoE, Qwen2-MoE, Mixtral or Glm4Moe class), verified",
     )
     checkpoint_args(to_hf)
     to_hf.add_argument("--output", required=True, help="folder to create")
@@ -62,7 +62,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from_hf.add_argument(
         "--model",
         required=True,
-        help="a Llama, Qwen3, Qwen3-MoE, Mixtral or Glm4Moe folder (config.json + safetensors)",
+        help="a Llama, Qwen3, Qwen3-MoE, Qwen2-MoE, Mixtral or Glm4Moe folder (config.json + safetensors)",
     )
     from_hf.add_argument("--output", required=True, help="folder to create; use as checkpoint.init_weights")
     from_hf.add_argument(

@@ -1,5 +1,6 @@
-"""`from-hf`: a Hugging Face folder (Llama, Qwen3, Qwen3-MoE, Mixtral, Glm4Moe) as consolidated fp32
-weights the trainer starts from (`checkpoint.init_weights`), the routers' balancing bias included."""
+"""`from-hf`: a Hugging Face folder (Llama, Qwen3, Qwen3-MoE, Qwen2-MoE, Mixtral, Glm4Moe) as
+consolidated fp32 weights the trainer starts from (`checkpoint.init_weights`), the routers'
+balancing bias included."""
 
 from __future__ import annotations
 

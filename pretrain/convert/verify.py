@@ -16,7 +16,7 @@
   position where our top two logits are within the tolerance is reported as a tie, not a failure.
 
 The folder is loaded with `AutoModelForCausalLM`: the class its config.json names (Llama, Qwen3,
-Qwen3-MoE, Mixtral, Glm4Moe; pretrain.convert.hf_moe). Those classes are dropless, so a model
+Qwen3-MoE, Qwen2-MoE, Mixtral, Glm4Moe; pretrain.convert.hf_moe). Those classes are dropless, so a model
 trained with an expert capacity (model.moe.dropless=false) is compared as our model computes without
 one.
 """
