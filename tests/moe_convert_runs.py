@@ -144,3 +144,14 @@ def first_batch(cfg: Any) -> tuple[Any, Any]:
         data.train, cfg.seed, cfg.train.global_batch_size, cfg.train.micro_batch_size, 0, 1
     ).next_step()
     return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+
+
+def read_folder(folder: Path) -> dict[str, Any]:
+    """Every tensor of a Hugging Face folder's safetensors files, by name."""
+    from safetensors import safe_open
+
+    out = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            out.update({name: f.get_tensor(name) for name in f.keys()})  # noqa: SIM118
+    return out
