@@ -182,6 +182,14 @@ def test_init_weights_that_do_not_fit_the_model_are_a_config_error_with_the_fix(
     assert "model.hidden_size: the weights have 64, the config has 128; set model.hidden_size=64" in message
     assert "model.rope_theta: the weights have 10000.0, the config has 500000.0" in message
 
+    # Weights of Qwen3-style attention (an imported Qwen3) started without its two settings.
+    qwen = ModelConfig(**{**SMALL_CFG.__dict__, "head_dim": 32, "qk_norm": True})
+    consolidated_file(tmp_path / "qwen.safetensors", qwen)
+    with pytest.raises(ConfigError) as error:
+        open_init_weights(str(tmp_path / "qwen.safetensors"), SMALL_CFG)
+    message = str(error.value)
+    assert "set model.head_dim=32" in message and "set model.qk_norm=true" in message, message
+
     # A file whose tensors disagree with its own model config: the tensor is named with both shapes.
     tensors = {n: torch.randn(s) for n, s in parameter_shapes(SMALL_CFG).items()}
     tensors["blocks.1.mlp.up_proj.weight"] = torch.randn(100, 64)

@@ -41,6 +41,8 @@ ARCHITECTURE_FIELDS = (
     "num_layers",
     "num_heads",
     "kv_heads",
+    "head_size",
+    "qk_norm",
     "ffn_size",
     "norm_eps",
     "rope_theta",
@@ -60,6 +62,7 @@ MOE_ARCHITECTURE_FIELDS = (
 )
 _OVERRIDE_KEY = {
     "kv_heads": "num_kv_heads",
+    "head_size": "head_dim",
     "ffn_size": "ffn_hidden_size",
     "expert_ffn_size": "moe.expert_ffn_hidden_size",
 }
