@@ -137,16 +137,21 @@ if __name__ == "__main__":
 
 
 def expert_parallel_rank(overrides: list[str], steps: int) -> dict[str, object]:
-    """On each rank of a run_distributed world (MALLOC_MMAP_THRESHOLD_ set by the caller): this rank's
+    """On each rank of a run_distributed world: this rank's
     engine for `overrides` (as `load_case`), what its DeepSpeed ZeRO optimizer partitioned (per
     parameter group: MoE or not, over how many ranks, the fp32 partition's elements), its module's
     parameters, and the growth of its peak resident set while it runs STEPS steps, measured as `main`
     measures it (a miniature MoE of the same expert-parallel degree steps first)."""
+    import ctypes
+
     import torch.distributed as torch_dist
 
     from pretrain.config import load_config
     from pretrain.parallel import init_distributed
 
+    # As MALLOC_MMAP_THRESHOLD_ does at a process's start; the ranks are forked from a server whose
+    # environment is that of the first test that started it (in the suite, not this one's).
+    ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # M_MMAP_THRESHOLD
     dist = init_distributed()
     world, rank = torch_dist.get_world_size(), torch_dist.get_rank()
     cfg = load_case(overrides, world)

@@ -268,7 +268,6 @@ def test_two_rank_engine_partitions_experts_as_planned_and_its_peak_matches(monk
     from plan_memory_probe import expert_parallel_rank
     from pretrain.testing import run_distributed
 
-    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO / "tests"), str(REPO), *sys.path]))
     overrides = ["config=configs/tiny-moe.yaml", "parallel.ep=2"]
     ranks = run_distributed(expert_parallel_rank, 2, overrides, 2, timeout=300)
