@@ -164,3 +164,68 @@ def test_impossible_moe_settings_are_config_errors_before_anything_starts(overri
     assert result.returncode == 2, result.stderr
     assert expected in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _expert_tensors(layer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach() for n, p in layer.named_parameters() if ".experts." in n}
+
+
+@pytest.mark.parametrize("source", ["random init", "init_weights"])
+def test_an_expert_parallel_rank_builds_only_its_experts_with_the_whole_blocks_values(source, tmp_path):
+    """Rank 1 of EP 4 builds experts [2, 4) of 8: bitwise the rows the single-process block has, and
+    everything else of the block as it is there (random init, or read from consolidated weights)."""
+    from pretrain.config import load_config
+    from pretrain.model import build_layer
+    from pretrain.model.names import stored_shapes
+    from pretrain.weights.consolidated import open_init_weights, write_consolidated
+
+    cfg = load_config(TINY_MOE, []).model
+    padded = 384
+    if source == "random init":
+        whole = build_layer(cfg, 2, padded, seed=7)
+        part = build_layer(cfg, 2, padded, seed=7, held_experts=(2, 2))
+    else:
+        gen = torch.Generator().manual_seed(0)
+        tensors = {n: torch.randn(s, generator=gen) for n, s in stored_shapes(cfg).items()}
+        write_consolidated(tmp_path / "w.safetensors", cfg, iter(tensors.items()), {"test": True})
+        weights = open_init_weights(str(tmp_path / "w.safetensors"), cfg)
+        whole = weights.build_layer(cfg, 2, padded)
+        part = weights.build_layer(cfg, 2, padded, held_experts=(2, 2))
+    experts = _expert_tensors(whole)
+    assert experts and all(t.shape[0] == 8 for t in experts.values())
+    for name, held in _expert_tensors(part).items():
+        assert torch.equal(held, experts[name][2:4]), name
+    rest = {n: p for n, p in whole.state_dict().items() if ".experts." not in n}
+    assert rest.keys() == {n for n in part.state_dict() if ".experts." not in n}
+    for name, value in part.state_dict().items():
+        if ".experts." not in name:
+            assert torch.equal(value, rest[name]), name
+
+
+def test_the_trainers_build_under_expert_parallelism_never_allocates_every_expert():
+    """What build_rank_layers allocates for rank 3 of EP 4: no tensor with a row per expert (the
+    trainer used to build each block whole and keep a quarter of it)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from pretrain.config import load_config
+    from pretrain.parallel.parallelize import build_rank_layers
+    from pretrain.parallel.topology import ParallelContext
+
+    class Allocations(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.expert_rows: list[int] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.ndim == 3:
+                self.expert_rows.append(out.shape[0])
+            return out
+
+    cfg = load_config(TINY_MOE, ["parallel.ep=4"], world_size=4)
+    ctx = ParallelContext(1, 1, 4, 0, 0, 3, False, ep=4, ep_rank=3)
+    with Allocations() as allocations:
+        layers = build_rank_layers(cfg, ctx, torch.device("cpu"))
+    assert allocations.expert_rows and set(allocations.expert_rows) == {2}, allocations.expert_rows
+    held = [m for layer in layers.values() for m in layer.modules() if hasattr(m, "local")]
+    assert len(held) == 3 and all(m.gate_proj.shape[0] == 2 for m in held)

@@ -101,7 +101,9 @@ class DecoderBlock(nn.Module):
     of experts (pretrain.model.moe). (Activation recomputation
     is applied to it from outside, by pretrain.parallel.recompute.)"""
 
-    def __init__(self, cfg: ModelConfig, mixture_of_experts: bool = False):
+    def __init__(
+        self, cfg: ModelConfig, mixture_of_experts: bool = False, held_experts: tuple[int, int] | None = None
+    ):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.attn = Attention(cfg)
@@ -110,7 +112,7 @@ class DecoderBlock(nn.Module):
         if mixture_of_experts:
             from pretrain.model.moe import MixtureOfExperts
 
-            self.mlp = MixtureOfExperts(cfg)
+            self.mlp = MixtureOfExperts(cfg, held_experts)
         else:
             self.mlp = SwiGLU(cfg)
 

@@ -35,6 +35,8 @@ from torch import nn
 
 from pretrain.config import ModelConfig
 
+ExpertSlice = tuple[int, int]  # (first expert, how many): the routed experts a rank holds
+
 
 class AddLossGradient(torch.autograd.Function):
     """Returns `x` unchanged; in the backward pass also starts `loss`'s backward (with gradient 1)."""
@@ -124,13 +126,19 @@ class RoutedExperts(nn.Module):
     """Every routed expert of the block, computed here: (N, hidden) tokens and their routing in,
     the weighted sum of their k experts' outputs out."""
 
-    def __init__(self, num_experts: int, hidden: int, width: int):
+    def __init__(self, num_experts: int, hidden: int, width: int, held: ExpertSlice | None = None):
         super().__init__()
-        self.gate_proj = nn.Parameter(torch.empty(num_experts, width, hidden))
-        self.up_proj = nn.Parameter(torch.empty(num_experts, width, hidden))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, width))
+        # `held` (first, count): only those experts' weights exist here, so an expert-parallel rank
+        # never allocates the others' (384 experts of Kimi K2's width are 68 GB per block in fp32).
+        # pretrain.parallel.expert_parallel then computes with them; this module alone cannot.
+        self.num_experts = num_experts
+        self.first_expert, count = held if held is not None else (0, num_experts)
+        self.gate_proj = nn.Parameter(torch.empty(count, width, hidden))
+        self.up_proj = nn.Parameter(torch.empty(count, width, hidden))
+        self.down_proj = nn.Parameter(torch.empty(count, hidden, width))
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        assert self.gate_proj.shape[0] == self.num_experts, "a slice of the experts computes under EP only"
         pairs, order, counts = sort_pairs(routing, self.gate_proj.shape[0])
         outputs = swiglu_experts(x[pairs[order]], counts, self.gate_proj, self.up_proj, self.down_proj)
         return combine(outputs, order, routing, x)
@@ -193,13 +201,15 @@ class MoEStatistics:
 class MixtureOfExperts(nn.Module):
     """The MLP of an MoE decoder block. (batch, seq, hidden) in and out."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, held_experts: ExpertSlice | None = None):
         super().__init__()
         moe = cfg.moe
         self.num_experts, self.top_k = moe.num_experts, moe.top_k
         self.aux_loss_coeff, self.z_loss_coeff = moe.aux_loss_coeff, moe.z_loss_coeff
         self.router = Router(cfg)
-        self.experts: nn.Module = RoutedExperts(moe.num_experts, cfg.hidden_size, cfg.expert_ffn_size)
+        self.experts: nn.Module = RoutedExperts(
+            moe.num_experts, cfg.hidden_size, cfg.expert_ffn_size, held_experts
+        )
         width = moe.num_shared_experts * cfg.expert_ffn_size
         self.shared = SharedExperts(cfg.hidden_size, width) if width else None
         # The balancing losses' gradient per micro-batch: 1 / (micro-batches per step), set by

@@ -24,6 +24,7 @@ from torch import nn
 
 from pretrain.config import ModelConfig
 from pretrain.model.layers import DecoderBlock, RMSNorm
+from pretrain.model.moe import RoutedExperts
 
 IGNORE_INDEX = -100
 
@@ -96,42 +97,75 @@ def layer_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state))
 
 
-def build_layer(cfg: ModelConfig, index: int, padded_vocab_size: int, seed: int) -> nn.Module:
+def build_layer(
+    cfg: ModelConfig,
+    index: int,
+    padded_vocab_size: int,
+    seed: int,
+    held_experts: tuple[int, int] | None = None,
+) -> nn.Module:
     """Layer `index` of the list, initialised on the CPU from its own generator (or left uninitialised
-    when built under `torch.device('meta')`, for counting and planning)."""
+    when built under `torch.device('meta')`, for counting and planning). `held_experts` (first,
+    count): an MoE block holds only those routed experts, with the values the whole block gives them."""
     kind = layer_kind(cfg, index)
     layer: nn.Module
     if kind == "embedding":
         layer = TokenEmbedding(padded_vocab_size, cfg.hidden_size)
     elif kind == "block":
-        layer = DecoderBlock(cfg, mixture_of_experts=cfg.is_moe_block(index - 1))
+        layer = DecoderBlock(cfg, cfg.is_moe_block(index - 1), held_experts)
     elif kind == "norm":
         layer = RMSNorm(cfg.hidden_size, cfg.norm_eps)
     else:
         layer = OutputHead(padded_vocab_size, cfg.hidden_size)
     if next(layer.parameters()).device.type != "meta":
         init_layer(layer, cfg, layer_generator(seed, index))
+        init_routed_experts(layer, cfg, seed, index)
     return layer
+
+
+def _scaled_std(cfg: ModelConfig, projection: str) -> float:
+    """init_std, or init_std / sqrt(2 L) for the residual-output projections (GPT-2, Radford et al.
+    2019; Megatron-LM's `scaled_init_method_normal`)."""
+    return (
+        cfg.init_std / math.sqrt(2 * cfg.num_layers)
+        if projection in ("o_proj", "down_proj")
+        else cfg.init_std
+    )
 
 
 @torch.no_grad()
 def init_layer(layer: nn.Module, cfg: ModelConfig, generator: torch.Generator) -> None:
-    """Normal(0, init_std) for matrices, drawn in a fixed order; residual-output projections scaled by
-    1/sqrt(2 L) (GPT-2, Radford et al. 2019; Megatron-LM's `scaled_init_method_normal`); norms at 1;
-    padded vocabulary rows at 0."""
-    out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+    """Normal(0, init_std) for matrices, drawn in a fixed order; residual-output projections scaled;
+    norms at 1; padded vocabulary rows at 0. Routed experts are left to `init_routed_experts`."""
     for name, param in layer.named_parameters():
         if param.ndim == 1:
             param.fill_(1.0)
             continue
-        # Matrices end in '.weight'; stacked experts, (experts, out, in), are named by their projection.
-        parts = name.split(".")
-        projection = parts[-2] if param.ndim == 2 and len(parts) > 1 else parts[-1]
-        std = out_std if projection in ("o_proj", "down_proj") else cfg.init_std
+        if param.ndim == 3:  # stacked routed experts, (experts, out, in)
+            continue
+        std = _scaled_std(cfg, name.split(".")[-2] if "." in name else name)
         rows = cfg.vocab_size if isinstance(layer, TokenEmbedding | OutputHead) else param.shape[0]
         param.zero_()
         values = torch.empty(rows, *param.shape[1:]).normal_(0.0, std, generator=generator)
         param[:rows].copy_(values)
+
+
+@torch.no_grad()
+def init_routed_experts(layer: nn.Module, cfg: ModelConfig, seed: int, index: int) -> None:
+    """Each routed expert's matrices from a generator of its own (seed, layer, expert, projection):
+    a rank holding a slice of the experts draws only those, and gets the values the whole block has."""
+    for module in layer.modules():
+        if not isinstance(module, RoutedExperts):
+            continue
+        first = module.first_expert
+        for position, projection in enumerate(("gate_proj", "up_proj", "down_proj")):
+            stacked = module.get_parameter(projection)
+            std = _scaled_std(cfg, projection)
+            for row in range(stacked.shape[0]):
+                key = [seed, index, first + row, position]
+                (state,) = np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)
+                generator = torch.Generator().manual_seed(int(state))
+                stacked[row].normal_(0.0, std, generator=generator)
 
 
 class Transformer(nn.Module):

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pretrain import deepspeed_compat as compat
-from pretrain.model.moe import MixtureOfExperts, Routing, combine, sort_pairs, swiglu_experts
+from pretrain.model.moe import MixtureOfExperts, RoutedExperts, Routing, combine, sort_pairs, swiglu_experts
 
 Group = Any
 
@@ -63,14 +63,22 @@ class ExpertParallelExperts(nn.Module):
     up_proj: nn.Parameter
     down_proj: nn.Parameter
 
-    def __init__(self, full: nn.Module, ep: int, ep_rank: int, group: Group):
+    def __init__(self, experts: RoutedExperts, ep: int, ep_rank: int, group: Group):
         super().__init__()
-        self.num_experts: int = full.get_parameter("gate_proj").shape[0]
+        self.num_experts: int = experts.num_experts
         self.local: int = self.num_experts // ep
         self.ep, self.group = ep, group
         first = ep_rank * self.local
+        held = experts.get_parameter("gate_proj").shape[0]
+        if (experts.first_expert, held) not in ((first, self.local), (0, self.num_experts)):
+            raise ValueError(
+                f"expert-parallel rank {ep_rank} of {ep} needs experts [{first}, {first + self.local}); the block "
+                f"holds [{experts.first_expert}, {experts.first_expert + held})"
+            )
         for name in ("gate_proj", "up_proj", "down_proj"):
-            weight = getattr(full, name).data.narrow(0, first, self.local).clone()
+            weight = getattr(experts, name).data
+            if held != self.local:  # built whole (a plain model): keep this rank's slice only
+                weight = weight.narrow(0, first, self.local).clone()
             param = nn.Parameter(weight)
             compat.mark_expert_parameter(param, ep)
             setattr(self, name, param)
@@ -116,9 +124,17 @@ def apply_expert_parallel(layer: nn.Module, ep: int, ep_rank: int, group: Group)
     if ep == 1:
         return layer
     for module in layer.modules():
-        if isinstance(module, MixtureOfExperts):
+        if isinstance(module, MixtureOfExperts) and isinstance(module.experts, RoutedExperts):
             module.experts = ExpertParallelExperts(module.experts, ep, ep_rank, group)
     return layer
+
+
+def held_experts(num_experts: int, ep: int, ep_rank: int) -> tuple[int, int] | None:
+    """(first, count) of the routed experts expert-parallel rank `ep_rank` holds; None: all of them."""
+    if ep == 1 or num_experts == 0:
+        return None
+    local = num_experts // ep
+    return ep_rank * local, local
 
 
 def set_loss_gradient_scale(layers: list[nn.Module], micro_batches: int) -> None:

@@ -23,7 +23,7 @@ from pretrain.config import Config
 from pretrain.model.layers import DecoderBlock
 from pretrain.model.names import layer_name
 from pretrain.model.transformer import CausalLMLoss, Transformer, build_layer, num_layers
-from pretrain.parallel.expert_parallel import apply_expert_parallel, set_loss_gradient_scale
+from pretrain.parallel.expert_parallel import apply_expert_parallel, held_experts, set_loss_gradient_scale
 from pretrain.parallel.recompute import apply_activation_checkpointing
 from pretrain.parallel.tensor_parallel import VocabParallelCausalLMLoss
 from pretrain.parallel.topology import ParallelContext
@@ -83,11 +83,12 @@ def build_rank_layers(
 
         partition = zero3_partitioner(cfg, ctx, precision)
     local: dict[int, nn.Module] = {}
+    experts = held_experts(cfg.model.moe.num_experts, ctx.ep, ctx.ep_rank)  # never all of them under EP
     for index, source in rank_layer_sources(cfg, ctx):
         if init is None:
-            layer = build_layer(cfg.model, source, cfg.padded_vocab_size, cfg.seed)
+            layer = build_layer(cfg.model, source, cfg.padded_vocab_size, cfg.seed, experts)
         else:
-            layer = init.build_layer(cfg.model, source, cfg.padded_vocab_size)
+            layer = init.build_layer(cfg.model, source, cfg.padded_vocab_size, experts)
         layer = apply_tensor_parallel(layer, layer_name(cfg.model, source), ctx)
         layer = apply_expert_parallel(layer, ctx.ep, ctx.ep_rank, ctx.ep_group)
         set_loss_gradient_scale([layer], cfg.grad_accum_steps(ctx.tp * ctx.pp * ctx.dp))

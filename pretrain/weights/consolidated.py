@@ -28,7 +28,7 @@ import torch
 
 from pretrain.config import ModelConfig, MoEConfig
 from pretrain.errors import ConfigError
-from pretrain.model.names import VOCAB_PARAMETERS, layer_name, stored_shapes
+from pretrain.model.names import VOCAB_PARAMETERS, is_routed_expert, layer_name, stored_shapes
 from pretrain.model.transformer import build_layer, layer_kind
 
 FORMAT = "pretrain-consolidated-v1"
@@ -188,19 +188,33 @@ class ConsolidatedWeights:
         for name in stored_shapes(self.model_config):
             yield name, self.get(name)
 
+    def get_rows(self, name: str, first: int, count: int) -> torch.Tensor:
+        """Rows [first, first + count) of one tensor in fp32, reading only those from the file."""
+        return self._file.get_slice(name)[first : first + count].float()
+
     @torch.no_grad()
-    def build_layer(self, cfg: ModelConfig, index: int, padded_vocab_size: int) -> torch.nn.Module:
+    def build_layer(
+        self,
+        cfg: ModelConfig,
+        index: int,
+        padded_vocab_size: int,
+        held_experts: tuple[int, int] | None = None,
+    ) -> torch.nn.Module:
         """Layer `index` of the plain model (not yet sharded), holding this file's tensors; vocabulary
         rows padded with zeros. The tied output layer of a single-stage model takes the embedding's
-        (the Transformer ties them anyway)."""
-        with torch.device("meta"):
-            layer = build_layer(cfg, index, padded_vocab_size, seed=0)  # shapes only: no random draws
+        (the Transformer ties them anyway). With `held_experts` (first, count) an MoE block reads and
+        holds only those routed experts."""
+        with torch.device("meta"):  # shapes only: no random draws
+            layer = build_layer(cfg, index, padded_vocab_size, seed=0, held_experts=held_experts)
         layer = layer.to_empty(device="cpu")
         source = 0 if layer_kind(cfg, index) == "head" and cfg.tie_embeddings else index
         prefix = layer_name(cfg, source)
         for name, param in layer.named_parameters():
             full = f"{prefix}.{name}"
-            value = self.get(full, padded_rows=param.shape[0])
+            if held_experts is not None and is_routed_expert(full):
+                value = self.get_rows(full, *held_experts)
+            else:
+                value = self.get(full, padded_rows=param.shape[0])
             if value.shape != param.shape:
                 raise ConfigError(
                     [
