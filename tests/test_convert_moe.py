@@ -245,3 +245,28 @@ def test_training_from_an_imported_moe_at_ep2_starts_from_its_loss(kind, tmp_pat
     # fp32 both sides; EP2 averages two ranks' losses and sums the experts' outputs in another order.
     assert losses[0] == pytest.approx(expected, rel=1e-5)
     assert losses[1] < losses[0]
+
+
+@SLOW
+def test_the_tiny_moe_preset_trains_at_ep2_and_exports_verified_from_the_command_line(tmp_path):
+    """The user's path: configs/tiny-moe.yaml trained at EP 2 with the launcher's own entry point, then
+    `python -m pretrain.convert to-hf`: Glm4MoeForCausalLM, verified (exit 0)."""
+    from pretrain.parallel.distributed import free_port
+
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    run_dir = tmp_path / "run"
+    train = [
+        os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port",
+        str(free_port()), "pretrain/main.py", "--config", "configs/tiny-moe.yaml", "parallel.ep=2", "train.steps=2",
+        "train.seq_len=64", "train.global_batch_size=4", "train.micro_batch_size=2", "train.eval_interval=0",
+        "checkpoint.interval=0", "logging.tensorboard=false", "logging.plot=false", f"run.dir={run_dir}",
+    ]  # fmt: skip
+    trained = subprocess.run(train, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    export = [sys.executable, "-m", "pretrain.convert", "to-hf", "--checkpoint", str(run_dir), "--output",
+              str(tmp_path / "hf")]  # fmt: skip
+    exported = subprocess.run(export, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert exported.returncode == 0, exported.stdout[-2000:] + exported.stderr[-3000:]
+    assert "verification passed" in exported.stdout + exported.stderr
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["architectures"] == ["Glm4MoeForCausalLM"] and config["n_routed_experts"] == 8
