@@ -22,6 +22,7 @@ from pretrain.convert.hf_moe import REFUSED, Family, export_family, hf_entries, 
 from pretrain.convert.import_hf import from_hf, training_overrides
 from pretrain.convert.output import Report, _fresh_output, _move_into_place, _Progress
 from pretrain.convert.source import Weights, open_weights
+from pretrain.convert.verify import missing_class_problem
 from pretrain.errors import ConversionError
 from pretrain.model.names import stored_shapes
 from pretrain.provenance import code_version
@@ -68,6 +69,11 @@ def to_hf(
     trained = weights.config.model.moe.bias_update_rate > 0 if weights.config is not None else False
     family = export_family(model, expert_bias_moves=trained and model.moe.score_func == "softmax")
     out_dtype = _export_dtype(dtype, weights)
+    if verify and (problem := missing_class_problem(family.architecture)) is not None:
+        raise ConversionError(
+            f"{problem}, or pass --no-verify and run `python -m pretrain.convert verify` where a newer "
+            f"transformers is installed; nothing was written"
+        )
     tmp = _fresh_output(output, overwrite)
     tmp.mkdir(parents=True)
     try:
@@ -152,6 +158,9 @@ def verify_hf(folder: str | Path, checkpoint: str | Path, config: str | Path | N
     if not (folder / "config.json").is_file():
         raise ConversionError(f"{folder} has no config.json; give the folder to-hf wrote")
     hf = json.loads((folder / "config.json").read_text())
+    for architecture in hf.get("architectures") or []:
+        if (problem := missing_class_problem(architecture)) is not None:
+            raise ConversionError(problem)
     weights = open_weights(checkpoint, config)
     differences = architecture_differences(model_config_from_hf(hf, str(folder)), weights.model)
     if differences:

@@ -155,12 +155,35 @@ def _greedy(model: Transformer, prompt: torch.Tensor, steps: int) -> tuple[torch
     return tokens[0, prompt.shape[1] :], logits
 
 
+def missing_class_problem(architecture: str) -> str | None:
+    """Why the installed transformers cannot verify an export of class `architecture`, if it cannot."""
+    import transformers
+
+    if hasattr(transformers, architecture):
+        return None
+    return (
+        f"the installed transformers {transformers.__version__} has no {architecture}, which verification "
+        f"loads the export with: upgrade it (pip install -U transformers)"
+    )
+
+
+def _load_fp32(folder: Path) -> Any:
+    """The export through `AutoModelForCausalLM`, in fp32: transformers 4.56 renamed `torch_dtype`
+    to `dtype` (4.x before it stores an unknown `dtype` in the config, which then fails to save)."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+    return AutoModelForCausalLM.from_pretrained(folder, **{key: torch.float32}).eval()
+
+
 @torch.no_grad()
 def verify_export(folder: Path, model: Transformer, seed: int = 0) -> Verification:
     """Compare the export in `folder` with `model` (see `build_model`) on fixed inputs."""
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import GenerationConfig
 
-    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    hf = _load_fp32(folder)
     cfg = model.cfg
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, cfg.vocab_size, SAMPLE_SHAPE, generator=generator)
