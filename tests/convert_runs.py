@@ -3,6 +3,10 @@ model in some layout, saves a checkpoint, and returns what the consolidated weig
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 from training_runs import REPO, SMALL
@@ -52,3 +56,16 @@ def train_and_capture_masters(overrides: list[str], run_dir: str) -> dict[str, A
         # numpy, not torch: tensors would cross the result queue as shared memory of a process that exits
         masters[plain_name(name, cfg.model.num_layers, cfg.parallel.pp > 1)] = value.float().numpy().copy()
     return {"tp_rank": ctx.tp_rank, "dp_rank": ctx.dp_rank, "masters": masters}
+
+
+def run_convert_cli(*args: Any, transformers_dir: Path | None = None) -> subprocess.CompletedProcess:
+    """`python -m pretrain.convert ARGS` in a subprocess, as a user runs it; `transformers_dir` first
+    on PYTHONPATH shadows the venv's transformers (the lowest version the pyproject allows)."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    if transformers_dir is not None:
+        env["TRANSFORMERS_VERBOSITY"] = "error"
+        env["PYTHONPATH"] = os.pathsep.join([str(transformers_dir), env.get("PYTHONPATH", "")])
+    return subprocess.run(
+        [sys.executable, "-m", "pretrain.convert", *map(str, args)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip

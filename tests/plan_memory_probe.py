@@ -37,6 +37,10 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -201,7 +205,21 @@ def _expert_parallel_block_saved(cfg, ctx) -> dict[str, int]:  # type: ignore[no
     block = apply_expert_parallel(block, ctx.ep, ctx.ep_rank, ctx.ep_group)
     batch, seq = cfg.train.micro_batch_size, cfg.train.seq_len
     x = torch.randn(batch, seq, m.hidden_size, requires_grad=True)
-    tables = rotary_tables(m.head_size, seq, m.rope_theta, x.device)
+    with torch.no_grad():
+        routing, _, _ = block.mlp.router(block.mlp_norm(x + block.attn(block.attn_norm(x))).flatten(0, 1))
+    saved = block_saved_bytes(block, x, rotary_tables(m.head_size, seq, m.rope_theta, x.device))
+    counts = torch.bincount(routing.experts.flatten(), minlength=m.moe.num_experts)
+    torch_dist.all_reduce(counts, group=ctx.ep_group)
+    local = m.moe.num_experts // ctx.ep
+    received = int(counts[ctx.ep_rank * local : (ctx.ep_rank + 1) * local].sum())
+    return {"saved_bytes": saved, "rows_received": received, "tokens": batch * seq}
+
+
+def block_saved_bytes(block: torch.nn.Module, x: torch.Tensor, tables: tuple[torch.Tensor, ...]) -> int:
+    """Bytes of the distinct storages autograd saves for backward in `block(x)`, leaving out the
+    parameters and the (cached) rotary tables, which are not activations."""
+    import torch
+
     excluded = {t.untyped_storage().data_ptr() for t in (*block.parameters(), *tables)}
     saved: dict[int, int] = {}
 
@@ -210,12 +228,6 @@ def _expert_parallel_block_saved(cfg, ctx) -> dict[str, int]:  # type: ignore[no
             saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
-    with torch.no_grad():
-        routing, _, _ = block.mlp.router(block.mlp_norm(x + block.attn(block.attn_norm(x))).flatten(0, 1))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         block(x)
-    counts = torch.bincount(routing.experts.flatten(), minlength=m.moe.num_experts)
-    torch_dist.all_reduce(counts, group=ctx.ep_group)
-    local = m.moe.num_experts // ctx.ep
-    received = int(counts[ctx.ep_rank * local : (ctx.ep_rank + 1) * local].sum())
-    return {"saved_bytes": sum(saved.values()), "rows_received": received, "tokens": batch * seq}
+    return sum(saved.values())

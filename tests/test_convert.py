@@ -6,10 +6,7 @@ Each layout is trained once per module (2 steps, then saved); the in-memory fp32
 time, gathered from DeepSpeed's optimizer by `safe_get_full_fp32_param`, are the ground truth."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,8 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO
-from convert_runs import train_and_capture_masters
+from convert_runs import run_convert_cli, train_and_capture_masters
 from pretrain.config import load_config
 from pretrain.convert import commands
 from pretrain.convert.verify import LOGIT_TOLERANCE, build_model
@@ -194,14 +190,6 @@ def test_a_swapped_q_and_k_export_is_refused_naming_the_layer(trained, tmp_path,
     assert not out.exists() and (tmp_path / "hf.rejected" / "config.json").is_file()
 
 
-def run_cli(*args):
-    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
-    return subprocess.run(
-        [sys.executable, "-m", "pretrain.convert", *map(str, args)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-
-
 def test_command_line_export_loads_and_generates_with_transformers(trained, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -209,7 +197,7 @@ def test_command_line_export_loads_and_generates_with_transformers(trained, tmp_
 
     run_dir, _, _ = trained("tp2-tied")
     out = tmp_path / "hf"
-    result = run_cli("to-hf", "--checkpoint", run_dir, "--output", out)
+    result = run_convert_cli("to-hf", "--checkpoint", run_dir, "--output", out)
     assert result.returncode == 0, result.stderr
     assert "verification passed" in result.stdout and "greedy 32 tokens: identical" in result.stdout
 
@@ -222,9 +210,11 @@ def test_command_line_export_loads_and_generates_with_transformers(trained, tmp_
     generated = model.generate(ids, max_new_tokens=20, do_sample=False)
     assert generated.shape == (1, ids.shape[1] + 20) and isinstance(tokenizer.decode(generated[0]), str)
 
-    again = run_cli("to-hf", "--checkpoint", run_dir, "--output", out, "--no-verify")
+    again = run_convert_cli("to-hf", "--checkpoint", run_dir, "--output", out, "--no-verify")
     assert again.returncode == 1 and "already exists" in again.stderr and "--overwrite" in again.stderr
-    unverified = run_cli("to-hf", "--checkpoint", run_dir, "--output", tmp_path / "hf2", "--no-verify")
+    unverified = run_convert_cli(
+        "to-hf", "--checkpoint", run_dir, "--output", tmp_path / "hf2", "--no-verify"
+    )
     assert unverified.returncode == 0 and "not verified (--no-verify)" in unverified.stdout
 
     # A transposed tensor in an existing export: `verify` fails, names the layer, exits non-zero.
@@ -232,7 +222,7 @@ def test_command_line_export_loads_and_generates_with_transformers(trained, tmp_
     name = "model.layers.1.self_attn.o_proj.weight"
     weights[name] = weights[name].t().contiguous()
     save_file(weights, tmp_path / "hf2" / "model.safetensors", metadata={"format": "pt"})
-    checked = run_cli("verify", "--checkpoint", run_dir, "--hf", tmp_path / "hf2")
+    checked = run_convert_cli("verify", "--checkpoint", run_dir, "--hf", tmp_path / "hf2")
     assert checked.returncode == 1, checked.stdout + checked.stderr
     assert "verification FAILED" in checked.stdout and "first layer that differs: blocks.1" in checked.stdout
 

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import REPO
+from convert_runs import run_convert_cli
 from moe_convert_runs import LAYOUTS, VARIANTS, VOCAB, first_batch, read_folder, save_hf_moe_model
 from pretrain.config import load_config
 from pretrain.convert import commands
@@ -196,18 +197,10 @@ def test_an_export_with_two_experts_swapped_is_refused_naming_the_moe_block(trai
     assert not (tmp_path / "hf").exists() and (tmp_path / "hf.rejected" / "config.json").is_file()
 
 
-def run_cli(*args):
-    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
-    return subprocess.run(
-        [sys.executable, "-m", "pretrain.convert", *map(str, args)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-
-
 @SLOW
 def test_command_line_verify_of_a_damaged_moe_export_exits_1_naming_the_block(trained, tmp_path):
     run_dir = trained("glm4-moe", "ep2-zero2-bf16")
-    done = run_cli("to-hf", "--checkpoint", run_dir, "--output", tmp_path / "hf")
+    done = run_convert_cli("to-hf", "--checkpoint", run_dir, "--output", tmp_path / "hf")
     assert done.returncode == 0, done.stderr
     assert "class: Glm4MoeForCausalLM" in done.stdout and "verification passed" in done.stdout
     assert "not DeepseekV3ForCausalLM, whose multi-head latent attention ours is not" in done.stdout
@@ -215,7 +208,7 @@ def test_command_line_verify_of_a_damaged_moe_export_exits_1_naming_the_block(tr
     a, b = (f"model.layers.1.mlp.experts.{e}.down_proj.weight" for e in (2, 3))
     weights[a], weights[b] = weights[b], weights[a]
     save_file(weights, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
-    checked = run_cli("verify", "--checkpoint", run_dir, "--hf", tmp_path / "hf")
+    checked = run_convert_cli("verify", "--checkpoint", run_dir, "--hf", tmp_path / "hf")
     assert checked.returncode == 1, checked.stdout + checked.stderr
     assert "first layer that differs: blocks.1" in checked.stdout
     assert "mixture-of-experts block" in checked.stdout

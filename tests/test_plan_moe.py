@@ -137,6 +137,7 @@ def test_routed_expert_flops_are_not_split_over_tensor_parallel_ranks():
 def test_moe_block_activation_bytes_equal_what_autograd_saves(dtype, overrides):
     """The 'none' formula against the bytes autograd keeps for a real MoE decoder block (ep 1) on this
     CPU: every saved tensor's storage once, weights and rotary tables left out."""
+    from plan_memory_probe import block_saved_bytes
     from pretrain.model.layers import DecoderBlock, rotary_tables
 
     cfg = tiny_moe(1, *overrides, "train.micro_batch_size=2", "train.seq_len=64")
@@ -147,21 +148,11 @@ def test_moe_block_activation_bytes_equal_what_autograd_saves(dtype, overrides):
         torch.nn.init.normal_(p, std=0.02)
     block = block.to(dtype)
     x = torch.randn(2, 64, m.hidden_size, dtype=dtype, requires_grad=True)
-    tables = rotary_tables(m.head_size, 64, m.rope_theta, x.device)
-    excluded = {t.untyped_storage().data_ptr() for t in (*block.parameters(), *tables)}
-    saved: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.untyped_storage().data_ptr() not in excluded:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        block(x)
+    saved = block_saved_bytes(block, x, rotary_tables(m.head_size, 64, m.rope_theta, x.device))
     shape = ActivationShape.of(cfg, dtype_bytes=x.element_size(), attention_output_saved=False)
     # Left out: each norm's 1 / rms (fp32, one per position) and the per-sequence mean probabilities.
     small = 2 * 4 * 128 + 4 * 2 * m.moe.num_experts
-    assert sum(saved.values()) - small == block_bytes(shape, "none", moe=True)
+    assert saved - small == block_bytes(shape, "none", moe=True)
 
 
 def test_search_enumerates_expert_parallelism_and_keeps_only_valid_layouts():

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from conftest import REPO
+from convert_runs import run_convert_cli
 from pretrain.config import ModelConfig
 from pretrain.config.moe import MoEConfig
 from pretrain.convert.tokenizer import export_tokenizer
@@ -152,22 +153,18 @@ def test_generate_takes_the_tokenizers_output(folders, which):
             assert result["batch_generated"] == 6 and result["batch_padding_side"] == "left", name
 
 
-def convert_with(transformers_dir: Path, *args: object) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "TRANSFORMERS_VERBOSITY": "error"}
-    env["PYTHONPATH"] = os.pathsep.join([str(transformers_dir), env.get("PYTHONPATH", "")])
-    return subprocess.run(
-        [sys.executable, "-m", "pretrain.convert", *map(str, args)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-
-
 def test_to_hf_verifies_under_the_lowest_transformers_and_names_a_class_it_lacks(folders, tmp_path):
     """With transformers 4.45: a dense export is verified (4.45 takes `torch_dtype`; the `dtype` that
     5.x takes once broke it with a raw TypeError), and an MoE export whose class 4.45 does not have
     (Glm4Moe) is refused up front, naming the class and the upgrade, nothing written."""
     lowest = lowest_transformers()
-    dense = convert_with(
-        lowest, "to-hf", "--checkpoint", folders / "w.safetensors", "--output", tmp_path / "d"
+    dense = run_convert_cli(
+        "to-hf",
+        "--checkpoint",
+        folders / "w.safetensors",
+        "--output",
+        tmp_path / "d",
+        transformers_dir=lowest,
     )
     assert dense.returncode == 0, dense.stderr[-3000:]
     assert "verification passed" in dense.stdout + dense.stderr
@@ -180,8 +177,13 @@ def test_to_hf_verifies_under_the_lowest_transformers_and_names_a_class_it_lacks
     moe = ModelConfig(**{**MODEL.__dict__, "num_layers": 2, "moe": experts})
     weights = {n: torch.randn(s) * 0.02 for n, s in stored_shapes(moe).items()}
     write_consolidated(tmp_path / "moe.safetensors", moe, iter(weights.items()), {"test": True})
-    refused = convert_with(
-        lowest, "to-hf", "--checkpoint", tmp_path / "moe.safetensors", "--output", tmp_path / "m"
+    refused = run_convert_cli(
+        "to-hf",
+        "--checkpoint",
+        tmp_path / "moe.safetensors",
+        "--output",
+        tmp_path / "m",
+        transformers_dir=lowest,
     )
     assert refused.returncode == 1, refused.stderr[-3000:]
     assert "has no Glm4MoeForCausalLM" in refused.stderr and "pip install -U transformers" in refused.stderr
